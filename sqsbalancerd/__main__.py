@@ -1,0 +1,3 @@
+from sqsbalancerd.cli import main
+
+main()

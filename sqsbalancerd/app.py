@@ -1,0 +1,252 @@
+"""The composition root: build clients and parts from Settings and link them.
+
+Engine and coordination never import each other; this module passes the engine's
+`set_owned` to the coordinator and the coordinator's `on_released` to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqsbalancerd.aws import AwsOptions, describe_error, is_transient, sqs_client
+from sqsbalancerd.clock import Clock, SystemClock
+from sqsbalancerd.config import Settings
+from sqsbalancerd.coordination.standalone import StandaloneCoordinator
+from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult
+from sqsbalancerd.engine.consumer import Engine, HandlerSet
+from sqsbalancerd.errors import AwsUnavailableError, ConfigError, SqsBalancerError
+from sqsbalancerd.handler import resolve_handler, resolve_hook
+from sqsbalancerd.runtime import Runtime, ThreadSupervisor
+from sqsbalancerd.stats import CoordinationStats, Stats, StatsSnapshot
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator(Protocol):
+    def start(self) -> None: ...
+
+    def on_discovered(self, result: DiscoveryResult) -> None: ...
+
+    def on_released(self, queue_name: str) -> None: ...
+
+    def begin_drain(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+    def snapshot(self) -> CoordinationStats | None: ...
+
+
+def resolve_handlers(settings: Settings) -> HandlerSet:
+    """Resolve the default and every override handler now, so a typo fails at start."""
+    default = resolve_handler(settings.handler) if settings.handler else None
+    by_path = {o.handler: resolve_handler(o.handler) for o in settings.queue if o.handler}
+    if default is None and not by_path:
+        raise ConfigError("handler: no handler configured (use --handler MODULE:FUNCTION)")
+    return HandlerSet(default=default, by_path=by_path)
+
+
+def aws_options(settings: Settings, *, pool_connections: int) -> AwsOptions:
+    assert settings.aws.region is not None
+    return AwsOptions(
+        region=settings.aws.region,
+        endpoint_url=settings.aws.endpoint_url,
+        max_pool_connections=pool_connections,
+        read_timeout_s=settings.sqs.wait_time_seconds + 10.0,
+    )
+
+
+class Application:
+    """Everything `sqsbalancerd run` does, as parts the runtime can start and drain."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        handlers: HandlerSet,
+        clock: Clock | None = None,
+        stats: Stats | None = None,
+        sqs: SQSClient | None = None,
+        coordinator_factory: Callable[[Application], Coordinator] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.stats = stats or Stats()
+        pool = settings.workers.pool_size + 16
+        self.sqs = sqs or sqs_client(aws_options(settings, pool_connections=pool), self.stats)
+        self.discovery = Discovery(self.sqs, settings.discovery)
+        self._handlers = handlers
+        self._loops_stop = threading.Event()
+        self.runtime: Runtime | None = None
+        self.engine: Engine | None = None
+        self.coordinator: Coordinator | None = None
+        self._coordinator_factory = coordinator_factory
+        self._last_discovery: DiscoveryResult | None = None
+
+    # -- Service --------------------------------------------------------------------------
+
+    def start(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
+        self.engine = Engine(
+            sqs=self.sqs,
+            settings=self.settings,
+            handlers=self._handlers,
+            stats=self.stats,
+            clock=self.clock,
+            spawner=spawner,
+            on_released=self._on_released,
+        )
+        self.engine.start()
+        self._run_hook(self.settings.on_startup)
+        self.coordinator = self._make_coordinator()
+        self.coordinator.start()
+        loop = DiscoveryLoop(
+            self.discovery,
+            interval_s=self.settings.discovery.interval,
+            on_result=self._on_discovered,
+        )
+        self._first_discovery(loop)
+        spawner.spawn("discovery", loop.run, self._loops_stop)
+        self._spawn_extras(spawner, fail)
+
+    def _spawn_extras(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
+        """Hook for the HTTP server and other optional loops."""
+
+    def _make_coordinator(self) -> Coordinator:
+        if self._coordinator_factory is not None:
+            return self._coordinator_factory(self)
+        assert self.engine is not None
+        return StandaloneCoordinator(set_owned=self.engine.set_owned)
+
+    def _first_discovery(self, loop: DiscoveryLoop) -> None:
+        try:
+            result = loop.run_once(strict=True)
+        except SqsBalancerError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise AwsUnavailableError(f"SQS unreachable: {describe_error(exc)}") from exc
+            raise AwsUnavailableError(f"SQS refused ListQueues: {describe_error(exc)}") from exc
+        self._warn_about(result)
+
+    def _warn_about(self, result: DiscoveryResult) -> None:
+        if not result.matched:
+            logger.warning("no queue matches yet; waiting for discovery to find one")
+        for info in result.matched:
+            if not info.has_redrive_policy:
+                logger.warning(
+                    "queue has no redrive policy: a poison message retries forever",
+                    extra={"queue": info.name},
+                )
+
+    def _on_discovered(self, result: DiscoveryResult) -> None:
+        self._last_discovery = result
+        assert self.coordinator is not None
+        self.coordinator.on_discovered(result)
+
+    def _on_released(self, queue_name: str) -> None:
+        if self.coordinator is not None:
+            self.coordinator.on_released(queue_name)
+
+    def stop_receiving(self) -> int:
+        self._loops_stop.set()
+        if self.coordinator is not None:
+            self.coordinator.begin_drain()
+        return self.engine.stop_receiving() if self.engine else 0
+
+    def wait_pollers(self, deadline_s: float, abort: threading.Event) -> bool:
+        return self.engine.wait_pollers(deadline_s, abort) if self.engine else True
+
+    def wait_handlers(self, deadline_s: float, abort: threading.Event) -> bool:
+        return self.engine.wait_handlers(deadline_s, abort) if self.engine else True
+
+    def abandon_running(self) -> int:
+        return self.engine.abandon_running() if self.engine else 0
+
+    def finish(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        if self.coordinator is not None:
+            try:
+                self.coordinator.leave()
+            except Exception as exc:  # leaving is best effort: survivors time us out
+                logger.warning(
+                    "could not leave the cluster cleanly", extra={"error": describe_error(exc)}
+                )
+        self._run_hook(self.settings.on_shutdown)
+
+    def summary(self) -> dict[str, object]:
+        snapshot = self.snapshot()
+        summary: dict[str, object] = dict(snapshot.totals())
+        summary["aws_calls"] = snapshot.aws_call_total
+        summary["queues"] = len(snapshot.queues)
+        return summary
+
+    # -- views ----------------------------------------------------------------------------
+
+    def snapshot(self) -> StatsSnapshot:
+        if self.engine is None:
+            return StatsSnapshot(
+                self.settings.instance_id,
+                (),
+                (),
+                0,
+                self.settings.workers.pool_size,
+                0,
+                0,
+                {},
+                {},
+                {},
+                {},
+            )
+        snapshot = self.engine.snapshot(self.settings.instance_id)
+        coordination = self.coordinator.snapshot() if self.coordinator else None
+        if coordination is None:
+            return snapshot
+        return replace(snapshot, coordination=coordination)
+
+    def _run_hook(self, path: str | None) -> None:
+        hook = resolve_hook(path)
+        if hook is None:
+            return
+        result: Any = hook()
+        if inspect.isawaitable(result):
+            bridge = self.engine.bridge if self.engine else None
+            if bridge is not None:
+                bridge.call(result)
+            else:
+                asyncio.run(_await(result))
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def run_application(app: Application, *, install_signals: bool = True) -> Runtime:
+    """Build the runtime for `app` (the caller calls .run())."""
+    runtime = Runtime(
+        app,
+        clock=app.clock,
+        shutdown_timeout_s=app.settings.shutdown.timeout,
+        poll_wait_s=float(app.settings.sqs.wait_time_seconds),
+        install_signals=install_signals,
+    )
+    app.runtime = runtime
+    return runtime
+
+
+def build_application(settings: Settings, *, install_signals: bool = True) -> Application:
+    """Resolve handlers, wire the parts, and attach the runtime that will run them."""
+    handlers = resolve_handlers(settings)
+    resolve_hook(settings.on_startup)
+    resolve_hook(settings.on_shutdown)
+    application = Application(settings, handlers=handlers)
+    run_application(application, install_signals=install_signals)
+    return application

@@ -1,0 +1,248 @@
+"""The command line: parse options, set up logging, call the application; map errors to exits.
+
+Exit codes (every command): 0 success; 1 runtime failure (AWS unreachable, lost table,
+handlers abandoned at the shutdown deadline; "not all owned"/"not ready" for status/health);
+2 usage or configuration error. Only this module calls sys.exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from sqsbalancerd import __version__
+from sqsbalancerd.config import Settings, effective_toml, load_settings
+from sqsbalancerd.errors import (
+    ConfigError,
+    DuplicateInstanceError,
+    HandlerImportError,
+    IncompatibleProtocolError,
+    QueueNotFoundError,
+    SqsBalancerError,
+    TableMissingError,
+)
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+_USAGE_ERRORS = (
+    ConfigError,
+    HandlerImportError,
+    QueueNotFoundError,
+    TableMissingError,
+    DuplicateInstanceError,
+    IncompatibleProtocolError,
+)
+
+logger = logging.getLogger("sqsbalancerd.cli")
+
+app = typer.Typer(
+    name="sqsbalancerd",
+    help="Balance many SQS queues across several instances and run your handler on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML config file (or SQSBALANCERD_CONFIG).", show_default=False
+    ),
+]
+LogLevelOption = Annotated[
+    str | None,
+    typer.Option("--log-level", help="debug, info, warning or error.", show_default=False),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sqsbalancerd {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """sqsbalancerd: many SQS queues, several workers, nobody hand-assigns who consumes what."""
+
+
+def fail(message: str, code: int) -> NoReturn:
+    typer.secho(f"sqsbalancerd: error: {message}", err=True, fg="red")
+    sys.exit(code)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, _USAGE_ERRORS):
+        return EXIT_USAGE
+    return EXIT_RUNTIME
+
+
+@contextmanager
+def reported_errors(*, debug: Callable[[], bool]) -> Iterator[None]:
+    """Turn our errors (and AWS ones) into one line and an exit code; tracebacks on debug."""
+    try:
+        yield
+    except SqsBalancerError as exc:
+        if debug():
+            logger.exception("failed")
+        fail(str(exc), exit_code_for(exc))
+    except Exception as exc:
+        from sqsbalancerd.aws import describe_error
+
+        if debug():
+            logger.exception("failed")
+        fail(
+            f"unexpected {describe_error(exc)} (rerun with --log-level debug for details)",
+            EXIT_RUNTIME,
+        )
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """CLI flags as the nested dict pydantic-settings takes as its top source."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _load(config: Path | None, *, resolve_region: bool = True, **flags: Any) -> Settings:
+    return load_settings(config, overrides=_overrides(**flags), resolve_region=resolve_region)
+
+
+def _setup_logging(settings: Settings | None, level: str | None) -> None:
+    from sqsbalancerd.observability.logging import configure_logging
+
+    configure_logging(
+        level=level or (settings.observability.log_level if settings else "info"),
+        log_format=settings.observability.log_format if settings else "auto",
+        instance_id=settings.instance_id if settings else None,
+    )
+
+
+@app.command()
+def run(
+    handler: Annotated[
+        str | None, typer.Option("--handler", help="MODULE:FUNCTION to call per message.")
+    ] = None,
+    config: ConfigOption = None,
+    queue_pattern: Annotated[
+        str | None, typer.Option("--queue-pattern", help="Regex for queue names to consume.")
+    ] = None,
+    instance_id: Annotated[
+        str | None, typer.Option("--instance-id", help="This instance's unique id.")
+    ] = None,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Consume the matching queues through your handler until SIGTERM/SIGINT."""
+    is_debug = (log_level or "").lower() == "debug"
+    with reported_errors(debug=lambda: is_debug):
+        settings = _load(
+            config,
+            handler=handler,
+            instance_id=instance_id,
+            **{"discovery.queue_pattern": queue_pattern, "observability.log_level": log_level},
+        )
+        _setup_logging(settings, log_level)
+        is_debug = settings.observability.log_level == "debug"
+        from sqsbalancerd.app import build_application
+
+        application = build_application(settings)
+        runtime = application.runtime
+        assert runtime is not None
+        report = runtime.run()
+    _log_summary(report)
+    sys.exit(report.exit_code)
+
+
+def _log_summary(report: Any) -> None:
+    counts = dict(report.counts)
+    counts.update(
+        released=report.released,
+        abandoned=report.abandoned,
+        forced=report.is_forced,
+        exit_code=report.exit_code,
+    )
+    if report.failure:
+        counts["failure"] = report.failure
+    message = "stopped" if report.exit_code == 0 else "stopped with work abandoned or failed"
+    logging.getLogger("sqsbalancerd").info(message, extra=counts)
+    if report.failure:
+        typer.secho(f"sqsbalancerd: error: {report.failure}", err=True, fg="red")
+
+
+@app.command("config")
+def show_config(config: ConfigOption = None) -> None:
+    """Print the effective configuration as TOML, after validation."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config, resolve_region=False)
+        typer.echo(effective_toml(settings), nl=False)
+
+
+@app.command()
+def queues(
+    config: ConfigOption = None,
+    queue_pattern: Annotated[str | None, typer.Option("--queue-pattern")] = None,
+) -> None:
+    """List the queues discovery matches and those it skips, and why (a dry run)."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config, **{"discovery.queue_pattern": queue_pattern})
+        from sqsbalancerd.app import aws_options
+        from sqsbalancerd.aws import sqs_client
+        from sqsbalancerd.discovery import Discovery
+        from sqsbalancerd.status import render_discovery
+
+        sqs = sqs_client(aws_options(settings, pool_connections=2))
+        result = Discovery(sqs, settings.discovery).discover(strict=False)
+        render_discovery(result)
+
+
+@app.command()
+def local(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 4566,
+    queues_count: Annotated[int, typer.Option("--queues", help="Demo queues to create.")] = 3,
+    messages: Annotated[int, typer.Option(help="Messages to put on each demo queue.")] = 20,
+    prefix: Annotated[str, typer.Option(help="Name prefix of the demo queues.")] = "demo-",
+) -> None:
+    """Start the embedded emulator on 127.0.0.1 and print the environment for `run`."""
+    with reported_errors(debug=lambda: False):
+        from sqsbalancerd.local import LocalEmulator, create_queues, emulator_env, send_messages
+
+        emulator = LocalEmulator(port=port).start()
+        sqs = emulator.sqs()
+        names = [f"{prefix}{i}" for i in range(1, queues_count + 1)]
+        for name, url in create_queues(sqs, names).items():
+            send_messages(sqs, url, (f'{{"n": {n}, "queue": "{name}"}}' for n in range(messages)))
+        typer.echo(f"# emulator on {emulator.endpoint_url}; queues: {', '.join(names)}")
+        typer.echo("# paste into another shell, then run sqsbalancerd there:")
+        for key, value in emulator_env(emulator.endpoint_url).items():
+            typer.echo(f"export {key}={value}")
+        typer.echo("export SQSBALANCERD_COORDINATION__MODE=standalone")
+        typer.echo(f"export SQSBALANCERD_DISCOVERY__QUEUE_PATTERN='^{prefix}'")
+        typer.echo("# Ctrl+C stops the emulator.")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            emulator.stop()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,285 @@
+"""Deletes, visibility changes and visibility extension, batched per queue.
+
+All three run on one thread so their order is the order they were decided in: an
+extension is never sent after its message's delete, and a release never overtakes a delete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqsbalancerd.aws import describe_error
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.engine.state import Delivery
+from sqsbalancerd.stats import Stats
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+logger = logging.getLogger(__name__)
+
+BATCH_LIMIT = 10
+MAX_ATTEMPTS = 5
+# Receipt-handle errors that no retry can fix: the message will simply reappear.
+_PERMANENT_CODES = frozenset(
+    {
+        "ReceiptHandleIsInvalid",
+        "InvalidParameterValue",
+        "MessageNotInflight",
+        "InvalidReceiptHandle",
+    }
+)
+
+
+@dataclass(slots=True, eq=False)
+class PendingOp:
+    delivery: Delivery
+    visibility_timeout_s: int | None  # None: delete
+    reason: str  # delete | retry | release | extend
+    attempts: int = 0
+    due_s: float = 0.0
+
+
+class Acknowledger:
+    def __init__(
+        self,
+        sqs: SQSClient,
+        *,
+        stats: Stats,
+        clock: Clock,
+        linger_s: float = 0.1,
+        on_settled: Callable[[str], None] | None = None,
+    ) -> None:
+        self._sqs = sqs
+        self._stats = stats
+        self._clock = clock
+        self._linger_s = linger_s
+        self._on_settled = on_settled
+        self._cond = threading.Condition()
+        self._deletes: dict[str, list[PendingOp]] = defaultdict(list)
+        self._changes: dict[str, list[PendingOp]] = defaultdict(list)
+        self._extension_source: Callable[[float], list[tuple[Delivery, int]]] | None = None
+        self._extension_every_s = 1.0
+        self._next_extension_s = 0.0
+        self.last_tick_s = clock.monotonic()
+
+    def set_extension_source(
+        self, source: Callable[[float], list[tuple[Delivery, int]]], *, every_s: float
+    ) -> None:
+        """`source(now)` lists (delivery, new timeout) pairs due for extension."""
+        self._extension_source = source
+        self._extension_every_s = every_s
+
+    # -- producers ------------------------------------------------------------------------
+
+    def delete(self, deliveries: Iterable[Delivery]) -> None:
+        now = self._clock.monotonic()
+        with self._cond:
+            for delivery in deliveries:
+                ops = self._deletes[delivery.queue.url]
+                ops.append(PendingOp(delivery, None, "delete", due_s=now + self._linger_s))
+                if len(ops) >= BATCH_LIMIT:
+                    self._cond.notify()
+
+    def change_visibility(
+        self, deliveries: Iterable[Delivery], timeout_s: int, *, reason: str
+    ) -> None:
+        now = self._clock.monotonic()
+        with self._cond:
+            for delivery in deliveries:
+                op = PendingOp(delivery, max(0, min(43_200, timeout_s)), reason, due_s=now)
+                self._changes[delivery.queue.url].append(op)
+            self._cond.notify()
+
+    def pending_for(self, queue_url: str) -> int:
+        with self._cond:
+            return len(self._deletes.get(queue_url, ())) + len(self._changes.get(queue_url, ()))
+
+    def pending_total(self) -> int:
+        with self._cond:
+            return sum(map(len, self._deletes.values())) + sum(map(len, self._changes.values()))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Flush as batches fill or linger out; on stop, flush everything and return."""
+        while not stop.is_set():
+            self.run_once(wait=True)
+        self.flush_all()
+
+    def run_once(self, *, wait: bool = False, force: bool = False) -> int:
+        """One round; returns how many operations were sent."""
+        self.last_tick_s = self._clock.monotonic()
+        if wait:
+            with self._cond:
+                self._cond.wait(self._wait_s())
+        sent = self._flush_due(force=force)
+        now = self._clock.monotonic()
+        if self._extension_source is not None and now >= self._next_extension_s:
+            self._next_extension_s = now + self._extension_every_s
+            sent += self._extend(now)
+        return sent
+
+    def flush_all(self, *, max_rounds: int = MAX_ATTEMPTS + 1) -> None:
+        for _ in range(max_rounds):
+            self._flush_due(force=True)
+            if self.pending_total() == 0:
+                return
+        self._give_up_all()
+
+    def _wait_s(self) -> float:
+        now = self._clock.monotonic()
+        dues = [ops[0].due_s for ops in self._deletes.values() if ops]
+        dues += [op.due_s for ops in self._changes.values() for op in ops[:1]]
+        if any(len(ops) >= BATCH_LIMIT for ops in self._deletes.values()):
+            return 0.0
+        nearest = min(dues, default=now + self._extension_every_s)
+        nearest = min(nearest, self._next_extension_s)
+        return max(0.0, min(nearest - now, self._extension_every_s))
+
+    def _flush_due(self, *, force: bool) -> int:
+        sent = 0
+        for kind, table in (("delete", self._deletes), ("change", self._changes)):
+            for url, batch in self._take_due(table, force=force):
+                sent += len(batch)
+                self._send(kind, url, batch)
+        return sent
+
+    def _take_due(
+        self, table: dict[str, list[PendingOp]], *, force: bool
+    ) -> list[tuple[str, list[PendingOp]]]:
+        now = self._clock.monotonic()
+        batches = []
+        with self._cond:
+            for url, ops in table.items():
+                while ops and (force or len(ops) >= BATCH_LIMIT or ops[0].due_s <= now):
+                    ready = [op for op in ops if op.due_s <= now or force][:BATCH_LIMIT]
+                    if not ready:
+                        break
+                    for op in ready:
+                        ops.remove(op)
+                    batches.append((url, ready))
+        return batches
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _send(self, kind: str, url: str, batch: list[PendingOp]) -> None:
+        try:
+            failed = self._call(kind, url, batch)
+        except Exception as exc:
+            logger.warning(
+                "batch call failed; will retry",
+                extra={
+                    "queue": batch[0].delivery.queue.name,
+                    "action": kind,
+                    "error": describe_error(exc),
+                    "count": len(batch),
+                },
+            )
+            failed = {str(i): "Exception" for i in range(len(batch))}
+        self._account(kind, batch, failed)
+
+    def _call(self, kind: str, url: str, batch: list[PendingOp]) -> dict[str, str]:
+        """Send one batch; returns {entry id: error code} for the entries that failed."""
+        response: Any
+        if kind == "delete":
+            entries = [
+                {"Id": str(i), "ReceiptHandle": op.delivery.message.receipt_handle}
+                for i, op in enumerate(batch)
+            ]
+            response = self._sqs.delete_message_batch(QueueUrl=url, Entries=entries)  # type: ignore[arg-type]
+        else:
+            changes = [
+                {
+                    "Id": str(i),
+                    "ReceiptHandle": op.delivery.message.receipt_handle,
+                    "VisibilityTimeout": op.visibility_timeout_s or 0,
+                }
+                for i, op in enumerate(batch)
+            ]
+            response = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=changes)  # type: ignore[arg-type]
+        return {f["Id"]: f.get("Code", "") for f in response.get("Failed", [])}
+
+    def _account(self, kind: str, batch: list[PendingOp], failed: dict[str, str]) -> None:
+        retry: list[PendingOp] = []
+        for index, op in enumerate(batch):
+            code = failed.get(str(index))
+            queue = op.delivery.queue.name
+            if code is None:
+                self._count_success(op)
+                continue
+            op.attempts += 1
+            if code in _PERMANENT_CODES or op.attempts >= MAX_ATTEMPTS or op.reason == "extend":
+                self._count_failure(op, code)
+            else:
+                op.due_s = self._clock.monotonic() + min(5.0, 0.2 * 2**op.attempts)
+                retry.append(op)
+                self._stats.count(queue, "ack_retried")
+        self._requeue(kind, retry)
+        self._notify_settled(batch)
+
+    def _count_success(self, op: PendingOp) -> None:
+        queue = op.delivery.queue.name
+        if op.reason == "delete":
+            self._stats.count(queue, "deleted")
+        elif op.reason == "release":
+            self._stats.count(queue, "released")
+        elif op.reason == "extend" and op.visibility_timeout_s is not None:
+            op.delivery.visible_until_s = self._clock.monotonic() + op.visibility_timeout_s
+
+    def _count_failure(self, op: PendingOp, code: str) -> None:
+        queue = op.delivery.queue.name
+        if op.reason == "delete":
+            self._stats.count(queue, "delete_failed")
+        logger.warning(
+            "giving up on a message operation; the message will reappear",
+            extra={
+                "queue": queue,
+                "message_id": op.delivery.message.message_id,
+                "action": op.reason,
+                "error": code or "unknown",
+                "attempts": op.attempts,
+            },
+        )
+
+    def _requeue(self, kind: str, ops: list[PendingOp]) -> None:
+        if not ops:
+            return
+        table = self._deletes if kind == "delete" else self._changes
+        with self._cond:
+            for op in ops:
+                table[op.delivery.queue.url].append(op)
+
+    def _give_up_all(self) -> None:
+        with self._cond:
+            leftovers = [
+                op for t in (self._deletes, self._changes) for ops in t.values() for op in ops
+            ]
+            self._deletes.clear()
+            self._changes.clear()
+        for op in leftovers:
+            self._count_failure(op, "shutdown")
+
+    def _notify_settled(self, batch: list[PendingOp]) -> None:
+        if self._on_settled is None:
+            return
+        for name in {op.delivery.queue.name for op in batch}:
+            self._on_settled(name)
+
+    # -- extension ------------------------------------------------------------------------
+
+    def _extend(self, now: float) -> int:
+        assert self._extension_source is not None
+        due = self._extension_source(now)
+        by_queue: dict[str, list[PendingOp]] = defaultdict(list)
+        for delivery, timeout_s in due:
+            by_queue[delivery.queue.url].append(PendingOp(delivery, timeout_s, "extend"))
+        for url, ops in by_queue.items():
+            for start in range(0, len(ops), BATCH_LIMIT):
+                self._send("change", url, ops[start : start + BATCH_LIMIT])
+        return len(due)

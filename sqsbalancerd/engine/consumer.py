@@ -1,0 +1,385 @@
+"""The engine's face: consume the queues it is told it owns, and drain them on request.
+
+Coordination drives it through `set_owned`, `pause_receiving`/`resume_receiving` and the
+receive budget; it learns a removed queue is fully drained through `on_released`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.config import Settings
+from sqsbalancerd.discovery import QueueInfo
+from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.dispatch import Dispatcher
+from sqsbalancerd.engine.poller import Poller, ReceiveGate
+from sqsbalancerd.engine.state import (
+    Delivery,
+    DeliveryState,
+    QueuePolicy,
+    QueueRuntime,
+    TokenBucket,
+)
+from sqsbalancerd.engine.workers import AsyncBridge, Worker
+from sqsbalancerd.handler import ResolvedHandler
+from sqsbalancerd.stats import QueueStats, Stats, StatsSnapshot
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_CHECK_S = 1.0
+
+
+class ThreadHandle(Protocol):
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class Spawner(Protocol):
+    """Starts a named, supervised loop `run(stop)`; only the runtime implements it."""
+
+    def spawn(
+        self, name: str, run: Callable[[threading.Event], None], stop: threading.Event
+    ) -> ThreadHandle: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSet:
+    """The default handler and the per-queue ones from [[queue]] overrides."""
+
+    default: ResolvedHandler | None
+    by_path: dict[str, ResolvedHandler]
+
+    def for_queue(self, settings: Settings, queue_name: str) -> ResolvedHandler:
+        override = settings.override_for(queue_name)
+        if override is not None and override.handler:
+            return self.by_path[override.handler]
+        if self.default is None:
+            raise LookupError(f"no handler for queue {queue_name}")
+        return self.default
+
+
+def build_policy(settings: Settings, info: QueueInfo) -> QueuePolicy:
+    override = settings.override_for(info.name)
+    sqs = settings.sqs
+    visibility = (override.visibility_timeout if override else None) or sqs.visibility_timeout
+    wait = (
+        override.wait_time_seconds if override and override.wait_time_seconds is not None else None
+    )
+    return QueuePolicy(
+        visibility_timeout_s=visibility or info.visibility_timeout_s,
+        is_visibility_configured=visibility is not None,
+        wait_time_s=sqs.wait_time_seconds if wait is None else wait,
+        max_messages=(override.max_messages if override else None) or sqs.max_messages,
+        max_concurrency=override.max_concurrency if override else None,
+        max_rate_per_s=override.max_rate if override else None,
+        retry=(override.retry if override else None) or settings.retry,
+        max_extension_s=sqs.max_extension,
+        message_attribute_names=sqs.message_attribute_names,
+    )
+
+
+@dataclass(slots=True)
+class _Owned:
+    queue: QueueRuntime
+    poller: Poller
+    thread: ThreadHandle
+    stop: threading.Event
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        sqs: SQSClient,
+        settings: Settings,
+        handlers: HandlerSet,
+        stats: Stats,
+        clock: Clock,
+        spawner: Spawner,
+        on_released: Callable[[str], None] | None = None,
+    ) -> None:
+        self._sqs = sqs
+        self._settings = settings
+        self._handlers = handlers
+        self._stats = stats
+        self._clock = clock
+        self._spawner = spawner
+        self._on_released = on_released
+        self._lock = threading.RLock()
+        self._owned: dict[str, _Owned] = {}
+        self._stopping: dict[str, _Owned] = {}
+        self._wanted: dict[str, QueueInfo] = {}
+        self._workers: list[Worker] = []
+        self._workers_stop = threading.Event()
+        self._acks_stop = threading.Event()
+        self._threads: list[ThreadHandle] = []
+        self.gate = ReceiveGate()
+        workers = settings.workers
+        self.dispatcher = Dispatcher(capacity=workers.pool_size + workers.queue_size, clock=clock)
+        self.acks = Acknowledger(sqs, stats=stats, clock=clock, on_settled=self._check_released)
+        self.acks.set_extension_source(self._extensions_due, every_s=EXTENSION_CHECK_S)
+        self.bridge = AsyncBridge() if self._needs_event_loop() else None
+
+    def _needs_event_loop(self) -> bool:
+        handlers = [self._handlers.default, *self._handlers.by_path.values()]
+        return any(h is not None and h.is_async for h in handlers)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the acknowledger, the worker pool and the async loop (no pollers yet)."""
+        if self.bridge is not None:
+            self._threads.append(
+                self._spawner.spawn("async-handlers", self.bridge.run, self._workers_stop)
+            )
+        self._threads.append(self._spawner.spawn("acks", self.acks.run, self._acks_stop))
+        for index in range(self._settings.workers.pool_size):
+            worker = Worker(
+                dispatcher=self.dispatcher,
+                acks=self.acks,
+                stats=self._stats,
+                clock=self._clock,
+                bridge=self.bridge,
+            )
+            self._workers.append(worker)
+            self._threads.append(
+                self._spawner.spawn(f"worker-{index}", worker.run, self._workers_stop)
+            )
+
+    def set_owned(self, queues: Iterable[QueueInfo]) -> None:
+        """Consume exactly these queues: start new ones, drain removed ones."""
+        wanted = {q.name: q for q in queues}
+        with self._lock:
+            self._wanted = wanted
+            for name in list(self._owned):
+                if name not in wanted:
+                    self._stop_queue(name)
+            for name, info in wanted.items():
+                if name not in self._owned and name not in self._stopping:
+                    self._start_queue(info)
+
+    def owned(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(sorted(self._owned))
+
+    def pause_receiving(self) -> None:
+        self.gate.pause()
+
+    def resume_receiving(self) -> None:
+        self.gate.resume()
+
+    def set_receive_budget(self, budget_s: Callable[[], float | None]) -> None:
+        self.gate.set_budget(budget_s)
+
+    # -- drain ----------------------------------------------------------------------------
+
+    def stop_receiving(self) -> int:
+        """Drain step 1: no receive starts from now on; unstarted messages are released."""
+        released = self.dispatcher.stop_receiving()
+        with self._lock:
+            for owned in self._owned.values():
+                owned.stop.set()
+        self._release(released)
+        return len(released)
+
+    def wait_pollers(self, deadline_s: float, abort: threading.Event | None = None) -> bool:
+        """Wait for in-flight long polls to end (their messages are released as they do)."""
+        with self._lock:
+            threads = [o.thread for o in [*self._owned.values(), *self._stopping.values()]]
+        for thread in threads:
+            while thread.is_alive():
+                remaining = deadline_s - self._clock.monotonic()
+                if remaining <= 0 or (abort is not None and abort.is_set()):
+                    return False
+                thread.join(min(remaining, 0.1))
+        return True
+
+    def wait_handlers(self, deadline_s: float, abort: threading.Event | None = None) -> bool:
+        return self.dispatcher.wait_until_idle(deadline_s, abort=abort)
+
+    def abandon_running(self) -> int:
+        """At the deadline: running handlers' results will be discarded; returns how many."""
+        abandoned = [d for item in self.dispatcher.running_items() for d in item.deliveries]
+        for delivery in abandoned:
+            delivery.is_expired = True
+        return len(abandoned)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Last step: flush pending acks, stop workers and the acknowledger."""
+        self._workers_stop.set()
+        self._acks_stop.set()
+        if self.bridge is not None:
+            self.bridge.close()
+        deadline = self._clock.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - self._clock.monotonic()))
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def _start_queue(self, info: QueueInfo) -> None:
+        handler = self._handlers.for_queue(self._settings, info.name)
+        policy = build_policy(self._settings, info)
+        queue = QueueRuntime(
+            info=info,
+            policy=policy,
+            invoke=handler.function,
+            is_batch=handler.is_batch,
+            is_async=handler.is_async,
+            rate=TokenBucket(policy.max_rate_per_s, self._clock.monotonic())
+            if policy.max_rate_per_s
+            else None,
+        )
+        self.dispatcher.add_queue(queue)
+        poller = Poller(
+            queue,
+            sqs=self._sqs,
+            dispatcher=self.dispatcher,
+            acks=self.acks,
+            gate=self.gate,
+            stats=self._stats,
+            clock=self._clock,
+            on_gone=self._queue_gone,
+        )
+        stop = threading.Event()
+        thread = self._spawner.spawn(f"poller:{info.name}", poller.run, stop)
+        self._owned[info.name] = _Owned(queue, poller, thread, stop)
+        logger.info("consuming queue", extra={"queue": info.name})
+
+    def _stop_queue(self, name: str) -> None:
+        owned = self._owned.pop(name)
+        owned.stop.set()
+        self._stopping[name] = owned
+        self._release(self.dispatcher.stop_queue(owned.queue))
+        logger.info("releasing queue", extra={"queue": name})
+
+    def _queue_gone(self, queue: QueueRuntime) -> None:
+        with self._lock:
+            self._wanted.pop(queue.name, None)
+            if queue.name in self._owned:
+                self._stop_queue(queue.name)
+
+    def _check_released(self, name: str) -> None:
+        with self._lock:
+            owned = self._stopping.get(name)
+            if owned is None or owned.thread.is_alive():
+                return
+            if not self.dispatcher.is_queue_idle(owned.queue) or self.acks.pending_for(
+                owned.queue.url
+            ):
+                return
+            del self._stopping[name]
+            self.dispatcher.remove_queue(owned.queue)
+            info = self._wanted.get(name)
+            if info is not None and not self.dispatcher_stopped:
+                self._start_queue(info)  # owned again while it drained
+                return
+        logger.info("queue released", extra={"queue": name})
+        if self._on_released is not None:
+            self._on_released(name)
+
+    @property
+    def dispatcher_stopped(self) -> bool:
+        return self.dispatcher.is_receiving_stopped
+
+    def _release(self, deliveries: list[Delivery]) -> None:
+        if deliveries:
+            self.acks.change_visibility(deliveries, 0, reason="release")
+
+    # -- visibility extension -------------------------------------------------------------
+
+    def _extensions_due(self, now_s: float) -> list[tuple[Delivery, int]]:
+        """Called on the acks thread each second: what to extend, what has expired."""
+        with self._lock:
+            stopping = list(self._stopping)
+        for name in stopping:
+            self._check_released(name)
+        due: list[tuple[Delivery, int]] = []
+        expired_queued: list[Delivery] = []
+        for delivery in self.dispatcher.held_deliveries():
+            visibility_s = delivery.queue.policy.visibility_timeout_s
+            lead_s = max(2.0, min(visibility_s / 3, 10.0))
+            if delivery.visible_until_s - now_s > lead_s:
+                continue
+            budget_s = delivery.received_at_s + delivery.queue.policy.max_extension_s - now_s
+            timeout_s = int(min(visibility_s, budget_s))
+            if timeout_s >= 1:
+                due.append((delivery, timeout_s))
+                continue
+            self._expire(delivery, expired_queued)
+        if expired_queued:
+            self.dispatcher.drop_expired(expired_queued)
+        return due
+
+    def _expire(self, delivery: Delivery, expired_queued: list[Delivery]) -> None:
+        delivery.is_expired = True
+        self._stats.count(delivery.queue.name, "expired")
+        logger.warning(
+            "message reached max_extension; no longer extended",
+            extra={"queue": delivery.queue.name, "message_id": delivery.message.message_id},
+        )
+        if delivery.state is DeliveryState.QUEUED:
+            expired_queued.append(delivery)
+
+    # -- stats ----------------------------------------------------------------------------
+
+    def stuck_slots(self) -> int:
+        return sum(
+            1
+            for item in self.dispatcher.running_items()
+            if any(d.is_expired for d in item.deliveries)
+        )
+
+    def snapshot(self, instance_id: str) -> StatsSnapshot:
+        counters = self._stats.queue_counters()
+        with self._lock:
+            runtimes = {
+                name: o.queue for name, o in [*self._stopping.items(), *self._owned.items()]
+            }
+            pollers = [o.poller for o in self._owned.values()]
+        names = sorted(set(counters) | set(runtimes))
+        queues = tuple(self._queue_stats(name, counters, runtimes) for name in names)
+        durations, ages = self._stats.histograms()
+        running = self.dispatcher.running_items()
+        return StatsSnapshot(
+            instance_id=instance_id,
+            owned_queues=self.owned(),
+            queues=queues,
+            workers_busy=len(running),
+            pool_size=self._settings.workers.pool_size,
+            stuck_slots=self.stuck_slots(),
+            work_queue_depth=self.dispatcher.depth(),
+            aws_calls=self._stats.aws_calls(),
+            handler_duration=durations,
+            message_age=ages,
+            loop_ticks_age_s=self._tick_ages(pollers),
+            aws_consecutive_failures=self._stats.failure_streaks(),
+        )
+
+    def _queue_stats(
+        self, name: str, counters: dict[str, dict[str, int]], runtimes: dict[str, QueueRuntime]
+    ) -> QueueStats:
+        runtime = runtimes.get(name)
+        running, queued = self.dispatcher.counts(runtime) if runtime else (0, 0)
+        return QueueStats(queue=name, running=running, queued=queued, **counters.get(name, {}))
+
+    def _tick_ages(self, pollers: list[Poller]) -> dict[str, float]:
+        now = self._clock.monotonic()
+        ages = {"acks": now - self.acks.last_tick_s}
+        if pollers:
+            ages["pollers"] = max(now - p.last_tick_s for p in pollers)
+        busy = len(self.dispatcher.running_items())
+        idle_ticks = sorted(now - w.last_tick_s for w in self._workers)
+        # Busy workers are inside a handler, not stalled: judge only the idle ones.
+        idle = idle_ticks[: max(0, len(idle_ticks) - busy)]
+        if idle:
+            ages["workers"] = max(idle)
+        return ages

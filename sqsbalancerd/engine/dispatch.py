@@ -1,0 +1,273 @@
+"""The bounded work queue between pollers and workers.
+
+It decides three things under one lock: how many messages a poller may receive (so
+nothing is received that cannot be started while this process still holds it), which
+queued item a free worker runs next (round-robin across queues for fairness, honouring
+`max_concurrency`, `max_rate` and FIFO groups), and what is released on drain.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.engine.state import Delivery, DeliveryState, QueueRuntime, WorkItem
+
+# Longest a blocked caller sleeps before re-checking its stop flag.
+_RECHECK_S = 0.5
+
+
+class Dispatcher:
+    def __init__(self, *, capacity: int, clock: Clock) -> None:
+        self._capacity = capacity  # messages held at once: pool_size + queue_size
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._held_total = 0
+        self._ready: OrderedDict[str, QueueRuntime] = OrderedDict()  # queues with queued items
+        self._queues: dict[str, QueueRuntime] = {}
+        self._is_receiving_stopped = False
+        self._running: set[WorkItem] = set()
+
+    @property
+    def is_receiving_stopped(self) -> bool:
+        return self._is_receiving_stopped
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def add_queue(self, queue: QueueRuntime) -> None:
+        with self._cond:
+            self._queues[queue.name] = queue
+
+    def remove_queue(self, queue: QueueRuntime) -> None:
+        with self._cond:
+            if self._queues.get(queue.name) is queue:
+                del self._queues[queue.name]
+            self._ready.pop(queue.name, None)
+
+    def _per_queue_cap(self) -> int:
+        active = max(1, len(self._queues))
+        return max(1, math.ceil(self._capacity / active))
+
+    # -- pollers --------------------------------------------------------------------------
+
+    def reserve(self, queue: QueueRuntime, want: int, *, timeout_s: float = _RECHECK_S) -> int:
+        """Claim room for up to `want` messages of `queue`; 0 if none came within timeout."""
+        deadline = self._clock.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                if self._is_receiving_stopped or queue.is_stopping:
+                    return 0
+                room = min(
+                    want,
+                    self._capacity - self._held_total,
+                    self._per_queue_cap() - queue.held,
+                )
+                if room > 0:
+                    self._held_total += room
+                    queue.held += room
+                    return room
+                remaining = deadline - self._clock.monotonic()
+                if remaining <= 0:
+                    return 0
+                self._cond.wait(min(remaining, _RECHECK_S))
+
+    def unreserve(self, queue: QueueRuntime, count: int) -> None:
+        if count <= 0:
+            return
+        with self._cond:
+            self._held_total -= count
+            queue.held -= count
+            self._cond.notify_all()
+
+    def submit(self, queue: QueueRuntime, items: Iterable[WorkItem]) -> bool:
+        """Queue received items; False (nothing queued) once receiving stopped for `queue`."""
+        with self._cond:
+            if self._is_receiving_stopped or queue.is_stopping:
+                return False
+            for item in items:
+                queue.queued.append(item)
+            if queue.queued:
+                self._ready[queue.name] = queue
+            self._cond.notify_all()
+            return True
+
+    # -- workers --------------------------------------------------------------------------
+
+    def take(self, *, timeout_s: float = _RECHECK_S) -> WorkItem | None:
+        """The next runnable item, fairly across queues; None when nothing came in time."""
+        deadline = self._clock.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                item, wait_s = self._pick()
+                if item is not None:
+                    return item
+                remaining = deadline - self._clock.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(min(remaining, wait_s, _RECHECK_S))
+
+    def _pick(self) -> tuple[WorkItem | None, float]:
+        wait_s = _RECHECK_S
+        for _ in range(len(self._ready)):
+            name, queue = self._ready.popitem(last=False)
+            item, queue_wait_s = self._pick_from(queue)
+            if queue.queued:
+                self._ready[name] = queue  # to the back: the next take starts elsewhere
+            if item is not None:
+                self._start(item)
+                return item, 0.0
+            wait_s = min(wait_s, queue_wait_s)
+        return None, wait_s
+
+    def _pick_from(self, queue: QueueRuntime) -> tuple[WorkItem | None, float]:
+        policy = queue.policy
+        if policy.max_concurrency is not None and queue.running_items >= policy.max_concurrency:
+            return None, _RECHECK_S
+        blocked_groups: set[str] = set(queue.running_groups)
+        for index, item in enumerate(queue.queued):
+            if item.groups & blocked_groups:
+                blocked_groups |= item.groups  # later messages of a group wait their turn
+                continue
+            if queue.rate is not None:
+                wait_s = queue.rate.wait_s(len(item.deliveries), self._clock.monotonic())
+                if wait_s > 0:
+                    return None, wait_s
+                queue.rate.take(len(item.deliveries), self._clock.monotonic())
+            del queue.queued[index]
+            return item, 0.0
+        return None, _RECHECK_S
+
+    def _start(self, item: WorkItem) -> None:
+        queue = item.queue
+        queue.running_items += 1
+        queue.running_groups |= item.groups
+        item.started_at_s = self._clock.monotonic()
+        for delivery in item.deliveries:
+            delivery.state = DeliveryState.RUNNING
+        self._running.add(item)
+
+    def finish(self, item: WorkItem) -> None:
+        """The handler returned (or was abandoned): its messages no longer hold a slot."""
+        with self._cond:
+            queue = item.queue
+            self._running.discard(item)
+            queue.running_items -= 1
+            queue.running_groups -= item.groups
+            count = len(item.deliveries)
+            queue.held -= count
+            self._held_total -= count
+            if queue.queued:
+                self._ready[queue.name] = queue
+            self._cond.notify_all()
+
+    def settle(self, deliveries: Iterable[Delivery], state: DeliveryState) -> list[Delivery]:
+        """Mark deliveries finished; returns those whose result still counts (not expired)."""
+        with self._cond:
+            kept = []
+            for delivery in deliveries:
+                if delivery.is_expired:
+                    continue
+                delivery.state = state
+                kept.append(delivery)
+            return kept
+
+    # -- releasing ------------------------------------------------------------------------
+
+    def stop_receiving(self) -> list[Delivery]:
+        """Refuse further receives and hand back everything queued but not started."""
+        with self._cond:
+            self._is_receiving_stopped = True
+            released = []
+            for queue in self._queues.values():
+                released.extend(self._drop_queued(queue))
+            self._cond.notify_all()
+            return released
+
+    def stop_queue(self, queue: QueueRuntime) -> list[Delivery]:
+        """The queue is no longer ours: no new receives, queued items handed back."""
+        with self._cond:
+            queue.is_stopping = True
+            released = self._drop_queued(queue)
+            self._cond.notify_all()
+            return released
+
+    def drop_group(self, queue: QueueRuntime, group: str) -> list[Delivery]:
+        """A FIFO message failed: its group's later messages must not run before it."""
+        with self._cond:
+            keep = [item for item in queue.queued if group not in item.groups]
+            dropped = [item for item in queue.queued if group in item.groups]
+            queue.queued.clear()
+            queue.queued.extend(keep)
+            if not keep:
+                self._ready.pop(queue.name, None)
+            return self._release_items(queue, dropped)
+
+    def drop_expired(self, deliveries: Iterable[Delivery]) -> None:
+        """Queued messages past max_extension: dropped, they reappear on their own."""
+        with self._cond:
+            for delivery in deliveries:
+                queue = delivery.queue
+                for item in list(queue.queued):
+                    if delivery in item.deliveries:
+                        queue.queued.remove(item)
+                        self._release_items(queue, [item])
+            self._cond.notify_all()
+
+    def _drop_queued(self, queue: QueueRuntime) -> list[Delivery]:
+        items = list(queue.queued)
+        queue.queued.clear()
+        self._ready.pop(queue.name, None)
+        return self._release_items(queue, items)
+
+    def _release_items(self, queue: QueueRuntime, items: list[WorkItem]) -> list[Delivery]:
+        deliveries = [d for item in items for d in item.deliveries]
+        for delivery in deliveries:
+            delivery.state = DeliveryState.RELEASED
+        queue.held -= len(deliveries)
+        self._held_total -= len(deliveries)
+        self._cond.notify_all()
+        return deliveries
+
+    # -- views ----------------------------------------------------------------------------
+
+    def held_deliveries(self) -> list[Delivery]:
+        """Everything whose visibility this process must keep extending."""
+        with self._cond:
+            queued = [d for q in self._queues.values() for i in q.queued for d in i.deliveries]
+            running = [d for item in self._running for d in item.deliveries]
+        return [d for d in queued + running if d.state in _HELD_STATES and not d.is_expired]
+
+    def running_items(self) -> list[WorkItem]:
+        with self._cond:
+            return list(self._running)
+
+    def is_queue_idle(self, queue: QueueRuntime) -> bool:
+        with self._cond:
+            return queue.held == 0 and not queue.queued
+
+    def wait_until_idle(self, deadline_s: float, *, abort: threading.Event | None = None) -> bool:
+        """Wait until no handler runs (True), or the deadline or `abort` comes (False)."""
+        with self._cond:
+            while self._running:
+                remaining = deadline_s - self._clock.monotonic()
+                if remaining <= 0 or (abort is not None and abort.is_set()):
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+            return True
+
+    def depth(self) -> int:
+        with self._cond:
+            return sum(len(i.deliveries) for q in self._queues.values() for i in q.queued)
+
+    def counts(self, queue: QueueRuntime) -> tuple[int, int]:
+        """(running messages, queued messages) of one queue."""
+        with self._cond:
+            queued = sum(len(item.deliveries) for item in queue.queued)
+            running = sum(len(i.deliveries) for i in self._running if i.queue is queue)
+            return running, queued
+
+
+_HELD_STATES = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})

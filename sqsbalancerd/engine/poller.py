@@ -1,0 +1,196 @@
+"""One long-polling receiver per owned queue.
+
+A poller asks the dispatcher for room before it receives, so it never takes messages
+this process cannot start while it holds them; what a receive returns after receiving
+stopped is released at once instead of waiting in memory for its visibility to run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from sqsbalancerd.aws import describe_error, error_code, is_transient
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.dispatch import Dispatcher
+from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem
+from sqsbalancerd.message import message_from_sqs
+from sqsbalancerd.stats import Stats
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+logger = logging.getLogger(__name__)
+
+_QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+_MAX_BACKOFF_S = 30.0
+
+
+class ReceiveGate:
+    """Whether receiving is allowed now, and for how long a long poll may last.
+
+    Coordination pauses it (self-fencing) and bounds each poll by the time left on the
+    lease, so a poll never outlives the right to receive.
+    """
+
+    def __init__(self) -> None:
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._budget_s: Callable[[], float | None] = lambda: None
+
+    def pause(self) -> None:
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    @property
+    def is_paused(self) -> bool:
+        return not self._resumed.is_set()
+
+    def wait_resumed(self, timeout_s: float) -> bool:
+        return self._resumed.wait(timeout_s)
+
+    def set_budget(self, budget_s: Callable[[], float | None]) -> None:
+        self._budget_s = budget_s
+
+    def wait_time_s(self, wanted_s: int) -> int | None:
+        """The WaitTimeSeconds to use now; None when no receive may start."""
+        budget = self._budget_s()
+        if budget is None:
+            return wanted_s
+        allowed = int(budget) - 1  # a second's slack for the request's own round trip
+        return None if allowed < 0 else min(wanted_s, allowed)
+
+
+class Poller:
+    def __init__(
+        self,
+        queue: QueueRuntime,
+        *,
+        sqs: SQSClient,
+        dispatcher: Dispatcher,
+        acks: Acknowledger,
+        gate: ReceiveGate,
+        stats: Stats,
+        clock: Clock,
+        on_gone: Callable[[QueueRuntime], None],
+    ) -> None:
+        self.queue = queue
+        self._sqs = sqs
+        self._dispatcher = dispatcher
+        self._acks = acks
+        self._gate = gate
+        self._stats = stats
+        self._clock = clock
+        self._on_gone = on_gone
+        self._failures = 0
+        self.last_tick_s = clock.monotonic()
+
+    def run(self, stop: threading.Event) -> None:
+        while not (
+            stop.is_set()
+            or self.queue.is_stopping
+            or self.queue.is_gone
+            or self._dispatcher.is_receiving_stopped
+        ):
+            backoff_s = self.run_once()
+            if backoff_s:
+                stop.wait(backoff_s)
+
+    def run_once(self) -> float:
+        """One reserve-receive-submit round; returns seconds to back off (0 for none)."""
+        self.last_tick_s = self._clock.monotonic()
+        if self._gate.is_paused:
+            self._gate.wait_resumed(0.5)
+            return 0.0
+        granted = self._dispatcher.reserve(self.queue, self.queue.policy.max_messages)
+        if granted == 0:
+            return 0.0
+        wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s)
+        if wait_s is None:
+            self._dispatcher.unreserve(self.queue, granted)
+            return 0.2
+        try:
+            raw = self._receive(granted, wait_s)
+        except Exception as exc:
+            self._dispatcher.unreserve(self.queue, granted)
+            return self._on_error(exc)
+        self._failures = 0
+        self._dispatcher.unreserve(self.queue, granted - len(raw))
+        if raw:
+            self._hand_over(raw)
+        return 0.0
+
+    def _receive(self, count: int, wait_s: int) -> list[dict[str, Any]]:
+        policy = self.queue.policy
+        kwargs: dict[str, Any] = {
+            "QueueUrl": self.queue.url,
+            "MaxNumberOfMessages": count,
+            "WaitTimeSeconds": wait_s,
+            "MessageSystemAttributeNames": ["All"],
+            "MessageAttributeNames": list(policy.message_attribute_names),
+        }
+        if policy.is_visibility_configured:
+            kwargs["VisibilityTimeout"] = policy.visibility_timeout_s
+        if self.queue.info.is_fifo:
+            kwargs["ReceiveRequestAttemptId"] = uuid.uuid4().hex
+        response = self._sqs.receive_message(**kwargs)
+        return list(response.get("Messages", []))
+
+    def _hand_over(self, raw: list[dict[str, Any]]) -> None:
+        now = self._clock.monotonic()
+        visible_until = now + self.queue.policy.visibility_timeout_s
+        deliveries = [
+            Delivery(
+                message=message_from_sqs(m, queue_url=self.queue.url, queue_name=self.queue.name),
+                queue=self.queue,
+                received_at_s=now,
+                visible_until_s=visible_until,
+            )
+            for m in raw
+        ]
+        self._stats.count(self.queue.name, "received", len(deliveries))
+        if not self._dispatcher.submit(self.queue, self._items(deliveries)):
+            self._dispatcher.unreserve(self.queue, len(deliveries))
+            self._acks.change_visibility(deliveries, 0, reason="release")
+
+    def _items(self, deliveries: list[Delivery]) -> list[WorkItem]:
+        if self.queue.is_batch:
+            groups = frozenset(d.message.group_id for d in deliveries if d.message.group_id)
+            return [WorkItem(self.queue, tuple(deliveries), groups)]
+        return [
+            WorkItem(
+                self.queue, (d,), frozenset([d.message.group_id] if d.message.group_id else [])
+            )
+            for d in deliveries
+        ]
+
+    def _on_error(self, exc: Exception) -> float:
+        code = error_code(exc)
+        if isinstance(exc, ClientError) and code in _QUEUE_GONE:
+            logger.warning(
+                "queue no longer exists; stopping its poller", extra={"queue": self.queue.name}
+            )
+            self.queue.is_gone = True
+            self._on_gone(self.queue)
+            return 0.0
+        self._failures += 1
+        backoff_s = min(_MAX_BACKOFF_S, 0.5 * 2 ** min(self._failures, 8))
+        log = logger.warning if is_transient(exc) or self._failures < 3 else logger.error
+        log(
+            "receive failed; backing off",
+            extra={
+                "queue": self.queue.name,
+                "error": describe_error(exc),
+                "failures": self._failures,
+                "backoff_s": backoff_s,
+            },
+        )
+        return backoff_s

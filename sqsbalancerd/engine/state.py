@@ -1,0 +1,107 @@
+"""The engine's in-memory records: what each owned queue holds and how it is consumed."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqsbalancerd.config import RetrySettings
+from sqsbalancerd.discovery import QueueInfo
+from sqsbalancerd.message import Message
+
+
+class DeliveryState(enum.Enum):
+    RESERVED = "reserved"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """Effective per-queue settings: global [sqs]/[retry] with the first [[queue]] override."""
+
+    visibility_timeout_s: int
+    is_visibility_configured: bool
+    wait_time_s: int
+    max_messages: int
+    max_concurrency: int | None
+    max_rate_per_s: float | None
+    retry: RetrySettings
+    max_extension_s: float
+    message_attribute_names: tuple[str, ...]
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One received message while this process is responsible for it."""
+
+    message: Message
+    queue: QueueRuntime
+    received_at_s: float
+    visible_until_s: float
+    state: DeliveryState = DeliveryState.QUEUED
+    is_expired: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    """What one worker runs at once: one message, or a whole batch for batch handlers."""
+
+    queue: QueueRuntime
+    deliveries: tuple[Delivery, ...]
+    groups: frozenset[str]
+    started_at_s: float | None = None
+
+
+class TokenBucket:
+    """`max_rate` messages per second, bursting to one second's worth."""
+
+    def __init__(self, rate_per_s: float, now_s: float) -> None:
+        self._rate = rate_per_s
+        self._capacity = max(1.0, rate_per_s)
+        self._tokens = self._capacity
+        self._updated_s = now_s
+
+    def _refill(self, now_s: float) -> None:
+        elapsed = max(0.0, now_s - self._updated_s)
+        self._tokens = min(self._capacity, self._tokens + elapsed * self._rate)
+        self._updated_s = now_s
+
+    def wait_s(self, count: int, now_s: float) -> float:
+        """0 when `count` tokens are there now, else how long until they are."""
+        self._refill(now_s)
+        needed = min(float(count), self._capacity) - self._tokens
+        return 0.0 if needed <= 0 else needed / self._rate
+
+    def take(self, count: int, now_s: float) -> None:
+        self._refill(now_s)
+        self._tokens -= min(float(count), self._capacity)
+
+
+@dataclass(slots=True, eq=False)
+class QueueRuntime:
+    info: QueueInfo
+    policy: QueuePolicy
+    invoke: Callable[[Any], Any]
+    is_batch: bool
+    is_async: bool
+    queued: deque[WorkItem] = field(default_factory=deque)
+    held: int = 0
+    running_items: int = 0
+    running_groups: set[str] = field(default_factory=set)
+    is_stopping: bool = False
+    is_gone: bool = False
+    rate: TokenBucket | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def url(self) -> str:
+        return self.info.url

@@ -1,0 +1,168 @@
+"""In-process counters and the snapshot later exposed over HTTP, in `status` and at stop.
+
+Counters are plain integers behind one lock: the hot path pays a dict lookup and an add,
+and Prometheus reads a snapshot at scrape time (observability/metrics.py) instead of
+keeping a second set of counters.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+# Seconds; shared by the handler-duration and message-age histograms.
+HISTOGRAM_BUCKETS_S: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+QUEUE_COUNTERS = (
+    "received",
+    "succeeded",
+    "failed",
+    "retried",
+    "deleted",
+    "delete_failed",
+    "released",
+    "expired",
+    "ack_retried",
+)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-free bucket counts; the last slot counts values above every bound."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(HISTOGRAM_BUCKETS_S) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(HISTOGRAM_BUCKETS_S):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += value
+        self.n += 1
+
+    def copy(self) -> Histogram:
+        return Histogram(counts=list(self.counts), total=self.total, n=self.n)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queue: str
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    deleted: int = 0
+    delete_failed: int = 0
+    released: int = 0
+    expired: int = 0
+    ack_retried: int = 0
+    running: int = 0
+    queued: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinationStats:
+    mode: str
+    is_registered: bool
+    members_alive: int
+    heartbeat_age_s: float | None
+    rebalances: int
+    is_fenced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    instance_id: str
+    owned_queues: tuple[str, ...]
+    queues: tuple[QueueStats, ...]
+    workers_busy: int
+    pool_size: int
+    stuck_slots: int
+    work_queue_depth: int
+    aws_calls: dict[tuple[str, str, str], int]
+    handler_duration: dict[str, Histogram]
+    message_age: dict[str, Histogram]
+    loop_ticks_age_s: dict[str, float]
+    # Per AWS service: failed calls since the last success (0 = last call worked).
+    aws_consecutive_failures: dict[str, int] = field(default_factory=dict)
+    coordination: CoordinationStats | None = None
+
+    def totals(self) -> dict[str, int]:
+        return {name: sum(getattr(q, name) for q in self.queues) for name in QUEUE_COUNTERS}
+
+    @property
+    def aws_call_total(self) -> int:
+        return sum(self.aws_calls.values())
+
+
+class Stats:
+    """Thread-safe counters; parts call `count`, `aws_call` and `observe_*`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, dict[str, int]] = defaultdict(
+            lambda: dict.fromkeys(QUEUE_COUNTERS, 0)
+        )
+        self._aws_calls: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._durations: dict[str, Histogram] = defaultdict(Histogram)
+        self._ages: dict[str, Histogram] = defaultdict(Histogram)
+        self._failure_streaks: dict[str, int] = defaultdict(int)
+
+    def count(self, queue: str, counter: str, n: int = 1) -> None:
+        with self._lock:
+            self._queues[queue][counter] += n
+
+    def aws_call(self, service: str, action: str, outcome: str) -> None:
+        with self._lock:
+            self._aws_calls[(service, action, outcome)] += 1
+            if outcome == "ok":
+                self._failure_streaks[service] = 0
+            elif outcome != "client_error":
+                self._failure_streaks[service] += 1
+
+    def observe_handler(self, queue: str, duration_s: float) -> None:
+        with self._lock:
+            self._durations[queue].observe(duration_s)
+
+    def observe_age(self, queue: str, age_s: float) -> None:
+        with self._lock:
+            self._ages[queue].observe(age_s)
+
+    def queue_counters(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {q: dict(c) for q, c in self._queues.items()}
+
+    def aws_calls(self) -> dict[tuple[str, str, str], int]:
+        with self._lock:
+            return dict(self._aws_calls)
+
+    def failure_streaks(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._failure_streaks)
+
+    def histograms(self) -> tuple[dict[str, Histogram], dict[str, Histogram]]:
+        with self._lock:
+            return (
+                {q: h.copy() for q, h in self._durations.items()},
+                {q: h.copy() for q, h in self._ages.items()},
+            )
