@@ -14,10 +14,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqsbalancerd.aws import AwsOptions, describe_error, is_transient, sqs_client
+from sqsbalancerd.aws import (
+    AwsOptions,
+    describe_error,
+    dynamodb_client,
+    is_transient,
+    sqs_client,
+)
 from sqsbalancerd.clock import Clock, SystemClock
 from sqsbalancerd.config import Settings
+from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
 from sqsbalancerd.coordination.standalone import StandaloneCoordinator
+from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult
 from sqsbalancerd.engine.consumer import Engine, HandlerSet
 from sqsbalancerd.errors import AwsUnavailableError, ConfigError, SqsBalancerError
@@ -26,6 +34,7 @@ from sqsbalancerd.runtime import Runtime, ThreadSupervisor
 from sqsbalancerd.stats import CoordinationStats, Stats, StatsSnapshot
 
 if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_sqs import SQSClient
 
 logger = logging.getLogger(__name__)
@@ -64,6 +73,20 @@ def aws_options(settings: Settings, *, pool_connections: int) -> AwsOptions:
     )
 
 
+def dynamodb_options(settings: Settings) -> AwsOptions:
+    """Timeouts and retries well inside the fence margin: a slow call must not outlive it."""
+    assert settings.aws.region is not None
+    margin_s = settings.coordination.effective_fence_margin
+    return AwsOptions(
+        region=settings.aws.region,
+        endpoint_url=settings.aws.endpoint_url,
+        max_pool_connections=4,
+        max_attempts=2,
+        connect_timeout_s=max(0.5, min(2.0, margin_s / 4)),
+        read_timeout_s=max(0.5, min(5.0, margin_s / 4)),
+    )
+
+
 class Application:
     """Everything `sqsbalancerd run` does, as parts the runtime can start and drain."""
 
@@ -75,6 +98,7 @@ class Application:
         clock: Clock | None = None,
         stats: Stats | None = None,
         sqs: SQSClient | None = None,
+        dynamodb: DynamoDBClient | None = None,
         coordinator_factory: Callable[[Application], Coordinator] | None = None,
     ) -> None:
         self.settings = settings
@@ -82,6 +106,7 @@ class Application:
         self.stats = stats or Stats()
         pool = settings.workers.pool_size + 16
         self.sqs = sqs or sqs_client(aws_options(settings, pool_connections=pool), self.stats)
+        self.dynamodb = dynamodb
         self.discovery = Discovery(self.sqs, settings.discovery)
         self._handlers = handlers
         self._loops_stop = threading.Event()
@@ -105,7 +130,7 @@ class Application:
         )
         self.engine.start()
         self._run_hook(self.settings.on_startup)
-        self.coordinator = self._make_coordinator()
+        self.coordinator = self._make_coordinator(spawner, fail)
         self.coordinator.start()
         loop = DiscoveryLoop(
             self.discovery,
@@ -119,11 +144,43 @@ class Application:
     def _spawn_extras(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
         """Hook for the HTTP server and other optional loops."""
 
-    def _make_coordinator(self) -> Coordinator:
+    def _make_coordinator(
+        self, spawner: ThreadSupervisor, fail: Callable[[str], None]
+    ) -> Coordinator:
+        assert self.engine is not None
         if self._coordinator_factory is not None:
             return self._coordinator_factory(self)
+        if self.settings.coordination.mode == "standalone":
+            return StandaloneCoordinator(set_owned=self.engine.set_owned)
+        return self._dynamo_coordinator(spawner, fail)
+
+    def _dynamo_coordinator(
+        self, spawner: ThreadSupervisor, fail: Callable[[str], None]
+    ) -> Coordinator:
         assert self.engine is not None
-        return StandaloneCoordinator(set_owned=self.engine.set_owned)
+        settings = self.settings
+        table = CoordinationTable(
+            self.dynamodb or dynamodb_client(dynamodb_options(settings), self.stats),
+            table_name=settings.coordination.table_name,
+            application=settings.application_name,
+            clock=self.clock,
+        )
+        engine = self.engine
+        return DynamoCoordinator(
+            table=table,
+            settings=settings.coordination,
+            instance_id=settings.instance_id,
+            region=settings.aws.region or "",
+            clock=self.clock,
+            set_owned=engine.set_owned,
+            control=ReceiveControl(
+                pause=engine.pause_receiving,
+                resume=engine.resume_receiving,
+                set_budget=engine.set_receive_budget,
+            ),
+            spawn=spawner.spawn,
+            fail=fail,
+        )
 
     def _first_discovery(self, loop: DiscoveryLoop) -> None:
         try:

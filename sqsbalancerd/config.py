@@ -20,6 +20,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -33,7 +34,8 @@ Seconds = Annotated[float, Field(ge=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf would pass `gt=0` and later overflow Event.wait(); nan would slip past comparisons.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -53,13 +55,13 @@ class AwsSettings(_Section):
 
 class CoordinationSettings(_Section):
     mode: Literal["dynamodb", "standalone"] = "dynamodb"
-    table_name: str = Field("sqsbalancer-coordination", min_length=3, max_length=255)
+    table_name: str = Field(default="sqsbalancer-coordination", min_length=3, max_length=255)
     create_table: bool = True
     heartbeat_interval: PositiveSeconds = 10.0
     heartbeat_timeout: PositiveSeconds = 30.0
     rebalance_delay: Seconds = 30.0
-    virtual_nodes: int = Field(150, ge=1, le=10_000)
-    load_factor: float = Field(1.10, ge=1.0, le=10.0)
+    virtual_nodes: int = Field(default=150, ge=1, le=10_000)
+    load_factor: float = Field(default=1.10, ge=1.0, le=10.0)
     fence_margin: PositiveSeconds | None = None
 
     @model_validator(mode="after")
@@ -92,16 +94,16 @@ class DiscoverySettings(_Section):
 
 
 class SqsSettings(_Section):
-    visibility_timeout: int | None = Field(None, ge=1, le=43_200)
-    wait_time_seconds: int = Field(20, ge=0, le=20)
-    max_messages: int = Field(10, ge=1, le=10)
+    visibility_timeout: int | None = Field(default=None, ge=1, le=43_200)
+    wait_time_seconds: int = Field(default=20, ge=0, le=20)
+    max_messages: int = Field(default=10, ge=1, le=10)
     message_attribute_names: tuple[str, ...] = ("All",)
-    max_extension: PositiveSeconds = Field(3600.0, le=43_200)
+    max_extension: PositiveSeconds = Field(default=3600.0, le=43_200)
 
 
 class WorkersSettings(_Section):
-    pool_size: int = Field(10, ge=1, le=1_000)
-    queue_size: int = Field(100, ge=0, le=100_000)
+    pool_size: int = Field(default=10, ge=1, le=1_000)
+    queue_size: int = Field(default=100, ge=0, le=100_000)
 
 
 class ShutdownSettings(_Section):
@@ -125,7 +127,7 @@ class ObservabilitySettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
     http_host: str = "127.0.0.1"
-    http_port: int = Field(9400, ge=0, le=65_535)
+    http_port: int = Field(default=9400, ge=0, le=65_535)
     backlog_interval: Seconds = 0.0
     otel: bool = False
 
@@ -138,11 +140,11 @@ class ObservabilitySettings(_Section):
 class QueueOverride(_Section):
     match: str
     handler: str | None = None
-    max_concurrency: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
     max_rate: PositiveSeconds | None = None
-    visibility_timeout: int | None = Field(None, ge=1, le=43_200)
-    max_messages: int | None = Field(None, ge=1, le=10)
-    wait_time_seconds: int | None = Field(None, ge=0, le=20)
+    visibility_timeout: int | None = Field(default=None, ge=1, le=43_200)
+    max_messages: int | None = Field(default=None, ge=1, le=10)
+    wait_time_seconds: int | None = Field(default=None, ge=0, le=20)
     retry: RetrySettings | None = None
 
     @field_validator("match")
@@ -165,9 +167,10 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
-    application_name: str = Field("sqsbalancer", min_length=1, max_length=200)
+    application_name: str = Field(default="sqsbalancer", min_length=1, max_length=200)
     instance_id: str = Field(default_factory=default_instance_id, min_length=1, max_length=200)
     handler: str | None = None
     on_startup: str | None = None
@@ -230,12 +233,14 @@ def load_settings(
         settings = Settings(**dict(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, file_path, overrides or {}, env)) from None
+    except SettingsError as exc:  # only the environment source raises these
+        raise ConfigError(_describe_env_error(exc, env)) from None
     except (OSError, ValueError) as exc:  # TOML syntax errors are ValueErrors
         raise ConfigError(f"cannot read config file {file_path}: {exc}") from None
     finally:
         _toml_path.reset(token)
     if resolve_region and settings.aws.region is None:
-        settings = settings.model_copy(update={"aws": _with_region(settings.aws)})
+        settings = settings.model_copy(update={"aws": _with_region(settings.aws, env)})
     return settings
 
 
@@ -249,10 +254,17 @@ def _config_path(path: str | Path | None, env: Mapping[str, str]) -> Path | None
     return file_path
 
 
-def _with_region(aws: AwsSettings) -> AwsSettings:
+def _with_region(aws: AwsSettings, env: Mapping[str, str]) -> AwsSettings:
     import boto3.session
+    from botocore.exceptions import BotoCoreError
 
-    region = boto3.session.Session().region_name
+    try:
+        region = boto3.session.Session().region_name
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
+        raise ConfigError(f"aws.region: cannot read the AWS configuration: {exc}") from None
+    # botocore reads AWS_DEFAULT_REGION and the profile, not AWS_REGION (which the message,
+    # and the other AWS SDKs, promise).
+    region = region or env.get("AWS_REGION")
     if not region:
         raise ConfigError(
             "aws.region: no AWS region set (set [aws] region, SQSBALANCERD_AWS__REGION "
@@ -294,14 +306,29 @@ def _describe(
 ) -> str:
     """One line: the first problem, its key and where the value came from."""
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or "config"
-    message = error["msg"].removeprefix("Value error, ")
+    key = ".".join(str(part) for part in error["loc"])
+    message = " ".join(error["msg"].removeprefix("Value error, ").split())
     if error["type"] == "extra_forbidden":
         message = "unknown setting"
     source = _source_of(key, file_path, overrides, env)
     value = error.get("input")
     shown = f" (got {value!r})" if _is_scalar(value) and error["type"] != "extra_forbidden" else ""
-    return f"{key}: {message}{shown} [{source}]"
+    # Whole-config checks have no location; their message starts with the section's name.
+    label = f"{key}: " if key else ""
+    return f"{label}{message}{shown} [{source}]"
+
+
+def _describe_env_error(exc: SettingsError, env: Mapping[str, str]) -> str:
+    """pydantic-settings could not decode a variable (lists and tables are JSON there)."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    field = match.group(1) if match else ""
+    stem = ENV_PREFIX + field.upper()
+    names = sorted(n for n in env if n.upper() == stem or n.upper().startswith(stem + "__"))
+    cause = " ".join(str(exc.__cause__ or exc).split())
+    return (
+        f"{field or 'config'}: cannot parse environment {', '.join(names) or stem} "
+        f"(lists and tables are written as JSON there): {cause}"
+    )
 
 
 def _is_scalar(value: object) -> bool:
@@ -311,17 +338,23 @@ def _is_scalar(value: object) -> bool:
 def _source_of(
     key: str, file_path: Path | None, overrides: Mapping[str, Any], env: Mapping[str, str]
 ) -> str:
-    parts = key.split(".")
+    parts = key.split(".") if key else []
     node: Any = overrides
     for part in parts:
         if not isinstance(node, Mapping) or part not in node:
             break
         node = node[part]
     else:
-        return "command-line flag"
-    env_name = ENV_PREFIX + "__".join(parts).upper()
-    if env_name in {name.upper() for name in env}:
-        return f"environment {env_name}"
+        if parts:
+            return "command-line flag"
+    names = {name.upper() for name in env}
+    for end in range(len(parts), 0, -1):  # the key itself, or a section given as JSON
+        env_name = ENV_PREFIX + "__".join(parts[:end]).upper()
+        if env_name in names:
+            return f"environment {env_name}"
+    stem = ENV_PREFIX + "__".join(parts).upper() + "__"
+    if parts and any(name.startswith(stem) for name in names):
+        return f"environment {stem}*"  # a section-wide check over values set in variables
     return f"file {file_path}" if file_path else "defaults"
 
 

@@ -43,9 +43,11 @@ def import_from_string(path: str) -> Any:
         raise HandlerImportError(
             f'handler "{path}": module "{module_name}" not found (is it on PYTHONPATH?)'
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module calling sys.exit() must not end us
+        detail = " ".join(str(exc).split())  # the CLI prints one line
         raise HandlerImportError(
-            f'handler "{path}": importing module "{module_name}" raised {type(exc).__name__}: {exc}'
+            f'handler "{path}": importing module "{module_name}" raised '
+            f"{type(exc).__name__}: {detail}"
         ) from exc
     return _walk_attributes(module, attrs, path)
 
@@ -80,7 +82,7 @@ def resolve_hook(path: str | None) -> Callable[[], Any] | None:
     hook = import_from_string(path)
     if not callable(hook):
         raise HandlerImportError(f'hook "{path}": {type(hook).__name__} is not callable')
-    return hook  # type: ignore[no-any-return]
+    return hook
 
 
 class BatchResult:

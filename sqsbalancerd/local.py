@@ -6,6 +6,7 @@ Needs the `local` extra (`pip install "sqsbalancerd[local]"`).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class LocalEmulator:
             ) from exc
         if self.port == 0:
             self.port = free_port()
+        # werkzeug logs every request at INFO; the emulator's traffic is not the user's news.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
         self._server.start()
         return self

@@ -1,0 +1,395 @@
+"""`coordination.mode = "dynamodb"`: share the discovered queues with the other instances.
+
+Every heartbeat interval: renew our row, read the member rows, judge liveness on our own
+clock, and — once the view (live members, queues) has been stable for `rebalance_delay` —
+compute the bounded-load ring assignment. A queue is consumed only while we hold its
+ownership row (owner + lease as fencing token). We give a queue up by draining it first
+and releasing the row after; we take one when its row is free or its owner is dead.
+
+Self-fencing: receiving stops `heartbeat_timeout - fence_margin` after the start of our
+last successful renewal, and long polls are cut to end before then. Others judge us dead
+no earlier than `heartbeat_timeout` after that renewal (on their clocks), so — unless this
+process pauses for longer than `fence_margin` — no two instances receive from one queue
+at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sqsbalancerd.aws import describe_error
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination.membership import LivenessTracker, Membership
+from sqsbalancerd.coordination.ownership import plan
+from sqsbalancerd.coordination.table import (
+    PROTOCOL_VERSION,
+    ConditionFailed,
+    CoordinationTable,
+    MemberRecord,
+    OwnershipRecord,
+    TableGone,
+)
+from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
+from sqsbalancerd.stats import CoordinationStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveControl:
+    """The engine's self-fencing seam, handed in by app.py."""
+
+    pause: Callable[[], None]
+    resume: Callable[[], None]
+    set_budget: Callable[[Callable[[], float | None]], None]
+
+
+@dataclass(slots=True)
+class _View:
+    members: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+    changed_at_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Holdings:
+    leases: dict[str, int] = field(default_factory=dict)  # queue -> lease we hold
+    releasing: set[str] = field(default_factory=set)  # draining in the engine
+    # Appended from the engine's thread without our lock (a slow DynamoDB call holds it).
+    drained: deque[str] = field(default_factory=deque)
+
+
+class DynamoCoordinator:
+    def __init__(
+        self,
+        *,
+        table: CoordinationTable,
+        settings: CoordinationSettings,
+        instance_id: str,
+        region: str,
+        clock: Clock,
+        set_owned: Callable[[Iterable[QueueInfo]], None],
+        control: ReceiveControl,
+        spawn: Callable[[str, Callable[[threading.Event], None], threading.Event], object],
+        fail: Callable[[str], None],
+    ) -> None:
+        self._table = table
+        self._settings = settings
+        self.instance_id = instance_id
+        self._region = region
+        self._clock = clock
+        self._set_owned = set_owned
+        self._control = control
+        self._spawn = spawn
+        self._fail = fail
+        self._membership = Membership(
+            table,
+            instance_id=instance_id,
+            clock=clock,
+            heartbeat_interval_s=settings.heartbeat_interval,
+            heartbeat_timeout_s=settings.heartbeat_timeout,
+        )
+        self._liveness = LivenessTracker(clock, timeout_s=settings.heartbeat_timeout)
+        self._lock = threading.RLock()  # table I/O and state: loop thread vs main thread
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._queues: dict[str, QueueInfo] = {}
+        self._view = _View()
+        self._applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._target: frozenset[str] = frozenset()
+        self._holdings = _Holdings()
+        self._renewed_at_s: float | None = None
+        self._is_fenced = False
+        self._is_draining = False
+        self._rebalances = 0
+        self._incompatible_seen: set[str] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._table.ensure(create=self._settings.create_table, region=self._region)
+        started = self._clock.monotonic()
+        self._membership.join(self._stop.wait)
+        self._renewed_at_s = started
+        self._control.set_budget(self.receive_budget_s)
+        self._observe_members()
+        self._view.changed_at_s = self._clock.monotonic()
+        logger.info(
+            "joined the cluster",
+            extra={"instance": self.instance_id, "table": self._table.table_name},
+        )
+        self._spawn("coordinator", self.run, self._stop)
+
+    def run(self, stop: threading.Event) -> None:
+        next_heartbeat = self._clock.monotonic() + self._settings.heartbeat_interval
+        while not stop.is_set():
+            now = self._clock.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self._settings.heartbeat_interval
+                self.tick()
+            else:
+                self.reconcile_released()
+                self._check_fence()
+            self._wake.wait(min(0.25, max(0.0, next_heartbeat - self._clock.monotonic())))
+            self._wake.clear()
+
+    def on_discovered(self, result: DiscoveryResult) -> None:
+        with self._lock:
+            self._queues = {info.name: info for info in result.matched}
+        self._wake.set()
+
+    def on_released(self, queue_name: str) -> None:
+        """The engine finished draining a queue we gave up: release its row."""
+        self._holdings.drained.append(queue_name)
+        self._wake.set()
+
+    def begin_drain(self) -> None:
+        """Announce `draining` at once, so survivors rebalance without us."""
+        with self._lock:
+            self._is_draining = True
+            self._membership.status = "draining"
+            try:
+                self._membership.heartbeat()
+            except Exception as exc:
+                logger.warning("could not announce draining", extra={"error": describe_error(exc)})
+
+    def leave(self) -> None:
+        """After the engine drained: release every row we hold, remove our member row."""
+        self._stop.set()
+        with self._lock:
+            for queue, lease in sorted(self._holdings.leases.items()):
+                self._release_row(queue, lease)
+            self._holdings.leases.clear()
+            self._membership.leave()
+        logger.info("left the cluster", extra={"instance": self.instance_id})
+
+    # -- one heartbeat --------------------------------------------------------------------
+
+    def tick(self) -> None:
+        with self._lock:
+            try:
+                self._renew()
+                self._observe_members()
+                self._remove_dead_rows()
+                self.reconcile_released()
+                self._rebalance_if_settled()
+                self._acquire_targets()
+            except TableGone as exc:
+                self._fail(str(exc))
+            except ConditionFailed:
+                self._fail(
+                    f'instance "{self.instance_id}" lost its identity in the table '
+                    "(another instance took it over after judging it dead)"
+                )
+            except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
+                logger.warning("coordination round failed", extra={"error": describe_error(exc)})
+            self._check_fence()
+
+    def _renew(self) -> None:
+        started = self._clock.monotonic()
+        self._membership.heartbeat()
+        self._renewed_at_s = started
+
+    def _observe_members(self) -> None:
+        records = self._table.members()
+        self._liveness.observe(records)
+        members = tuple(sorted(r.instance_id for r in records if self._counts_in_ring(r)))
+        if self.instance_id not in members and not self._is_draining:
+            members = tuple(sorted({*members, self.instance_id}))
+        self._note_view(members=members)
+
+    def _counts_in_ring(self, record: MemberRecord) -> bool:
+        if record.protocol != PROTOCOL_VERSION:
+            if record.instance_id not in self._incompatible_seen:
+                self._incompatible_seen.add(record.instance_id)
+                logger.error(
+                    "instance with an incompatible protocol version; not sharing with it",
+                    extra={
+                        "instance": record.instance_id,
+                        "protocol": record.protocol,
+                        "ours": PROTOCOL_VERSION,
+                    },
+                )
+            return False
+        if record.instance_id == self.instance_id:
+            return not self._is_draining
+        return record.status == "active" and self._liveness.is_alive(record.instance_id)
+
+    def _remove_dead_rows(self) -> None:
+        for record in self._liveness.dead_records():
+            if record.instance_id == self.instance_id:
+                continue
+            try:
+                self._table.delete_member(record.instance_id, observed_counter=record.counter)
+                logger.warning("removed a dead instance", extra={"instance": record.instance_id})
+            except ConditionFailed:
+                pass  # it moved (alive after all) or someone else removed it
+
+    def _note_view(self, *, members: tuple[str, ...] | None = None) -> None:
+        queues = tuple(sorted(self._queues))
+        members = members if members is not None else self._view.members
+        if (members, queues) != (self._view.members, self._view.queues):
+            self._view = _View(members, queues, self._clock.monotonic())
+
+    # -- assignment -----------------------------------------------------------------------
+
+    def _rebalance_if_settled(self) -> None:
+        self._note_view()
+        view = (self._view.members, self._view.queues)
+        settled = (
+            self._clock.monotonic() - self._view.changed_at_s >= self._settings.rebalance_delay
+        )
+        if not settled or view == self._applied:
+            return
+        if self._is_draining:
+            self._target = frozenset()
+        else:
+            diff = plan(
+                queues=self._view.queues,
+                members=self._view.members,
+                me=self.instance_id,
+                currently_owned=self._holdings.leases,
+                virtual_nodes=self._settings.virtual_nodes,
+                load_factor=self._settings.load_factor,
+            )
+            self._target = diff.owned_after
+        if self._applied is not None:
+            self._rebalances += 1
+        self._applied = view
+        logger.info(
+            "assignment computed",
+            extra={
+                "members": len(self._view.members),
+                "queues": len(self._view.queues),
+                "mine": len(self._target),
+            },
+        )
+        self._give_up_untargeted()
+
+    def _give_up_untargeted(self) -> None:
+        leaving = set(self._holdings.leases) - self._target - self._holdings.releasing
+        if not leaving:
+            return
+        self._holdings.releasing |= leaving
+        self._push_owned()
+
+    def _acquire_targets(self) -> None:
+        wanted = self._target - set(self._holdings.leases)
+        wanted = {q for q in wanted if q in self._queues}
+        if not wanted or self._is_draining or self._is_fenced:
+            return
+        rows = self._table.ownership()
+        for queue in sorted(wanted):
+            self._try_acquire(queue, rows.get(queue))
+        self._push_owned()
+
+    def _try_acquire(self, queue: str, row: OwnershipRecord | None) -> None:
+        if row is not None and row.owner and row.owner != self.instance_id:
+            if not self._liveness.is_dead(row.owner):
+                return  # its owner is alive: it drains the queue and releases the row
+            logger.warning(
+                "taking over a queue from a dead instance",
+                extra={"queue": queue, "instance": row.owner},
+            )
+        try:
+            lease = self._table.acquire(
+                queue,
+                self._queues[queue].url,
+                owner=self.instance_id,
+                previous=row,
+                now_wall=self._clock.wall(),
+            )
+        except ConditionFailed:
+            return  # someone changed it since we read it; look again next round
+        self._holdings.leases[queue] = lease
+
+    def reconcile_released(self) -> None:
+        with self._lock:
+            while self._holdings.drained:
+                queue = self._holdings.drained.popleft()
+                self._holdings.releasing.discard(queue)
+                lease = self._holdings.leases.pop(queue, None)
+                if lease is not None:
+                    self._release_row(queue, lease)
+
+    def _release_row(self, queue: str, lease: int) -> None:
+        try:
+            if queue in self._queues:
+                self._table.release(
+                    queue, owner=self.instance_id, lease=lease, now_wall=self._clock.wall()
+                )
+            else:
+                self._table.delete_ownership(queue, lease=lease)  # the queue is gone
+        except ConditionFailed:
+            logger.warning("ownership row changed before release", extra={"queue": queue})
+        except Exception as exc:
+            logger.warning(
+                "could not release a queue; it frees when we are judged dead",
+                extra={"queue": queue, "error": describe_error(exc)},
+            )
+
+    def _push_owned(self) -> None:
+        consuming = set(self._holdings.leases) - self._holdings.releasing
+        self._set_owned([self._queues[q] for q in sorted(consuming) if q in self._queues])
+
+    # -- fencing --------------------------------------------------------------------------
+
+    def receive_budget_s(self) -> float | None:
+        """Seconds of receiving left before we must be silent (used to cut long polls)."""
+        renewed = self._renewed_at_s
+        if renewed is None:
+            return 0.0
+        limit = self._settings.heartbeat_timeout - self._settings.effective_fence_margin
+        return renewed + limit - self._clock.monotonic()
+
+    def _check_fence(self) -> None:
+        budget = self.receive_budget_s()
+        fenced = budget is not None and budget <= 0
+        if fenced and not self._is_fenced:
+            self._is_fenced = True
+            self._control.pause()
+            logger.error(
+                "heartbeat not renewed in time; stopped receiving (self-fenced)",
+                extra={"instance": self.instance_id},
+            )
+        elif not fenced and self._is_fenced:
+            self._is_fenced = False
+            self._drop_lost_leases()
+            self._control.resume()
+            logger.warning(
+                "heartbeat renewed; receiving again", extra={"instance": self.instance_id}
+            )
+
+    def _drop_lost_leases(self) -> None:
+        """After a fence: keep consuming only the queues whose rows are still ours."""
+        try:
+            rows = self._table.ownership()
+        except Exception as exc:
+            logger.warning(
+                "could not verify ownership after a fence", extra={"error": describe_error(exc)}
+            )
+            return
+        for queue, lease in list(self._holdings.leases.items()):
+            row = rows.get(queue)
+            if row is None or row.owner != self.instance_id or row.lease != lease:
+                logger.warning("lost a queue while fenced", extra={"queue": queue})
+                del self._holdings.leases[queue]
+        self._push_owned()
+
+    # -- views ----------------------------------------------------------------------------
+
+    def snapshot(self) -> CoordinationStats:
+        renewed = self._renewed_at_s
+        return CoordinationStats(
+            mode="dynamodb",
+            is_registered=self._membership.is_registered,
+            members_alive=len(self._view.members),
+            heartbeat_age_s=None if renewed is None else self._clock.monotonic() - renewed,
+            rebalances=self._rebalances,
+            is_fenced=self._is_fenced,
+        )

@@ -1,0 +1,158 @@
+"""Join, heartbeat, leave; and which members are alive, judged on this observer's clock.
+
+Liveness follows the heartbeat counter, not the recorded wall-clock time: a member is
+alive while its counter keeps changing within `heartbeat_timeout` of *our* monotonic
+clock, so skew between hosts can neither kill nor resurrect anyone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.coordination.table import (
+    PROTOCOL_VERSION,
+    ConditionFailed,
+    CoordinationTable,
+    MemberRecord,
+)
+from sqsbalancerd.errors import DuplicateInstanceError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Seen:
+    record: MemberRecord
+    changed_at_s: float
+
+
+class LivenessTracker:
+    def __init__(self, clock: Clock, *, timeout_s: float) -> None:
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._seen: dict[str, _Seen] = {}
+        self._started_s = clock.monotonic()
+
+    def observe(self, records: Iterable[MemberRecord]) -> None:
+        now = self._clock.monotonic()
+        current = {r.instance_id: r for r in records}
+        for instance_id, record in current.items():
+            seen = self._seen.get(instance_id)
+            if seen is None or seen.record.counter != record.counter:
+                # First sight counts as a change: a newcomer gets a full timeout.
+                self._seen[instance_id] = _Seen(record, now)
+            else:
+                seen.record = record
+        for instance_id in list(self._seen):
+            if instance_id not in current:
+                del self._seen[instance_id]
+
+    def is_alive(self, instance_id: str) -> bool:
+        seen = self._seen.get(instance_id)
+        return seen is not None and self._clock.monotonic() - seen.changed_at_s < self._timeout_s
+
+    def is_dead(self, instance_id: str) -> bool:
+        """Safe to take its queues: no counter change (or no row) for a whole timeout."""
+        seen = self._seen.get(instance_id)
+        since = seen.changed_at_s if seen else self._started_s
+        return self._clock.monotonic() - since >= self._timeout_s
+
+    def records(self) -> list[MemberRecord]:
+        return [s.record for s in self._seen.values()]
+
+    def dead_records(self) -> list[MemberRecord]:
+        return [s.record for s in self._seen.values() if self.is_dead(s.record.instance_id)]
+
+
+class Membership:
+    """This instance's own row: registration (never stealing a live id), heartbeat, leave."""
+
+    def __init__(
+        self,
+        table: CoordinationTable,
+        *,
+        instance_id: str,
+        clock: Clock,
+        heartbeat_interval_s: float,
+        heartbeat_timeout_s: float,
+    ) -> None:
+        self._table = table
+        self.instance_id = instance_id
+        self._clock = clock
+        self._interval_s = heartbeat_interval_s
+        self._timeout_s = heartbeat_timeout_s
+        self.epoch = uuid.uuid4().hex
+        self.status = "active"
+        self.counter = 0
+        self.is_registered = False
+
+    def _record(self, counter: int) -> MemberRecord:
+        now = self._clock.wall()
+        return MemberRecord(
+            instance_id=self.instance_id,
+            host=socket.gethostname(),
+            status=self.status,
+            counter=counter,
+            epoch=self.epoch,
+            protocol=PROTOCOL_VERSION,
+            heartbeat_at=now,
+            started_at=now,
+        )
+
+    def join(self, wait: Callable[[float], bool]) -> None:
+        """Register. If the id exists, watch its counter for a timeout: moving → refuse."""
+        try:
+            self._table.create_member(self._record(1))
+            self.counter = 1
+        except ConditionFailed:
+            self._take_over_if_dead(wait)
+        self.is_registered = True
+
+    def _take_over_if_dead(self, wait: Callable[[float], bool]) -> None:
+        existing = self._table.get_member(self.instance_id)
+        if existing is None:
+            return self.join(wait)
+        logger.warning(
+            "instance id already registered; watching its heartbeat before taking it over",
+            extra={"instance": self.instance_id, "timeout_s": self._timeout_s},
+        )
+        deadline = self._clock.monotonic() + self._timeout_s
+        while self._clock.monotonic() < deadline:
+            if wait(min(self._interval_s / 2, max(0.0, deadline - self._clock.monotonic()))):
+                raise DuplicateInstanceError("stopped while checking the instance id")
+            current = self._table.get_member(self.instance_id)
+            if current is not None and current.counter != existing.counter:
+                raise DuplicateInstanceError(_duplicate_message(self.instance_id))
+        try:
+            self._table.take_over_member(
+                self._record(existing.counter + 1), observed_counter=existing.counter
+            )
+        except ConditionFailed:
+            raise DuplicateInstanceError(_duplicate_message(self.instance_id)) from None
+        self.counter = existing.counter + 1
+        return None
+
+    def heartbeat(self) -> None:
+        self.counter = self._table.heartbeat(
+            self.instance_id, epoch=self.epoch, status=self.status, now_wall=self._clock.wall()
+        )
+
+    def leave(self) -> None:
+        if self.is_registered:
+            # If the condition fails the row is someone else's now: not ours to delete.
+            with contextlib.suppress(ConditionFailed):
+                self._table.delete_member(self.instance_id, epoch=self.epoch)
+            self.is_registered = False
+
+
+def _duplicate_message(instance_id: str) -> str:
+    return (
+        f'instance_id "{instance_id}" is in use by a live instance '
+        "(its heartbeat is moving); give each instance its own id"
+    )

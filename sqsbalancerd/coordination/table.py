@@ -1,0 +1,358 @@
+"""The only module that talks to DynamoDB.
+
+Layout (one table, shared by applications): pk = "app#<application_name>";
+sk = "member#<instance_id>" for membership, "queue#<queue name>" for ownership.
+Heartbeats query only the member rows (sk begins_with), so their cost does not grow
+with the number of queues; ownership rows are read only while a rebalance is pending.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from sqsbalancerd.aws import error_code
+from sqsbalancerd.clock import Clock
+from sqsbalancerd.errors import CoordinationError, TableMissingError
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MEMBER_PREFIX = "member#"
+QUEUE_PREFIX = "queue#"
+# Member rows expire through DynamoDB TTL if nobody renews or removes them.
+MEMBER_TTL_S = 24 * 3600
+_TABLE_WAIT_S = 60.0
+
+
+class ConditionFailed(CoordinationError):
+    """A conditional write lost: someone else changed the record first."""
+
+
+class TableGone(CoordinationError):
+    """The table was deleted while in use."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    instance_id: str
+    host: str
+    status: str
+    counter: int
+    epoch: str
+    protocol: int
+    heartbeat_at: float
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OwnershipRecord:
+    queue: str
+    queue_url: str
+    owner: str | None
+    lease: int
+    updated_at: float
+
+
+def _s(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def _n(value: float) -> dict[str, str]:
+    return {"N": repr(value) if isinstance(value, float) else str(value)}
+
+
+def _member_from_item(item: dict[str, Any]) -> MemberRecord:
+    return MemberRecord(
+        instance_id=item["instance_id"]["S"],
+        host=item.get("host", {}).get("S", ""),
+        status=item.get("status", {}).get("S", "active"),
+        counter=int(item.get("counter", {}).get("N", "0")),
+        epoch=item.get("epoch", {}).get("S", ""),
+        protocol=int(item.get("protocol", {}).get("N", "0")),
+        heartbeat_at=float(item.get("heartbeat_at", {}).get("N", "0")),
+        started_at=float(item.get("started_at", {}).get("N", "0")),
+    )
+
+
+def _ownership_from_item(item: dict[str, Any]) -> OwnershipRecord:
+    owner = item.get("owner", {}).get("S") or None
+    return OwnershipRecord(
+        queue=item["sk"]["S"].removeprefix(QUEUE_PREFIX),
+        queue_url=item.get("queue_url", {}).get("S", ""),
+        owner=owner,
+        lease=int(item.get("lease", {}).get("N", "0")),
+        updated_at=float(item.get("updated_at", {}).get("N", "0")),
+    )
+
+
+class CoordinationTable:
+    def __init__(
+        self, dynamodb: DynamoDBClient, *, table_name: str, application: str, clock: Clock
+    ) -> None:
+        self._db = dynamodb
+        self.table_name = table_name
+        self.application = application
+        self._pk = f"app#{application}"
+        self._clock = clock
+
+    # -- table ----------------------------------------------------------------------------
+
+    def ensure(self, *, create: bool, region: str) -> None:
+        """Wait until the table is ACTIVE, creating it when allowed and missing."""
+        status = self._status()
+        if status is None:
+            if not create:
+                raise TableMissingError(
+                    f'coordination table "{self.table_name}" does not exist in {region} '
+                    "(create it with `sqsbalancerd init-table` or set create_table = true)"
+                )
+            self._create()
+        self._wait_active()
+
+    def _status(self) -> str | None:
+        try:
+            table = self._db.describe_table(TableName=self.table_name)["Table"]
+        except ClientError as exc:
+            if error_code(exc) == "ResourceNotFoundException":
+                return None
+            raise
+        return str(table.get("TableStatus", "ACTIVE"))
+
+    def _create(self) -> None:
+        try:
+            self._db.create_table(**table_definition(self.table_name))
+            logger.info("created coordination table", extra={"table": self.table_name})
+        except ClientError as exc:
+            if error_code(exc) != "ResourceInUseException":
+                raise  # someone else creating it at the same moment is fine
+        self._enable_ttl()
+
+    def _enable_ttl(self) -> None:
+        try:
+            self._db.update_time_to_live(
+                TableName=self.table_name,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"},
+            )
+        except ClientError as exc:
+            logger.debug("ttl not enabled", extra={"error": error_code(exc)})
+
+    def _wait_active(self) -> None:
+        deadline = self._clock.monotonic() + _TABLE_WAIT_S
+        while self._status() != "ACTIVE":
+            if self._clock.monotonic() > deadline:
+                raise CoordinationError(f'table "{self.table_name}" did not become ACTIVE')
+            _pause(1.0)
+
+    # -- members --------------------------------------------------------------------------
+
+    def _member_key(self, instance_id: str) -> dict[str, Any]:
+        return {"pk": _s(self._pk), "sk": _s(MEMBER_PREFIX + instance_id)}
+
+    def _member_item(self, record: MemberRecord) -> dict[str, Any]:
+        return {
+            **self._member_key(record.instance_id),
+            "instance_id": _s(record.instance_id),
+            "host": _s(record.host),
+            "status": _s(record.status),
+            "counter": _n(record.counter),
+            "epoch": _s(record.epoch),
+            "protocol": _n(record.protocol),
+            "heartbeat_at": _n(record.heartbeat_at),
+            "started_at": _n(record.started_at),
+            "ttl": _n(int(record.heartbeat_at) + MEMBER_TTL_S),
+        }
+
+    def create_member(self, record: MemberRecord) -> None:
+        """Register; ConditionFailed if the instance id is already in the table."""
+        self._write(
+            "put_item",
+            Item=self._member_item(record),
+            ConditionExpression="attribute_not_exists(sk)",
+        )
+
+    def take_over_member(self, record: MemberRecord, *, observed_counter: int) -> None:
+        """Replace a dead record of the same id, only if its counter is still the one seen."""
+        self._write(
+            "put_item",
+            Item=self._member_item(record),
+            ConditionExpression="#c = :seen",
+            ExpressionAttributeNames={"#c": "counter"},
+            ExpressionAttributeValues={":seen": _n(observed_counter)},
+        )
+
+    def get_member(self, instance_id: str) -> MemberRecord | None:
+        item = self._call("get_item", Key=self._member_key(instance_id), ConsistentRead=True)
+        found = item.get("Item")
+        return _member_from_item(found) if found else None
+
+    def heartbeat(self, instance_id: str, *, epoch: str, status: str, now_wall: float) -> int:
+        """Advance our counter; ConditionFailed if our identity was taken over."""
+        response = self._write(
+            "update_item",
+            Key=self._member_key(instance_id),
+            UpdateExpression="SET #c = #c + :one, heartbeat_at = :now, #s = :status, #t = :ttl",
+            ConditionExpression="epoch = :epoch",
+            ExpressionAttributeNames={"#c": "counter", "#s": "status", "#t": "ttl"},
+            ExpressionAttributeValues={
+                ":one": _n(1),
+                ":now": _n(now_wall),
+                ":status": _s(status),
+                ":epoch": _s(epoch),
+                ":ttl": _n(int(now_wall) + MEMBER_TTL_S),
+            },
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(response["Attributes"]["counter"]["N"])
+
+    def delete_member(
+        self, instance_id: str, *, epoch: str | None = None, observed_counter: int | None = None
+    ) -> None:
+        """Remove a member row: ours (by epoch) or a dead one (by the counter we saw)."""
+        if epoch is not None:
+            condition, values = "epoch = :v", {":v": _s(epoch)}
+            names: dict[str, str] | None = None
+        else:
+            condition, values, names = (
+                "#c = :v",
+                {":v": _n(observed_counter or 0)},
+                {"#c": "counter"},
+            )
+        kwargs: dict[str, Any] = {
+            "Key": self._member_key(instance_id),
+            "ConditionExpression": condition,
+            "ExpressionAttributeValues": values,
+        }
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        self._write("delete_item", **kwargs)
+
+    def members(self) -> list[MemberRecord]:
+        return [_member_from_item(i) for i in self._query(MEMBER_PREFIX)]
+
+    # -- ownership ------------------------------------------------------------------------
+
+    def _queue_key(self, queue: str) -> dict[str, Any]:
+        return {"pk": _s(self._pk), "sk": _s(QUEUE_PREFIX + queue)}
+
+    def ownership(self) -> dict[str, OwnershipRecord]:
+        return {r.queue: r for r in map(_ownership_from_item, self._query(QUEUE_PREFIX))}
+
+    def acquire(
+        self,
+        queue: str,
+        queue_url: str,
+        *,
+        owner: str,
+        previous: OwnershipRecord | None,
+        now_wall: float,
+    ) -> int:
+        """Take a free queue, or one whose owner we judged dead; returns the new lease."""
+        lease = (previous.lease if previous else 0) + 1
+        if previous is None:
+            condition = "attribute_not_exists(sk)"
+            values: dict[str, Any] = {}
+        else:
+            condition = "lease = :lease"
+            values = {":lease": _n(previous.lease)}
+        item = {
+            **self._queue_key(queue),
+            "owner": _s(owner),
+            "lease": _n(lease),
+            "queue_url": _s(queue_url),
+            "updated_at": _n(now_wall),
+        }
+        kwargs: dict[str, Any] = {"Item": item, "ConditionExpression": condition}
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        self._write("put_item", **kwargs)
+        return lease
+
+    def release(self, queue: str, *, owner: str, lease: int, now_wall: float) -> None:
+        """Give a queue up (owner removed, lease advanced) if we still hold that lease."""
+        self._write(
+            "update_item",
+            Key=self._queue_key(queue),
+            UpdateExpression="REMOVE #o SET lease = :next, updated_at = :now",
+            ConditionExpression="#o = :me AND lease = :lease",
+            ExpressionAttributeNames={"#o": "owner"},
+            ExpressionAttributeValues={
+                ":me": _s(owner),
+                ":lease": _n(lease),
+                ":next": _n(lease + 1),
+                ":now": _n(now_wall),
+            },
+        )
+
+    def delete_ownership(self, queue: str, *, lease: int) -> None:
+        self._write(
+            "delete_item",
+            Key=self._queue_key(queue),
+            ConditionExpression="lease = :lease",
+            ExpressionAttributeValues={":lease": _n(lease)},
+        )
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _query(self, prefix: str) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": {":pk": _s(self._pk), ":prefix": _s(prefix)},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self._call("query", **kwargs)
+            yield from page.get("Items", [])
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _write(self, method: str, **kwargs: Any) -> Any:
+        try:
+            return self._call(method, **kwargs)
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                raise ConditionFailed(f"{method} condition failed") from None
+            raise
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        if method != "query":
+            kwargs.setdefault("TableName", self.table_name)
+        try:
+            return getattr(self._db, method)(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) == "ResourceNotFoundException":
+                raise TableGone(
+                    f'coordination table "{self.table_name}" no longer exists'
+                ) from None
+            raise
+
+
+def table_definition(table_name: str) -> dict[str, Any]:
+    """CreateTable arguments; `init-table --print` renders the same as CloudFormation."""
+    return {
+        "TableName": table_name,
+        "AttributeDefinitions": [
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        "KeySchema": [
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        "BillingMode": "PAY_PER_REQUEST",
+    }
+
+
+def _pause(seconds: float) -> None:
+    import threading
+
+    threading.Event().wait(seconds)

@@ -1,0 +1,189 @@
+import math
+import random
+import string
+from collections import Counter
+from collections.abc import Mapping
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from uhashring import HashRing
+
+from sqsbalancerd.coordination.ring import assign, capacity
+
+RING_SIZE = 1 << 128
+MEMBERS_ABC = ["instance-a", "instance-b", "instance-c"]
+
+names = st.text(alphabet=string.ascii_lowercase + string.digits + "-_", min_size=1, max_size=12)
+queue_sets = st.frozensets(names, max_size=40)
+member_sets = st.frozensets(names.map(lambda name: f"member-{name}"), min_size=1, max_size=6)
+virtual_node_counts = st.integers(min_value=1, max_value=40)
+load_factors = st.sampled_from([1.0, 1.05, 1.1, 1.25, 1.5, 2.0])
+# Small rings keep each example well under a millisecond; the deadline only adds CI flakiness.
+fast = settings(max_examples=60, deadline=None)
+
+
+def ring_distance(ring: HashRing, queue: str, member: str) -> int:
+    """Clockwise distance from the queue's hash to the member's next point, as get_node walks."""
+    key: int = ring.get_key(queue)
+    points: list[int] = [position for position, owner in ring.get_points() if owner == member]
+    after = [position for position in points if position > key]
+    return ((min(after) if after else min(points)) - key) % RING_SIZE
+
+
+def loads(assignment: Mapping[str, str]) -> Counter[str]:
+    return Counter(assignment.values())
+
+
+def test_no_members_assigns_nothing() -> None:
+    assert assign(["orders"], []) == {}
+
+
+def test_no_queues_assigns_nothing() -> None:
+    assert assign([], MEMBERS_ABC) == {}
+
+
+def test_capacity_reads_the_load_factor_as_written() -> None:
+    # 1.1 * 10_000 / 500 is 22.000000000000004 in floats.
+    assert capacity(queue_count=10_000, member_count=500, load_factor=1.1) == 22
+    assert capacity(queue_count=24, member_count=3, load_factor=1.1) == 9
+    assert capacity(queue_count=12, member_count=3, load_factor=1.1) == 5
+
+
+@pytest.mark.parametrize(
+    ("queue_count", "member_count", "load_factor"), [(10, 0, 1.1), (10, 2, 0.99)]
+)
+def test_capacity_rejects_settings_that_cannot_fit_every_queue(
+    queue_count: int, member_count: int, load_factor: float
+) -> None:
+    with pytest.raises(ValueError):
+        capacity(queue_count=queue_count, member_count=member_count, load_factor=load_factor)
+
+
+def test_assign_rejects_zero_virtual_nodes() -> None:
+    with pytest.raises(ValueError):
+        assign(["orders"], MEMBERS_ABC, virtual_nodes=0)
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, virtual_nodes=virtual_node_counts)
+def test_plain_assignment_is_uhashring_get_node(
+    queues: frozenset[str], members: frozenset[str], virtual_nodes: int
+) -> None:
+    ring = HashRing(nodes=sorted(members), vnodes=virtual_nodes)
+    plain = assign(queues, members, virtual_nodes=virtual_nodes, bounded=False)
+    assert plain == {queue: ring.get_node(queue) for queue in queues}
+
+
+@fast
+@given(
+    queues=queue_sets,
+    members=member_sets,
+    virtual_nodes=virtual_node_counts,
+    load_factor=load_factors,
+)
+def test_every_queue_goes_to_one_live_member_within_capacity(
+    queues: frozenset[str], members: frozenset[str], virtual_nodes: int, load_factor: float
+) -> None:
+    assignment = assign(queues, members, virtual_nodes=virtual_nodes, load_factor=load_factor)
+    assert set(assignment) == queues
+    assert set(assignment.values()) <= members
+    if queues:
+        limit = capacity(
+            queue_count=len(queues), member_count=len(members), load_factor=load_factor
+        )
+        assert max(loads(assignment).values()) <= limit
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, seed=st.integers(), bounded=st.booleans())
+def test_same_result_whatever_the_input_order_or_duplicates(
+    queues: frozenset[str], members: frozenset[str], seed: int, bounded: bool
+) -> None:
+    shuffler = random.Random(seed)
+    queue_list, member_list = sorted(queues) * 2, sorted(members) * 2
+    shuffler.shuffle(queue_list)
+    shuffler.shuffle(member_list)
+    expected = assign(sorted(queues), sorted(members), virtual_nodes=10, bounded=bounded)
+    assert assign(queue_list, member_list, virtual_nodes=10, bounded=bounded) == expected
+
+
+@fast
+@given(
+    queues=queue_sets,
+    members=member_sets,
+    virtual_nodes=virtual_node_counts,
+    load_factor=load_factors,
+)
+def test_a_queue_passes_a_nearer_member_only_if_nearer_queues_fill_it(
+    queues: frozenset[str], members: frozenset[str], virtual_nodes: int, load_factor: float
+) -> None:
+    assume(queues)
+    ring = HashRing(nodes=sorted(members), vnodes=virtual_nodes)
+    assignment = assign(queues, members, virtual_nodes=virtual_nodes, load_factor=load_factor)
+    limit = capacity(queue_count=len(queues), member_count=len(members), load_factor=load_factor)
+    held = loads(assignment)
+    for queue, owner in assignment.items():
+        own_claim = ring_distance(ring, queue, owner)
+        for member in members:
+            claim = (ring_distance(ring, queue, member), queue)
+            if claim[0] >= own_claim:
+                continue
+            assert held[member] == limit
+            rivals = [other for other, holder in assignment.items() if holder == member]
+            assert all((ring_distance(ring, other, member), other) < claim for other in rivals)
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, newcomer=names, virtual_nodes=virtual_node_counts)
+def test_a_join_never_pushes_a_queue_to_a_farther_member(
+    queues: frozenset[str], members: frozenset[str], newcomer: str, virtual_nodes: int
+) -> None:
+    joined = members | {f"newcomer-{newcomer}"}
+    assume(
+        capacity(queue_count=len(queues), member_count=len(members), load_factor=1.1)
+        == capacity(queue_count=len(queues), member_count=len(joined), load_factor=1.1)
+    )
+    ring = HashRing(nodes=sorted(joined), vnodes=virtual_nodes)
+    before = assign(queues, members, virtual_nodes=virtual_nodes)
+    after = assign(queues, joined, virtual_nodes=virtual_nodes)
+    for queue in queues:
+        assert ring_distance(ring, queue, after[queue]) <= ring_distance(ring, queue, before[queue])
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, virtual_nodes=virtual_node_counts)
+def test_a_leave_never_brings_a_queue_nearer(
+    queues: frozenset[str], members: frozenset[str], virtual_nodes: int
+) -> None:
+    assume(len(members) > 1)
+    leaver = min(members)
+    remaining = members - {leaver}
+    assume(
+        capacity(queue_count=len(queues), member_count=len(members), load_factor=1.1)
+        == capacity(queue_count=len(queues), member_count=len(remaining), load_factor=1.1)
+    )
+    ring = HashRing(nodes=sorted(members), vnodes=virtual_nodes)
+    before = assign(queues, members, virtual_nodes=virtual_nodes)
+    after = assign(queues, remaining, virtual_nodes=virtual_nodes)
+    for queue in queues:
+        assert ring_distance(ring, queue, after[queue]) >= ring_distance(ring, queue, before[queue])
+
+
+@fast
+@given(queues=st.frozensets(names, min_size=24, max_size=24))
+def test_24_queues_over_3_members_stay_within_one_of_even(queues: frozenset[str]) -> None:
+    assignment = assign(queues, MEMBERS_ABC)
+    assert max(loads(assignment).values()) <= math.ceil(24 / 3) + 1
+
+
+def test_bounded_loads_evens_out_a_skewed_ring_of_24() -> None:
+    queues = [f"queue-{index:02d}" for index in range(24)]
+    assert max(loads(assign(queues, MEMBERS_ABC, bounded=False)).values()) == 11
+    assert sorted(loads(assign(queues, MEMBERS_ABC)).values()) == [7, 8, 9]
+
+
+def test_bounded_loads_caps_12_queues_over_3_members_at_5() -> None:
+    queues = [f"jobs-{index}" for index in range(12)]
+    assert sorted(loads(assign(queues, MEMBERS_ABC, bounded=False)).values()) == [2, 4, 6]
+    assert sorted(loads(assign(queues, MEMBERS_ABC)).values()) == [2, 5, 5]

@@ -1,0 +1,66 @@
+"""Handlers the end-to-end tests run inside `sqsbalancerd run` subprocesses.
+
+Each process appends JSON lines to $SQSB_TEST_EVENTS.<pid>: start/end per message, so
+tests can assert counts per message id and order from the recorded events.
+Behaviour is steered by the message body (JSON): {"fail_once": true}, {"sleep": 2.5}, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from sqsbalancerd import Message, Retry
+
+_lock = threading.Lock()
+_file: Any = None
+
+
+def _record(event: str, message: Message, **fields: Any) -> None:
+    global _file
+    with _lock:
+        if _file is None:
+            path = os.environ["SQSB_TEST_EVENTS"] + f".{os.getpid()}"
+            _file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the process
+        line = {"event": event, "t": time.time(), "pid": os.getpid(), "queue": message.queue_name,
+                "id": message.message_id, "receive_count": message.receive_count,
+                "group": message.group_id, "body": message.body, **fields}
+        _file.write(json.dumps(line) + "\n")
+
+
+def record(message: Message) -> None:
+    """Records start and end; obeys the body's instructions."""
+    data = message.json() if message.body.startswith("{") else {}
+    _record("start", message)
+    try:
+        if data.get("sleep"):
+            time.sleep(float(data["sleep"]))
+        if data.get("fail_once") and message.receive_count == 1:
+            raise ValueError("failing once on purpose")
+        if data.get("fail_always"):
+            raise ValueError("failing always on purpose")
+        if data.get("retry_after") is not None and message.receive_count == 1:
+            raise Retry(after=float(data["retry_after"]))
+        if data.get("exit"):
+            raise SystemExit(3)
+    except BaseException as exc:
+        _record("end", message, outcome="failed", error=type(exc).__name__)
+        raise
+    _record("end", message, outcome="ok")
+
+
+async def record_async(message: Message) -> None:
+    import asyncio
+
+    _record("start", message)
+    await asyncio.sleep(0)
+    _record("end", message, outcome="ok")
+
+
+def not_a_function() -> None: ...
+
+
+NOT_CALLABLE = 42
