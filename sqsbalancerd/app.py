@@ -26,10 +26,14 @@ from sqsbalancerd.config import Settings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
 from sqsbalancerd.coordination.standalone import StandaloneCoordinator
 from sqsbalancerd.coordination.table import CoordinationTable
-from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult
+from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult, QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet
 from sqsbalancerd.errors import AwsUnavailableError, ConfigError, SqsBalancerError
 from sqsbalancerd.handler import resolve_handler, resolve_hook
+from sqsbalancerd.observability.backlog import BacklogSampler
+from sqsbalancerd.observability.health import HealthReport, liveness, readiness
+from sqsbalancerd.observability.http import HttpServer
+from sqsbalancerd.observability.metrics import BacklogGauge, build_registry
 from sqsbalancerd.runtime import Runtime, ThreadSupervisor
 from sqsbalancerd.stats import CoordinationStats, Stats, StatsSnapshot
 
@@ -110,6 +114,9 @@ class Application:
         self.discovery = Discovery(self.sqs, settings.discovery)
         self._handlers = handlers
         self._loops_stop = threading.Event()
+        self._http_stop = threading.Event()
+        self.http_port: int | None = None
+        self.backlog = BacklogGauge()
         self.runtime: Runtime | None = None
         self.engine: Engine | None = None
         self.coordinator: Coordinator | None = None
@@ -142,7 +149,51 @@ class Application:
         self._spawn_extras(spawner, fail)
 
     def _spawn_extras(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
-        """Hook for the HTTP server and other optional loops."""
+        """The HTTP endpoint (port 0: off) and the opt-in backlog sampler."""
+        observability = self.settings.observability
+        if observability.backlog_interval > 0:
+            sampler = BacklogSampler(
+                self.sqs,
+                self.backlog,
+                owned=self._owned_infos,
+                interval_s=observability.backlog_interval,
+            )
+            spawner.spawn("backlog", sampler.run, self._loops_stop)
+        if observability.http_port:
+            server = self._http_server()
+            self.http_port = server.port
+            spawner.spawn("http", server.serve, self._http_stop)
+
+    def _http_server(self) -> HttpServer:
+        observability = self.settings.observability
+        try:
+            return HttpServer(
+                host=observability.http_host,
+                port=observability.http_port,
+                registry=build_registry(self.snapshot, self.backlog),
+                liveness=self.liveness,
+                readiness=self.readiness,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"observability.http_port: cannot listen on "
+                f"{observability.http_host}:{observability.http_port} ({exc.strerror})"
+            ) from None
+
+    def _max_loop_age_s(self) -> float:
+        # A poller sits in a long poll for up to wait_time_seconds, then backs off up to 30 s.
+        return self.settings.sqs.wait_time_seconds + 45.0
+
+    def liveness(self) -> HealthReport:
+        return liveness(self.snapshot(), max_loop_age_s=self._max_loop_age_s())
+
+    def readiness(self) -> HealthReport:
+        return readiness(self.snapshot(), max_loop_age_s=self._max_loop_age_s())
+
+    def _owned_infos(self) -> list[QueueInfo]:
+        result = self._last_discovery
+        owned = set(self.engine.owned()) if self.engine else set()
+        return [q for q in result.matched if q.name in owned] if result else []
 
     def _make_coordinator(
         self, spawner: ThreadSupervisor, fail: Callable[[str], None]
@@ -238,6 +289,7 @@ class Application:
                     "could not leave the cluster cleanly", extra={"error": describe_error(exc)}
                 )
         self._run_hook(self.settings.on_shutdown)
+        self._http_stop.set()
 
     def summary(self) -> dict[str, object]:
         snapshot = self.snapshot()

@@ -244,5 +244,130 @@ def local(
             emulator.stop()
 
 
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl+C.")] = False,
+) -> None:
+    """Show instances, their health and queue ownership from the coordination table."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config)
+        from sqsbalancerd.status import render_status
+
+        reader, discover = _status_parts(settings)
+        if watch:
+            _watch_status(reader, discover, settings.coordination.heartbeat_interval)
+            return
+        report = reader.report(reader.read_once(threading.Event().wait), discover())
+        if as_json:
+            typer.echo(report.to_json())
+        else:
+            render_status(report)
+    sys.exit(EXIT_OK if report.is_all_owned else EXIT_RUNTIME)
+
+
+def _status_parts(settings: Settings) -> tuple[Any, Callable[[], list[Any]]]:
+    from sqsbalancerd.app import aws_options, dynamodb_options
+    from sqsbalancerd.aws import dynamodb_client, sqs_client
+    from sqsbalancerd.clock import SystemClock
+    from sqsbalancerd.coordination.table import CoordinationTable
+    from sqsbalancerd.discovery import Discovery
+    from sqsbalancerd.status import StatusReader
+
+    clock = SystemClock()
+    table = CoordinationTable(
+        dynamodb_client(dynamodb_options(settings)),
+        table_name=settings.coordination.table_name,
+        application=settings.application_name,
+        clock=clock,
+    )
+    table.ensure(create=False, region=settings.aws.region or "")
+    discovery = Discovery(sqs_client(aws_options(settings, pool_connections=2)), settings.discovery)
+    reader = StatusReader(
+        table,
+        clock=clock,
+        heartbeat_interval_s=settings.coordination.heartbeat_interval,
+        heartbeat_timeout_s=settings.coordination.heartbeat_timeout,
+    )
+    return reader, lambda: list(discovery.discover().matched)
+
+
+def _watch_status(reader: Any, discover: Callable[[], list[Any]], interval_s: float) -> None:
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    from sqsbalancerd.status import render_status
+
+    console = Console()
+    with Live(console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                report = reader.report(reader.read_watching(), discover())
+                capture = Console(record=True, width=console.width)
+                with capture.capture():
+                    render_status(report, capture)
+                live.update(Group(*capture.export_text().splitlines()))
+                threading.Event().wait(interval_s)
+        except KeyboardInterrupt:
+            return
+
+
+@app.command("init-table")
+def init_table(
+    config: ConfigOption = None,
+    print_template: Annotated[
+        bool, typer.Option("--print", help="Print a CloudFormation template instead.")
+    ] = False,
+) -> None:
+    """Create the coordination table (or print it as CloudFormation for your infra code)."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config, resolve_region=not print_template)
+        from sqsbalancerd.coordination.table import cloudformation_template
+
+        if print_template:
+            typer.echo(cloudformation_template(settings.coordination.table_name))
+            return
+        from sqsbalancerd.app import dynamodb_options
+        from sqsbalancerd.aws import dynamodb_client
+        from sqsbalancerd.clock import SystemClock
+        from sqsbalancerd.coordination.table import CoordinationTable
+
+        table = CoordinationTable(
+            dynamodb_client(dynamodb_options(settings)),
+            table_name=settings.coordination.table_name,
+            application=settings.application_name,
+            clock=SystemClock(),
+        )
+        table.ensure(create=True, region=settings.aws.region or "")
+        typer.echo(f"table {settings.coordination.table_name} is ACTIVE in {settings.aws.region}")
+
+
+@app.command()
+def health(config: ConfigOption = None) -> None:
+    """Exit 0 if the daemon this config describes is ready (its /readyz), else 1."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config, resolve_region=False)
+        observability = settings.observability
+        if not observability.http_port:
+            fail("observability.http_port is 0 (HTTP off): health has nothing to ask", EXIT_USAGE)
+        host = (
+            "127.0.0.1" if observability.http_host in ("0.0.0.0", "") else observability.http_host
+        )
+        url = f"http://{host}:{observability.http_port}/readyz"
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                typer.echo(response.read().decode().strip())
+        except urllib.error.HTTPError as exc:
+            typer.echo(exc.read().decode().strip())
+            sys.exit(EXIT_RUNTIME)
+        except OSError as exc:
+            typer.echo(f"not ready: {url} unreachable ({exc})", err=True)
+            sys.exit(EXIT_RUNTIME)
+
+
 def main() -> None:
     app()

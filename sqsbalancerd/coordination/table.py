@@ -352,6 +352,30 @@ def table_definition(table_name: str) -> dict[str, Any]:
     }
 
 
+def cloudformation_template(table_name: str) -> str:
+    """The table `ensure(create=True)` makes, as a CloudFormation template (JSON)."""
+    import json
+
+    definition = table_definition(table_name)
+    resource = {
+        "Type": "AWS::DynamoDB::Table",
+        "Properties": {
+            "TableName": definition["TableName"],
+            "AttributeDefinitions": definition["AttributeDefinitions"],
+            "KeySchema": definition["KeySchema"],
+            "BillingMode": definition["BillingMode"],
+            "TimeToLiveSpecification": {"AttributeName": "ttl", "Enabled": True},
+        },
+    }
+    template = {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Description": "sqsbalancerd coordination table",
+        "Resources": {"CoordinationTable": resource},
+        "Outputs": {"TableName": {"Value": {"Ref": "CoordinationTable"}}},
+    }
+    return json.dumps(template, indent=2)
+
+
 def _pause(seconds: float) -> None:
     import threading
 
