@@ -245,6 +245,24 @@ def local(
 
 
 @app.command()
+def demo(
+    instances: Annotated[int, typer.Option(min=1, max=10, help="Instances to run.")] = 3,
+    queues_count: Annotated[int, typer.Option("--queues", min=1, max=200)] = 12,
+    duration: Annotated[float, typer.Option(min=10, help="Seconds to run.")] = 60,
+) -> None:
+    """Try it with no AWS: a cluster on the embedded emulator, a takeover, a summary."""
+    with reported_errors(debug=lambda: False):
+        from rich.console import Console
+
+        from sqsbalancerd.demo import Demo
+
+        code = Demo(
+            instances=instances, queues=queues_count, duration_s=duration, console=Console()
+        ).run()
+    sys.exit(code)
+
+
+@app.command()
 def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -364,3 +364,10 @@ def effective_toml(settings: Settings) -> str:
 
     data = settings.model_dump(mode="json", exclude_none=True)
     return tomli_w.dumps(data)
+
+
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment plus `extra`, minus our own settings (for demo children)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    env.update(extra)
+    return env

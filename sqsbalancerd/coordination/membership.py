@@ -127,7 +127,9 @@ class Membership:
             if wait(min(self._interval_s / 2, max(0.0, deadline - self._clock.monotonic()))):
                 raise DuplicateInstanceError("stopped while checking the instance id")
             current = self._table.get_member(self.instance_id)
-            if current is not None and current.counter != existing.counter:
+            if current is None:
+                return self.join(wait)  # it left (or was removed as dead): register afresh
+            if current.counter != existing.counter:
                 raise DuplicateInstanceError(_duplicate_message(self.instance_id))
         try:
             self._table.take_over_member(

@@ -134,12 +134,14 @@ class Acknowledger:
 
     def _wait_s(self) -> float:
         now = self._clock.monotonic()
-        dues = [ops[0].due_s for ops in self._deletes.values() if ops]
-        dues += [op.due_s for ops in self._changes.values() for op in ops[:1]]
-        if any(len(ops) >= BATCH_LIMIT for ops in self._deletes.values()):
+        tables = (self._deletes, self._changes)
+        if any(_ready_ops(ops, now, force=False) for t in tables for ops in t.values()):
             return 0.0
+        # Retried operations sit behind their backoff anywhere in a list, not just first.
+        dues = [op.due_s for t in tables for ops in t.values() for op in ops]
         nearest = min(dues, default=now + self._extension_every_s)
-        nearest = min(nearest, self._next_extension_s)
+        if self._extension_source is not None:
+            nearest = min(nearest, self._next_extension_s)
         return max(0.0, min(nearest - now, self._extension_every_s))
 
     def _flush_due(self, *, force: bool) -> int:
@@ -157,13 +159,13 @@ class Acknowledger:
         batches = []
         with self._cond:
             for url, ops in table.items():
-                while ops and (force or len(ops) >= BATCH_LIMIT or ops[0].due_s <= now):
-                    ready = [op for op in ops if op.due_s <= now or force][:BATCH_LIMIT]
-                    if not ready:
-                        break
-                    for op in ready:
-                        ops.remove(op)
-                    batches.append((url, ready))
+                ready = _ready_ops(ops, now, force=force)
+                if not ready:
+                    continue
+                taken = {id(op) for op in ready}
+                ops[:] = [op for op in ops if id(op) not in taken]
+                for start in range(0, len(ready), BATCH_LIMIT):
+                    batches.append((url, ready[start : start + BATCH_LIMIT]))
         return batches
 
     # -- sending --------------------------------------------------------------------------
@@ -283,3 +285,20 @@ class Acknowledger:
             for start in range(0, len(ops), BATCH_LIMIT):
                 self._send("change", url, ops[start : start + BATCH_LIMIT])
         return len(due)
+
+
+def _ready_ops(ops: list[PendingOp], now: float, *, force: bool) -> list[PendingOp]:
+    """What to send now: every due operation, topped up to full batches with lingering ones.
+
+    A delete lingers to fill its batch; once ten are waiting there is nothing to wait for.
+    Retried operations keep their backoff, and they never hold up newer ones behind them.
+    """
+    if force:
+        return list(ops)
+    ready = [op for op in ops if op.due_s <= now]
+    lingering = [op for op in ops if op.due_s > now and op.attempts == 0]
+    fill = (len(ready) + len(lingering)) // BATCH_LIMIT * BATCH_LIMIT - len(ready)
+    if fill <= 0:
+        return ready
+    chosen = {id(op) for op in ready} | {id(op) for op in lingering[:fill]}
+    return [op for op in ops if id(op) in chosen]

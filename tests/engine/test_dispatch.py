@@ -1,0 +1,342 @@
+"""The dispatcher alone: reservation bounds, fairness, caps, rate, FIFO groups, draining."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enginekit import body_of, fill, make_item, make_queue
+from sqsbalancerd.engine.dispatch import Dispatcher
+from sqsbalancerd.engine.state import DeliveryState
+from support import FakeClock
+
+
+def new_dispatcher(capacity: int, clock: FakeClock | None = None) -> Dispatcher:
+    return Dispatcher(capacity=capacity, clock=clock or FakeClock())
+
+
+def take_now(dispatcher: Dispatcher):
+    return dispatcher.take(timeout_s=0)
+
+
+# -- reservation --------------------------------------------------------------------------
+
+
+def test_reserve_never_grants_beyond_capacity_and_running_items_still_hold_room():
+    dispatcher = new_dispatcher(capacity=12)  # pool_size 2 + queue_size 10
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+
+    assert dispatcher.reserve(queue, 10, timeout_s=0) == 10
+    assert dispatcher.reserve(queue, 10, timeout_s=0) == 2
+    assert dispatcher.reserve(queue, 1, timeout_s=0) == 0
+
+    # Fill the 12 slots; starting items does not free room, only finishing does.
+    dispatcher.submit(queue, [make_item(queue) for _ in range(12)])
+    first, second = take_now(dispatcher), take_now(dispatcher)
+    assert dispatcher.reserve(queue, 1, timeout_s=0) == 0
+    dispatcher.finish(first)
+    assert dispatcher.reserve(queue, 10, timeout_s=0) == 1
+    dispatcher.finish(second)
+    dispatcher.unreserve(queue, 1)
+    assert dispatcher.reserve(queue, 10, timeout_s=0) == 2
+
+
+def test_unused_reservation_is_returned():
+    dispatcher = new_dispatcher(capacity=10)
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+    assert dispatcher.reserve(queue, 10, timeout_s=0) == 10
+    dispatcher.unreserve(queue, 7)  # the receive returned 3 messages
+    assert dispatcher.reserve(queue, 10, timeout_s=0) == 7
+
+
+def test_each_queue_gets_a_fair_share_of_the_capacity():
+    dispatcher = new_dispatcher(capacity=20)
+    deep, other = make_queue("deep"), make_queue("other")
+    dispatcher.add_queue(deep)
+    dispatcher.add_queue(other)
+
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 10
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 0  # its share is used up
+    assert dispatcher.reserve(other, 10, timeout_s=0) == 10
+
+    third = make_queue("third")
+    dispatcher.add_queue(third)  # shares shrink to ceil(20 / 3) = 7, total stays 20
+    assert dispatcher.reserve(third, 10, timeout_s=0) == 0  # nothing left in total
+    dispatcher.unreserve(deep, 10)
+    assert dispatcher.reserve(third, 10, timeout_s=0) == 7
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 3
+
+
+# -- picking ------------------------------------------------------------------------------
+
+
+def test_round_robin_a_deep_queue_does_not_starve_another():
+    dispatcher = new_dispatcher(capacity=100)
+    deep, small = make_queue("deep"), make_queue("small")
+    for queue in (deep, small):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, deep, [make_item(deep) for _ in range(40)])
+    fill(dispatcher, small, [make_item(small) for _ in range(3)])
+
+    order = []
+    for _ in range(8):
+        item = take_now(dispatcher)
+        order.append(item.queue.name)
+        dispatcher.finish(item)
+    assert order == ["deep", "small", "deep", "small", "deep", "small", "deep", "deep"]
+
+
+def test_items_of_one_queue_start_in_received_order():
+    dispatcher = new_dispatcher(capacity=10)
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+    items = fill(dispatcher, queue, [make_item(queue) for _ in range(5)])
+    assert [take_now(dispatcher) for _ in range(5)] == items
+
+
+def test_max_concurrency_caps_one_queue_without_blocking_others():
+    dispatcher = new_dispatcher(capacity=100)
+    capped, free = make_queue("capped", max_concurrency=2), make_queue("free")
+    for queue in (capped, free):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, capped, [make_item(capped) for _ in range(5)])
+    fill(dispatcher, free, [make_item(free) for _ in range(5)])
+
+    running = [take_now(dispatcher) for _ in range(7)]
+    by_queue = [item.queue.name for item in running]
+    assert by_queue.count("capped") == 2
+    assert by_queue.count("free") == 5
+    assert take_now(dispatcher) is None  # capped is at its limit, free is empty
+
+    dispatcher.finish(next(i for i in running if i.queue is capped))
+    assert take_now(dispatcher).queue is capped
+    assert take_now(dispatcher) is None
+
+
+def test_max_rate_is_a_token_bucket_on_the_clock():
+    clock = FakeClock()
+    dispatcher = new_dispatcher(capacity=100, clock=clock)
+    limited = make_queue("limited", clock=clock, max_rate_per_s=2.0)
+    other = make_queue("other")
+    for queue in (limited, other):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, limited, [make_item(limited) for _ in range(10)])
+
+    def drain() -> int:
+        started = 0
+        while (item := take_now(dispatcher)) is not None:
+            assert item.queue is limited
+            dispatcher.finish(item)
+            started += 1
+        return started
+
+    assert drain() == 2  # bursts to one second's worth
+    clock.advance(0.25)
+    assert drain() == 0
+    clock.advance(0.26)
+    assert drain() == 1
+    clock.advance(10.0)  # a long pause does not bank more than the burst
+    assert drain() == 2
+
+    # The rate-limited queue does not hold the other queue back.
+    fill(dispatcher, other, [make_item(other) for _ in range(3)])
+    started = [take_now(dispatcher) for _ in range(3)]
+    assert [i.queue.name for i in started] == ["other"] * 3
+
+
+def test_rate_limited_take_waits_for_the_next_token():
+    clock = FakeClock()
+    dispatcher = new_dispatcher(capacity=10, clock=clock)
+    queue = make_queue("a", clock=clock, max_rate_per_s=1.0)
+    dispatcher.add_queue(queue)
+    fill(dispatcher, queue, [make_item(queue) for _ in range(2)])
+    assert take_now(dispatcher) is not None
+    assert take_now(dispatcher) is None
+    clock.advance(1.0)
+    assert take_now(dispatcher) is not None
+
+
+# -- FIFO ---------------------------------------------------------------------------------
+
+
+def test_fifo_one_message_per_group_at_a_time_in_order_groups_in_parallel():
+    dispatcher = new_dispatcher(capacity=20)
+    queue = make_queue("work.fifo")
+    dispatcher.add_queue(queue)
+    g1 = [make_item(queue, group="g1") for _ in range(3)]
+    g2 = [make_item(queue, group="g2") for _ in range(2)]
+    fill(dispatcher, queue, [g1[0], g1[1], g2[0], g1[2], g2[1]])
+
+    assert take_now(dispatcher) is g1[0]
+    assert take_now(dispatcher) is g2[0]  # g1[1] waits for g1[0]; g2 runs beside it
+    assert take_now(dispatcher) is None
+
+    dispatcher.finish(g2[0])
+    assert take_now(dispatcher) is g2[1]
+    assert take_now(dispatcher) is None
+    dispatcher.finish(g1[0])
+    assert take_now(dispatcher) is g1[1]
+    dispatcher.finish(g1[1])
+    assert take_now(dispatcher) is g1[2]
+
+
+def test_fifo_failure_releases_the_groups_later_messages_and_keeps_others():
+    dispatcher = new_dispatcher(capacity=20)
+    queue = make_queue("work.fifo")
+    dispatcher.add_queue(queue)
+    g1 = [make_item(queue, group="g1") for _ in range(3)]
+    g2 = make_item(queue, group="g2")
+    fill(dispatcher, queue, [g1[0], g1[1], g2, g1[2]])
+    assert take_now(dispatcher) is g1[0]
+
+    released = dispatcher.drop_group(queue, "g1")  # g1[0] failed
+
+    assert released == [g1[1].deliveries[0], g1[2].deliveries[0]]
+    assert all(d.state is DeliveryState.RELEASED for d in released)
+    assert take_now(dispatcher) is g2
+    dispatcher.finish(g1[0])
+    dispatcher.finish(g2)
+    assert take_now(dispatcher) is None
+    assert dispatcher.is_queue_idle(queue)  # the released ones no longer hold room
+    assert dispatcher.reserve(queue, 100, timeout_s=0) == 20
+
+
+# -- draining -----------------------------------------------------------------------------
+
+
+def test_stop_receiving_returns_queued_unstarted_and_refuses_more():
+    dispatcher = new_dispatcher(capacity=20)
+    a, b = make_queue("a"), make_queue("b")
+    for queue in (a, b):
+        dispatcher.add_queue(queue)
+    a_items = fill(dispatcher, a, [make_item(a) for _ in range(3)])
+    b_items = fill(dispatcher, b, [make_item(b) for _ in range(2)])
+    running = take_now(dispatcher)
+    assert running is a_items[0]
+
+    released = dispatcher.stop_receiving()
+
+    expected = [i.deliveries[0] for i in [*a_items[1:], *b_items]]
+    assert sorted(released, key=id) == sorted(expected, key=id)
+    assert all(d.state is DeliveryState.RELEASED for d in released)
+    assert running.deliveries[0].state is DeliveryState.RUNNING
+    assert take_now(dispatcher) is None
+    assert dispatcher.reserve(a, 1, timeout_s=0) == 0
+    assert not dispatcher.submit(a, [make_item(a)])
+    assert dispatcher.held_deliveries() == [running.deliveries[0]]
+    dispatcher.finish(running)
+    assert dispatcher.is_queue_idle(a) and dispatcher.is_queue_idle(b)
+
+
+def test_stop_queue_only_stops_that_queue():
+    dispatcher = new_dispatcher(capacity=20)
+    a, b = make_queue("a"), make_queue("b")
+    for queue in (a, b):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, a, [make_item(a) for _ in range(2)])
+    b_items = fill(dispatcher, b, [make_item(b)])
+
+    assert len(dispatcher.stop_queue(a)) == 2
+    assert dispatcher.reserve(a, 1, timeout_s=0) == 0
+    assert dispatcher.reserve(b, 1, timeout_s=0) == 1
+    assert take_now(dispatcher) is b_items[0]
+
+
+def test_settle_discards_expired_deliveries():
+    dispatcher = new_dispatcher(capacity=5)
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+    items = fill(dispatcher, queue, [make_item(queue) for _ in range(2)])
+    items[1].deliveries[0].is_expired = True
+    kept = dispatcher.settle([i.deliveries[0] for i in items], DeliveryState.DONE)
+    assert kept == [items[0].deliveries[0]]
+
+
+def test_drop_expired_removes_queued_items_and_frees_their_room():
+    dispatcher = new_dispatcher(capacity=3)
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+    items = fill(dispatcher, queue, [make_item(queue) for _ in range(3)])
+    dispatcher.drop_expired([items[1].deliveries[0]])
+    assert dispatcher.depth() == 2
+    assert dispatcher.reserve(queue, 5, timeout_s=0) == 1
+    assert [take_now(dispatcher), take_now(dispatcher)] == [items[0], items[2]]
+
+
+def test_wait_until_idle_is_cut_short_by_abort():
+    dispatcher = new_dispatcher(capacity=5)
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+    fill(dispatcher, queue, [make_item(queue)])
+    item = take_now(dispatcher)
+    abort = threading.Event()
+    abort.set()
+    assert not dispatcher.wait_until_idle(deadline_s=1e12, abort=abort)
+    dispatcher.finish(item)
+    assert dispatcher.wait_until_idle(deadline_s=0)
+
+
+# -- invariants under random interleavings ------------------------------------------------
+
+_ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["receive", "take", "finish", "fail", "stop_queue"]),
+        st.integers(0, 2),  # which queue
+        st.integers(1, 10),  # how many / which
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(actions=_ACTIONS, capacity=st.integers(1, 15))
+def test_random_interleavings_keep_the_bounds_and_fifo_order(actions, capacity):
+    dispatcher = new_dispatcher(capacity=capacity)
+    queues = [
+        make_queue("plain"),
+        make_queue("capped", max_concurrency=1),
+        make_queue("work.fifo"),
+    ]
+    for queue in queues:
+        dispatcher.add_queue(queue)
+    sent: dict[str, list[str]] = {}  # group -> bodies in received order
+    started: dict[str, list[str]] = {}
+    running = []
+    for action, index, n in actions:
+        queue = queues[index]
+        if action == "receive":
+            granted = dispatcher.reserve(queue, n, timeout_s=0)
+            groups = [f"g{k % 2}" if queue.info.is_fifo else None for k in range(granted)]
+            items = [make_item(queue, group=g) for g in groups]
+            for item, group in zip(items, groups, strict=True):
+                if group:
+                    sent.setdefault(group, []).append(body_of(item))
+            if not dispatcher.submit(queue, items):
+                dispatcher.unreserve(queue, granted)
+        elif action == "take" and (item := take_now(dispatcher)) is not None:
+            running.append(item)
+            for group in item.groups:
+                started.setdefault(group, []).append(body_of(item))
+        elif action in ("finish", "fail") and running:
+            item = running.pop(n % len(running))
+            if action == "fail":
+                for group in item.groups:
+                    for delivery in dispatcher.drop_group(item.queue, group):
+                        sent[group].remove(delivery.message.body)  # it will come back later
+            dispatcher.finish(item)
+        elif action == "stop_queue" and index == 0:
+            dispatcher.stop_queue(queue)
+
+        held = sum(q.held for q in queues)
+        assert 0 <= held <= capacity
+        assert all(q.held >= 0 for q in queues)
+        running_groups = [g for item in running for g in item.groups]
+        assert len(running_groups) == len(set(running_groups)), "a group ran twice at once"
+        assert sum(1 for item in running if item.queue is queues[1]) <= 1
+
+    for group, bodies in started.items():
+        assert bodies == [b for b in sent[group] if b in bodies], f"{group} out of order"
