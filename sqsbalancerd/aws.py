@@ -61,7 +61,7 @@ class AwsOptions:
 def _boto_config(options: AwsOptions) -> BotoConfig:
     return BotoConfig(
         region_name=options.region,
-        retries={"mode": options.retry_mode, "total_max_attempts": options.max_attempts},
+        retries={"mode": options.retry_mode, "total_max_attempts": options.max_attempts},  # type: ignore[arg-type]
         connect_timeout=options.connect_timeout_s,
         read_timeout=options.read_timeout_s,
         max_pool_connections=options.max_pool_connections,

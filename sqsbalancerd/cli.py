@@ -124,8 +124,14 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return nested
 
 
-def _load(config: Path | None, *, resolve_region: bool = True, **flags: Any) -> Settings:
-    return load_settings(config, overrides=_overrides(**flags), resolve_region=resolve_region)
+def _load(
+    config: Path | None,
+    *,
+    resolve_region: bool = True,
+    flags: dict[str, str | None] | None = None,
+) -> Settings:
+    overrides = _overrides(**(flags or {}))
+    return load_settings(config, overrides=overrides, resolve_region=resolve_region)
 
 
 def _setup_logging(settings: Settings | None, level: str | None) -> None:
@@ -157,9 +163,12 @@ def run(
     with reported_errors(debug=lambda: is_debug):
         settings = _load(
             config,
-            handler=handler,
-            instance_id=instance_id,
-            **{"discovery.queue_pattern": queue_pattern, "observability.log_level": log_level},
+            flags={
+                "handler": handler,
+                "instance_id": instance_id,
+                "discovery.queue_pattern": queue_pattern,
+                "observability.log_level": log_level,
+            },
         )
         _setup_logging(settings, log_level)
         is_debug = settings.observability.log_level == "debug"
@@ -204,7 +213,7 @@ def queues(
 ) -> None:
     """List the queues discovery matches and those it skips, and why (a dry run)."""
     with reported_errors(debug=lambda: False):
-        settings = _load(config, **{"discovery.queue_pattern": queue_pattern})
+        settings = _load(config, flags={"discovery.queue_pattern": queue_pattern})
         from sqsbalancerd.app import aws_options
         from sqsbalancerd.aws import sqs_client
         from sqsbalancerd.discovery import Discovery

@@ -69,9 +69,13 @@ class CoordinationSettings(_Section):
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must be greater than heartbeat_interval")
         margin = self.effective_fence_margin
-        if margin >= self.heartbeat_timeout - self.heartbeat_interval:
+        window = self.heartbeat_timeout - self.heartbeat_interval
+        if margin >= window:
+            # Name the default too: a user who never set fence_margin must see where it came from.
+            given = "" if self.fence_margin is not None else ", its default: heartbeat_interval"
             raise ValueError(
-                "fence_margin must be less than heartbeat_timeout - heartbeat_interval"
+                f"fence_margin ({margin:g}{given}) must be less than "
+                f"heartbeat_timeout - heartbeat_interval ({window:g})"
             )
         return self
 

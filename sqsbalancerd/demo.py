@@ -225,14 +225,14 @@ class Demo:
                 f"{len(owned)}: {' '.join(q[-2:] for q in owned)}",
                 str(handled),
             )
-        lines = [table]
+        lines: list[Table | str] = [table]
         if self._state.takeover_s is not None:
             lines.append(f"takeover after SIGKILL: {self._state.takeover_s:.1f} s")
         return Group(*lines)
 
     def _drain_queues(
         self, emulator: LocalEmulator, urls: dict[str, str], live: Live, started: float
-    ) -> None:
+    ) -> bool:
         sqs = emulator.sqs()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -167,7 +167,8 @@ class Discovery:
             if error_code(exc) in _QUEUE_MISSING:
                 return None  # deleted between listing and now
             raise
-        info = _info_from_attributes(url, attributes.get("Attributes", {}))
+        raw: Mapping[str, str] = attributes.get("Attributes", {})  # type: ignore[assignment]
+        info = _info_from_attributes(url, raw)
         self._attributes[url] = info
         return info
 
@@ -177,7 +178,7 @@ class Discovery:
                 del self._attributes[url]
 
 
-def _info_from_attributes(url: str, attributes: dict[str, str]) -> QueueInfo:
+def _info_from_attributes(url: str, attributes: Mapping[str, str]) -> QueueInfo:
     target = None
     redrive = attributes.get("RedrivePolicy")
     if redrive:

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from sqsbalancerd import Message, Retry
+from sqsbalancerd import BatchResult, Message, Retry, batch
 
 _lock = threading.Lock()
 _file: Any = None
@@ -64,3 +64,27 @@ def not_a_function() -> None: ...
 
 
 NOT_CALLABLE = 42
+
+
+@batch
+def record_batch(messages: list[Message]) -> BatchResult:
+    """Batch mode: records each message; those whose body says fail_once fail the first time."""
+    failed: set[str] = set()
+    for message in messages:
+        data = message.json() if message.body.startswith("{") else {}
+        _record("start", message, batch_size=len(messages))
+        if data.get("fail_once") and message.receive_count == 1:
+            failed.add(message.message_id)
+            _record("end", message, outcome="failed", error="ValueError")
+        else:
+            _record("end", message, outcome="ok")
+    return BatchResult(failed)
+
+
+class _Namespace:
+    """For "handlers:namespace.record" (module:attr.sub)."""
+
+    record = staticmethod(record)
+
+
+namespace = _Namespace()

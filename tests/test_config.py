@@ -200,10 +200,7 @@ def test_value_ranges(
 def test_durations_reject_infinity_and_nan(write: Any, key: str, value: str) -> None:
     section, name = key.split(".")
     text = f"[{section}]\n{name} = {value}\n"
-    if section != "discovery":
-        text = MINIMAL + text
-    else:
-        text = text + 'queue_pattern = "x"\n'
+    text = text + 'queue_pattern = "x"\n' if section == "discovery" else MINIMAL + text
     assert config_error(write(text)).startswith(f"{key}: ")
 
 
@@ -256,10 +253,10 @@ def test_fence_margin_must_be_less_than_timeout_minus_interval() -> None:
     assert CoordinationSettings(
         heartbeat_interval=10, heartbeat_timeout=30, fence_margin=19.9
     ).effective_fence_margin == pytest.approx(19.9)
-    with pytest.raises(ValueError, match="fence_margin must be less"):
+    with pytest.raises(ValueError, match=r"fence_margin \(20\) must be less than .* \(20\)"):
         CoordinationSettings(heartbeat_interval=10, heartbeat_timeout=30, fence_margin=20)
     # The default margin (= interval) applies the same rule: timeout must then exceed 2x interval.
-    with pytest.raises(ValueError, match="fence_margin"):
+    with pytest.raises(ValueError, match=r"fence_margin \(10, its default: heartbeat_interval\)"):
         CoordinationSettings(heartbeat_interval=10, heartbeat_timeout=20)
 
 
@@ -302,8 +299,14 @@ def test_queues_alone_are_enough(write: Any) -> None:
 
 @pytest.mark.parametrize(
     ("given_level", "level"),
-    [("debug", "debug"), ("info", "info"), ("warning", "warning"), ("error", "error")]
-    + [("DEBUG", "debug"), ("Warning", "warning")],
+    [
+        ("debug", "debug"),
+        ("info", "info"),
+        ("warning", "warning"),
+        ("error", "error"),
+        ("DEBUG", "debug"),
+        ("Warning", "warning"),
+    ],
 )
 def test_log_level_values(given_level: str, level: str) -> None:
     loaded = load_settings(
@@ -605,7 +608,12 @@ _queue_entry = st.builds(
     st.none() | _table(RetrySettings, _queue_example["retry"]),
 )
 _valid_documents = st.builds(
-    lambda top, sections, queues: {**top, **sections, "queue": queues},
+    lambda top, sections, queues: {
+        **top,
+        **sections,
+        "discovery": {"queue_pattern": "^work-", **sections.get("discovery", {})},
+        "queue": queues,
+    },
     _table(Settings, _EXAMPLE_VALUES),
     st.fixed_dictionaries(
         {},

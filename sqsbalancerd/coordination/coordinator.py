@@ -279,8 +279,7 @@ class DynamoCoordinator:
         self._push_owned()
 
     def _acquire_targets(self) -> None:
-        wanted = self._target - set(self._holdings.leases)
-        wanted = {q for q in wanted if q in self._queues}
+        wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
         if not wanted or self._is_draining or self._is_fenced:
             return
         rows = self._table.ownership()

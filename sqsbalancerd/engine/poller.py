@@ -142,7 +142,8 @@ class Poller:
         if self.queue.info.is_fifo:
             kwargs["ReceiveRequestAttemptId"] = uuid.uuid4().hex
         response = self._sqs.receive_message(**kwargs)
-        return list(response.get("Messages", []))
+        messages: list[dict[str, Any]] = list(response.get("Messages", []))  # type: ignore[arg-type]
+        return messages
 
     def _hand_over(self, raw: list[dict[str, Any]]) -> None:
         now = self._clock.monotonic()

@@ -1,0 +1,552 @@
+"""DynamoCoordinator decisions, driven tick by tick on a FakeClock against moto.
+
+Each `Node` is one instance: a coordinator with its own DynamoDB client, and a fake engine
+that records what it is told to consume and reports drained queues back (`on_released`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from moto import mock_aws
+
+from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
+from sqsbalancerd.coordination.table import (
+    PROTOCOL_VERSION,
+    CoordinationTable,
+    MemberRecord,
+)
+from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
+from sqsbalancerd.engine.poller import ReceiveGate
+from support import FakeClock
+
+TABLE = "coordination"
+REGION = "us-east-1"
+INTERVAL_S = 1.0
+TIMEOUT_S = 4.0
+DELAY_S = 2.0
+MARGIN_S = 1.0  # the default: heartbeat_interval
+QUEUES = [f"work-{index:02d}" for index in range(12)]
+
+
+def settings(**changes: Any) -> CoordinationSettings:
+    values: dict[str, Any] = {
+        "table_name": TABLE,
+        "heartbeat_interval": INTERVAL_S,
+        "heartbeat_timeout": TIMEOUT_S,
+        "rebalance_delay": DELAY_S,
+        **changes,
+    }
+    return CoordinationSettings(**values)
+
+
+def discovered(names: Iterable[str]) -> DiscoveryResult:
+    return DiscoveryResult(
+        matched=tuple(QueueInfo(name=n, url=f"http://sqs/{n}") for n in names), skipped=()
+    )
+
+
+class FlakyClient:
+    """A DynamoDB client that can be cut off, as if the network or the service were away."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.is_down = False
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method) or name.startswith("_") or name == "meta":
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.is_down:
+                raise EndpointConnectionError(endpoint_url="https://dynamodb.invalid")
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+
+        return call
+
+
+@dataclass
+class FakeEngine:
+    """Records set_owned; queues taken away drain until `release_drained` reports them."""
+
+    owned: frozenset[str] = frozenset()
+    draining: set[str] = field(default_factory=set)
+    history: list[frozenset[str]] = field(default_factory=list)
+    pauses: int = 0
+    resumes: int = 0
+    is_paused: bool = False
+    budget: Callable[[], float | None] = lambda: None
+
+    def set_owned(self, queues: Iterable[QueueInfo]) -> None:
+        names = frozenset(q.name for q in queues)
+        self.draining |= self.owned - names
+        self.owned = names
+        self.history.append(names)
+
+    def pause(self) -> None:
+        self.pauses += 1
+        self.is_paused = True
+
+    def resume(self) -> None:
+        self.resumes += 1
+        self.is_paused = False
+
+    def set_budget(self, budget: Callable[[], float | None]) -> None:
+        self.budget = budget
+
+    def control(self) -> ReceiveControl:
+        return ReceiveControl(pause=self.pause, resume=self.resume, set_budget=self.set_budget)
+
+    @property
+    def is_receiving(self) -> bool:
+        budget = self.budget()
+        return not self.is_paused and (budget is None or budget > 0)
+
+
+@dataclass
+class Node:
+    instance_id: str
+    coordinator: DynamoCoordinator
+    engine: FakeEngine
+    client: FlakyClient
+    failures: list[str]
+    is_running: bool = True
+
+    def tick(self) -> None:
+        for queue in sorted(self.engine.draining):
+            self.coordinator.on_released(queue)
+        self.engine.draining.clear()
+        self.coordinator.tick()
+
+    @property
+    def consuming(self) -> frozenset[str]:
+        return self.engine.owned if self.engine.is_receiving else frozenset()
+
+
+class Cluster:
+    """Instances sharing one fake clock and one (moto) table; `step` ticks every runner."""
+
+    def __init__(self, clock: FakeClock, queues: list[str], **changes: Any) -> None:
+        self.clock = clock
+        self.queues = queues
+        self.settings = settings(**changes)
+        self.nodes: dict[str, Node] = {}
+        self.reader = self._table(boto3.client("dynamodb", region_name=REGION))
+
+    def _table(self, client: Any, application: str = "sqsbalancer") -> CoordinationTable:
+        return CoordinationTable(
+            client, table_name=TABLE, application=application, clock=self.clock
+        )
+
+    def add(self, instance_id: str, *, clock: Any = None) -> Node:
+        client = FlakyClient(boto3.client("dynamodb", region_name=REGION))
+        engine = FakeEngine()
+        failures: list[str] = []
+        coordinator = DynamoCoordinator(
+            table=self._table(client),
+            settings=self.settings,
+            instance_id=instance_id,
+            region=REGION,
+            clock=clock or self.clock,
+            set_owned=engine.set_owned,
+            control=engine.control(),
+            spawn=lambda name, run, stop: None,
+            fail=failures.append,
+        )
+        coordinator.start()
+        coordinator.on_discovered(discovered(self.queues))
+        node = Node(instance_id, coordinator, engine, client, failures)
+        self.nodes[instance_id] = node
+        return node
+
+    def running(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.is_running]
+
+    def step(self, seconds: float = INTERVAL_S) -> None:
+        self.clock.advance(seconds)
+        for node in self.running():
+            node.tick()
+        self.assert_exclusive()
+
+    def step_until(self, predicate: Callable[[], bool], *, limit_s: float) -> float:
+        """Step until `predicate`; returns the fake seconds it took."""
+        started = self.clock.monotonic()
+        while not predicate():
+            assert self.clock.monotonic() - started <= limit_s, "not reached in time"
+            self.step()
+        return self.clock.monotonic() - started
+
+    def owners(self) -> dict[str, str | None]:
+        return {q: r.owner for q, r in self.reader.ownership().items()}
+
+    def owned_counts(self) -> Counter[str]:
+        return Counter(owner for owner in self.owners().values() if owner)
+
+    def is_settled(self) -> bool:
+        """Every queue is owned (in the table) and consumed by exactly its owner."""
+        owners = self.owners()
+        running = self.running()
+        if set(owners) != set(self.queues) or not all(owners.values()):
+            return False
+        return all(n.consuming == {q for q, o in owners.items() if o == n.instance_id}
+                   for n in running)
+
+    def assert_exclusive(self) -> None:
+        """No queue consumed by two instances; each consumer holds the queue's row."""
+        owners = self.owners()
+        seen: dict[str, str] = {}
+        for node in self.nodes.values():  # crashed ones too: a paused process may wake up
+            for queue in node.consuming if node.is_running else ():
+                assert queue not in seen, f"{queue} consumed by {seen[queue]} and {node.instance_id}"
+                seen[queue] = node.instance_id
+                assert owners.get(queue) == node.instance_id, (queue, node.instance_id, owners)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def aws() -> Iterator[None]:
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def cluster(aws: None, clock: FakeClock) -> Cluster:
+    return Cluster(clock, QUEUES)
+
+
+def settle(cluster: Cluster) -> float:
+    return cluster.step_until(cluster.is_settled, limit_s=6 * (DELAY_S + INTERVAL_S))
+
+
+# -- one instance ---------------------------------------------------------------------------
+
+
+def test_a_lone_instance_takes_every_queue_after_the_delay(cluster):
+    node = cluster.add("a")
+
+    took_s = settle(cluster)
+
+    assert DELAY_S <= took_s <= DELAY_S + 2 * INTERVAL_S
+    assert node.engine.owned == set(QUEUES)
+    assert cluster.owned_counts() == {"a": len(QUEUES)}
+    assert node.failures == []
+
+
+def test_ownership_rows_are_written_only_when_they_change(cluster):
+    node = cluster.add("a")
+    settle(cluster)
+    before = dict(node.client.calls)
+
+    for _ in range(20):
+        cluster.step()
+
+    calls = node.client.calls - Counter(before)
+    assert calls == {"update_item": 20, "query": 20}  # one heartbeat, one member query
+
+
+def test_steady_state_requests_do_not_grow_with_queues(aws, clock, capsys):
+    queues = [f"work-{index:03d}" for index in range(240)]
+    cluster = Cluster(clock, queues)
+    nodes = [cluster.add(name) for name in ("a", "b", "c")]
+    cluster.step_until(cluster.is_settled, limit_s=30)
+    before = [Counter(n.client.calls) for n in nodes]
+    ticks = 30
+
+    for _ in range(ticks):
+        cluster.step()
+
+    for node, earlier in zip(nodes, before, strict=True):
+        per_tick = sum((node.client.calls - earlier).values()) / ticks
+        assert per_tick == 2
+    with capsys.disabled():
+        print(
+            f"\nDynamoDB requests per instance per heartbeat: {per_tick:g} "
+            f"(= {per_tick * 60 / 10:g}/min at the default 10 s interval, "
+            f"{per_tick * 60:g}/min at 1 s), with {len(queues) // 3} queues each"
+        )
+
+
+# -- rebalancing ----------------------------------------------------------------------------
+
+
+def test_joins_inside_the_delay_cause_one_rebalance(cluster):
+    first = cluster.add("a")
+    settle(cluster)
+    assert first.coordinator.snapshot().rebalances == 0
+    pushes_before = len(first.engine.history)
+
+    for name in ("b", "c", "d"):  # each within rebalance_delay of the previous
+        cluster.add(name)
+        cluster.step()
+        assert len(first.engine.history) == pushes_before, "rebalanced before the view settled"
+    settle(cluster)
+
+    assert [n.coordinator.snapshot().rebalances for n in cluster.nodes.values()] == [1, 0, 0, 0]
+    counts = cluster.owned_counts()
+    assert sorted(counts) == ["a", "b", "c", "d"]
+    assert max(counts.values()) <= math.ceil(1.1 * len(QUEUES) / 4)
+
+
+def test_five_instances_starting_together_settle_with_one_assignment_each(cluster):
+    nodes = [cluster.add(name) for name in "abcde"]
+
+    settle(cluster)
+
+    assert [n.coordinator.snapshot().rebalances for n in nodes] == [0] * 5
+    assert sum(cluster.owned_counts().values()) == len(QUEUES)
+
+
+def test_a_join_moves_only_the_newcomers_share(cluster):
+    for name in ("a", "b", "c"):
+        cluster.add(name)
+    settle(cluster)
+    before = cluster.owners()
+
+    cluster.add("d")
+    settle(cluster)
+
+    after = cluster.owners()
+    moved = [q for q in QUEUES if before[q] != after[q]]
+    assert {after[q] for q in moved} == {"d"}  # nothing shuffled between the old members
+    assert 1 <= len(moved) <= math.ceil(1.1 * len(QUEUES) / 4)
+
+
+def test_discovered_queues_are_shared_after_the_delay(cluster):
+    a, b = cluster.add("a"), cluster.add("b")
+    settle(cluster)
+    cluster.queues = [*QUEUES, "work-new"]
+    for node in (a, b):
+        node.coordinator.on_discovered(discovered(cluster.queues))
+
+    settle(cluster)
+
+    assert cluster.owners()["work-new"] in {"a", "b"}
+
+
+# -- stop and crash -------------------------------------------------------------------------
+
+
+def test_a_crashed_instance_is_taken_over_after_the_timeout_not_before(cluster):
+    a, b = cluster.add("a"), cluster.add("b")
+    settle(cluster)
+    b_queues = {q for q, o in cluster.owners().items() if o == "b"}
+    b_last_renewal = cluster.clock.monotonic()
+    b.is_running = False  # SIGKILL: no more heartbeats, no release
+
+    while not b_queues <= a.engine.owned:
+        assert not (a.engine.owned & b_queues) or (
+            cluster.clock.monotonic() - b_last_renewal >= TIMEOUT_S
+        )
+        cluster.step()
+    took_s = cluster.clock.monotonic() - b_last_renewal
+
+    assert TIMEOUT_S <= took_s <= TIMEOUT_S + DELAY_S + 2 * INTERVAL_S
+    assert cluster.reader.get_member("b") is None  # dead rows are removed by survivors
+    assert cluster.owned_counts() == {"a": len(QUEUES)}
+
+
+def test_a_draining_instance_hands_over_after_it_releases(cluster):
+    a, b = cluster.add("a"), cluster.add("b")
+    settle(cluster)
+    b_queues = {q for q, o in cluster.owners().items() if o == "b"}
+    b.engine.set_owned([])  # the engine stops receiving first (runtime drain step 1)
+    b.engine.draining.clear()  # ... and finishes its in-flight messages later
+    b.coordinator.begin_drain()
+
+    for _ in range(int(DELAY_S + 2 * INTERVAL_S)):
+        cluster.step()
+    assert not (a.engine.owned & b_queues), "took queues whose owner is alive and draining"
+    assert a.coordinator.snapshot().members_alive == 1
+
+    b.coordinator.leave()  # drained: release every row, remove the member row
+    b.is_running = False
+    released_at = cluster.clock.monotonic()
+    cluster.step_until(lambda: b_queues <= a.engine.owned, limit_s=DELAY_S + INTERVAL_S)
+
+    assert cluster.clock.monotonic() - released_at <= INTERVAL_S
+    assert cluster.reader.get_member("b") is None
+    assert a.failures == b.failures == []
+
+
+def test_a_queue_whose_owner_is_alive_is_not_taken(cluster):
+    """Rows held by a live member are left alone until released, even if the ring moved them."""
+    ghost = cluster._table(boto3.client("dynamodb", region_name=REGION))
+    ghost.create_member(member_record("ghost", status="draining"))
+    for queue in QUEUES[:4]:
+        ghost.acquire(queue, f"http://sqs/{queue}", owner="ghost", previous=None, now_wall=1.0)
+    a = cluster.add("a")
+
+    for _ in range(int(TIMEOUT_S * 3)):
+        ghost.heartbeat("ghost", epoch="ghost", status="draining", now_wall=1.0)
+        cluster.step()
+    assert a.engine.owned == set(QUEUES[4:])
+
+    row = ghost.ownership()[QUEUES[0]]
+    ghost.release(QUEUES[0], owner="ghost", lease=row.lease, now_wall=2.0)
+    ghost.heartbeat("ghost", epoch="ghost", status="draining", now_wall=1.0)
+    cluster.step()
+    assert a.engine.owned == {QUEUES[0], *QUEUES[4:]}
+
+    cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=TIMEOUT_S + INTERVAL_S)
+    assert cluster.reader.get_member("ghost") is None
+
+
+def member_record(instance_id: str, *, status: str = "active", protocol: int = PROTOCOL_VERSION):
+    return MemberRecord(
+        instance_id=instance_id,
+        host="elsewhere",
+        status=status,
+        counter=1,
+        epoch=instance_id,
+        protocol=protocol,
+        heartbeat_at=1.0,
+        started_at=1.0,
+    )
+
+
+def test_an_incompatible_version_is_ignored_and_its_queues_left_while_it_lives(cluster, caplog):
+    old = cluster._table(boto3.client("dynamodb", region_name=REGION))
+    old.create_member(member_record("old-version", protocol=PROTOCOL_VERSION + 1))
+    for queue in QUEUES[:3]:
+        old.acquire(queue, f"http://sqs/{queue}", owner="old-version", previous=None, now_wall=1)
+    caplog.set_level(logging.ERROR)
+    a = cluster.add("a")
+
+    for _ in range(int(TIMEOUT_S * 3)):
+        old.heartbeat("old-version", epoch="old-version", status="active", now_wall=1.0)
+        cluster.step()
+
+    assert a.engine.owned == set(QUEUES[3:])  # the whole ring is ours, minus its live rows
+    assert a.coordinator.snapshot().members_alive == 1
+    errors = [r for r in caplog.records if "incompatible protocol" in r.getMessage()]
+    assert len(errors) == 1, "said once, not every heartbeat"
+    assert errors[0].instance == "old-version"
+
+    cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=TIMEOUT_S + 2 * INTERVAL_S)
+
+
+# -- self-fencing ---------------------------------------------------------------------------
+
+
+def test_no_renewal_for_timeout_minus_margin_pauses_receiving(cluster):
+    a = cluster.add("a")
+    settle(cluster)
+    renewed_at = cluster.clock.monotonic()  # the last tick renewed
+    a.client.is_down = True
+    budgets: list[float] = []
+
+    while a.engine.pauses == 0:
+        budgets.append(a.engine.budget())
+        cluster.clock.advance(0.25)
+        a.coordinator.run_once() if hasattr(a.coordinator, "run_once") else a.coordinator.tick()
+
+    paused_after_s = cluster.clock.monotonic() - renewed_at
+    assert paused_after_s == pytest.approx(TIMEOUT_S - MARGIN_S)
+    assert a.engine.budget() <= 0
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1] > 0
+    assert a.coordinator.snapshot().is_fenced
+    assert a.engine.owned == set(QUEUES)  # still held: fencing is not giving up
+
+
+def test_long_polls_shrink_as_the_fence_deadline_nears(cluster):
+    a = cluster.add("a")
+    settle(cluster)
+    gate = ReceiveGate()
+    gate.set_budget(a.engine.budget)
+    a.client.is_down = True
+
+    waits = []
+    for _ in range(int((TIMEOUT_S - MARGIN_S) / 0.5) + 1):
+        waits.append(gate.wait_time_s(20))
+        cluster.clock.advance(0.5)
+
+    # 3 s of budget: polls end a second before it runs out, then none start.
+    assert waits == [2, 1, 1, 0, 0, None, None]
+
+
+def test_renewal_resumes_receiving_and_keeps_the_queues(cluster):
+    a = cluster.add("a")
+    settle(cluster)
+    a.client.is_down = True
+    for _ in range(int(TIMEOUT_S - MARGIN_S)):
+        cluster.step()
+    assert a.engine.pauses == 1 and not a.engine.is_receiving
+
+    a.client.is_down = False
+    cluster.step()
+
+    assert a.engine.resumes == 1 and a.engine.is_receiving
+    assert a.engine.budget() == pytest.approx(TIMEOUT_S - MARGIN_S)
+    assert a.engine.owned == set(QUEUES)
+    assert a.failures == []
+
+
+def test_a_fenced_instance_is_silent_before_anyone_may_take_its_queues(cluster):
+    a, b = cluster.add("a"), cluster.add("b")
+    settle(cluster)
+    b.client.is_down = True  # b cannot reach DynamoDB; a can
+
+    cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=3 * TIMEOUT_S)
+
+    assert b.engine.pauses == 1  # assert_exclusive held at every step on the way
+    b.client.is_down = False
+    cluster.step()
+    assert b.failures and "lost its identity" in b.failures[0]
+    assert b.engine.resumes == 0, "must not resume after losing its identity"
+
+
+def test_a_renewal_racing_the_dead_judgement_wins(aws, clock):
+    """b judges a dead from a read taken just before a renews: a's row must survive."""
+    cluster = Cluster(clock, QUEUES, rebalance_delay=0.0)
+    a, b = cluster.add("a"), cluster.add("b")
+    settle(cluster)
+    a.is_running = False  # a stalls (e.g. a long GC pause) ...
+    for _ in range(int(TIMEOUT_S) - 1):
+        cluster.step()
+    real_members = b.coordinator._table.members
+
+    def members_then_a_renews() -> list[MemberRecord]:
+        seen = real_members()
+        a.tick()  # ... and renews right after b's read
+        return seen
+
+    b.coordinator._table.members = members_then_a_renews  # type: ignore[method-assign]
+    cluster.clock.advance(INTERVAL_S)
+    b.tick()
+    b.coordinator._table.members = real_members  # type: ignore[method-assign]
+    a.is_running = True
+    cluster.assert_exclusive()
+    for _ in range(int(TIMEOUT_S)):
+        cluster.step()
+
+    assert a.failures == [] and b.failures == []
+    assert a.engine.is_receiving
+    assert cluster.reader.get_member("a") is not None
+
+
+def test_coordinator_thread_stops_on_leave(cluster):
+    a = cluster.add("a")
+    stop = threading.Event()
+    thread = threading.Thread(target=a.coordinator.run, args=(stop,), name="sqsb-test-coord")
+    thread.start()
+    a.coordinator.leave()
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()

@@ -1,0 +1,328 @@
+"""Workers against moto: handler outcomes become deletes or visibility changes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from enginekit import CallLog, Rig
+from sqsbalancerd import BatchResult, Message, Retry, batch
+from sqsbalancerd.config import RetrySettings
+from sqsbalancerd.engine.workers import AsyncBridge
+from sqsbalancerd.runtime import ThreadSupervisor
+from support import FakeClock
+
+
+class Recorder:
+    """A sync handler: records what it got, then does what `behave(message)` says."""
+
+    def __init__(self, behave: Any = None) -> None:
+        self.seen: list[Message] = []
+        self._behave = behave
+
+    def __call__(self, message: Message) -> Any:
+        self.seen.append(message)
+        if self._behave is not None:
+            return self._behave(message)
+        return None
+
+    @property
+    def bodies(self) -> list[str]:
+        return [m.body for m in self.seen]
+
+
+def fail_on(*bodies: str) -> Any:
+    def behave(message: Message) -> None:
+        if message.body in bodies:
+            raise ValueError(f"failing {message.body} on purpose")
+
+    return behave
+
+
+def timeouts_sent(log: CallLog) -> list[int]:
+    return [e["VisibilityTimeout"] for e in log.entries("ChangeMessageVisibilityBatch")]
+
+
+def test_return_deletes_the_message(moto_sqs):
+    handler = Recorder()
+    rig = Rig(moto_sqs, handler=handler, clock=FakeClock())
+    [message_id] = rig.send('{"n": 1}')
+    assert rig.receive() == 1
+    assert rig.work()
+    rig.flush()
+    assert [m.message_id for m in handler.seen] == [message_id]
+    assert handler.seen[0].json() == {"n": 1}
+    assert rig.depth() == (0, 0)
+    assert rig.counters()["succeeded"] == 1
+    assert rig.counters()["deleted"] == 1
+
+
+def test_raise_makes_it_visible_again_per_backoff(moto_sqs):
+    rig = Rig(moto_sqs, handler=Recorder(fail_on("x")), clock=FakeClock())
+    log = CallLog(moto_sqs)
+    rig.send("x")
+    rig.receive()
+    assert rig.work()
+    rig.flush()
+    assert timeouts_sent(log) == [5]  # base 5 · 2^0
+    assert not log.of("DeleteMessageBatch")
+    assert rig.depth() == (0, 1)
+    assert rig.counters()["failed"] == 1
+    assert rig.counters()["retried"] == 1
+
+
+def test_raise_with_zero_backoff_is_visible_again_at_once(moto_sqs):
+    handler = Recorder(fail_on("x"))
+    rig = Rig(moto_sqs, handler=handler, clock=FakeClock(), retry=RetrySettings(base=0))
+    rig.send("x")
+    rig.receive()
+    rig.work()
+    rig.flush()
+    assert rig.depth() == (1, 0)
+    rig.receive()
+    rig.work()
+    assert [m.receive_count for m in handler.seen] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("receive_count", "expected_s"),
+    [(1, 5), (2, 10), (3, 20), (5, 80), (8, 640), (9, 900), (40, 900)],
+)
+def test_backoff_is_min_of_max_and_base_times_two_to_the_receive_count(
+    moto_sqs, receive_count, expected_s
+):
+    rig = Rig(moto_sqs, handler=Recorder(fail_on("x")), clock=FakeClock())
+    log = CallLog(moto_sqs)
+    rig.send("x")
+    rig.receive()
+    [item] = rig.queue.queued
+    delivery = item.deliveries[0]
+    delivery.message = replace(delivery.message, receive_count=receive_count)
+    rig.work()
+    rig.flush()
+    assert timeouts_sent(log) == [expected_s]
+
+
+def test_backoff_none_leaves_the_message_to_its_visibility_timeout(moto_sqs):
+    retry = RetrySettings(backoff="none")
+    rig = Rig(moto_sqs, handler=Recorder(fail_on("x")), clock=FakeClock(), retry=retry)
+    log = CallLog(moto_sqs)
+    rig.send("x")
+    rig.receive()
+    rig.work()
+    rig.flush()
+    assert not log.of("ChangeMessageVisibilityBatch")
+    assert not log.of("DeleteMessageBatch")
+    assert rig.counters()["failed"] == 1
+    assert rig.counters()["retried"] == 0
+
+
+@pytest.mark.parametrize(("after", "expected"), [(7, 7), (0, 0), (2.6, 3)])
+def test_retry_after_sets_that_delay(moto_sqs, after, expected):
+    def behave(message: Message) -> None:
+        raise Retry(after=after)
+
+    rig = Rig(moto_sqs, handler=Recorder(behave), clock=FakeClock())
+    log = CallLog(moto_sqs)
+    rig.send("x")
+    rig.receive()
+    rig.work()
+    rig.flush()
+    assert timeouts_sent(log) == [expected]
+    assert rig.depth() == ((1, 0) if expected == 0 else (0, 1))
+
+
+class CustomBaseException(BaseException):
+    pass
+
+
+@pytest.mark.parametrize(
+    "exc", [SystemExit(3), KeyboardInterrupt(), CustomBaseException("boom"), GeneratorExit()]
+)
+def test_base_exceptions_fail_the_message_and_the_worker_goes_on(moto_sqs, exc):
+    def behave(message: Message) -> None:
+        if message.body == "bad":
+            raise exc
+
+    handler = Recorder(behave)
+    rig = Rig(moto_sqs, handler=handler, clock=FakeClock(), retry=RetrySettings(base=0))
+    rig.send("bad", "good")
+    assert rig.receive() == 2
+    assert rig.work()  # did not raise
+    assert rig.work()
+    rig.flush()
+    assert handler.bodies == ["bad", "good"]
+    assert rig.counters()["failed"] == 1
+    assert rig.counters()["deleted"] == 1
+    assert rig.depth() == (1, 0)  # "bad" is visible again (base 0)
+
+
+# -- async handlers -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bridge():
+    """The async handlers' loop, on a thread the runtime's supervisor owns."""
+    bridge = AsyncBridge()
+    supervisor = ThreadSupervisor()
+    stop = threading.Event()
+    supervisor.spawn("async-handlers", bridge.run, stop)
+    yield bridge
+    stop.set()
+    bridge.close()
+    assert supervisor.stop_all(timeout_s=5) == []
+
+
+def test_async_handler_runs_on_the_bridge_loop(moto_sqs, bridge):
+    ran_on: list[tuple[str, bool]] = []
+
+    async def handler(message: Message) -> None:
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        ran_on.append((threading.current_thread().name, loop is bridge.loop))
+
+    rig = Rig(moto_sqs, handler=handler, is_async=True, clock=FakeClock(), bridge=bridge)
+    rig.send("a", "b")
+    rig.receive()
+    assert rig.work_all() == 2
+    rig.flush()
+    assert ran_on == [("sqsb-async-handlers", True)] * 2
+    assert rig.depth() == (0, 0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), ValueError("x")])
+def test_async_handler_raising_fails_the_message_and_the_loop_survives(moto_sqs, bridge, exc):
+    async def handler(message: Message) -> None:
+        if message.body == "bad":
+            raise exc
+
+    rig = Rig(
+        moto_sqs,
+        handler=handler,
+        is_async=True,
+        clock=FakeClock(),
+        bridge=bridge,
+        retry=RetrySettings(base=0),
+    )
+    rig.send("bad", "good")
+    rig.receive()
+    assert rig.work_all() == 2
+    rig.flush()
+    assert rig.counters()["failed"] == 1
+    assert rig.counters()["deleted"] == 1
+    assert rig.depth() == (1, 0)
+    assert bridge.loop.is_running()
+
+
+# -- batch handlers -----------------------------------------------------------------------
+
+
+def batch_rig(moto_sqs: Any, handler: Any, **kwargs: Any) -> Rig:
+    return Rig(moto_sqs, handler=batch(handler), is_batch=True, clock=FakeClock(), **kwargs)
+
+
+@pytest.mark.parametrize("style", ["BatchResult", "list", "str"])
+def test_batch_handler_partial_failure_deletes_only_the_successes(moto_sqs, style):
+    received: list[list[Message]] = []
+
+    def handler(messages: list[Message]) -> Any:
+        received.append(messages)
+        bad = messages[1].message_id
+        return {"BatchResult": BatchResult({bad}), "list": [bad], "str": bad}[style]
+
+    rig = batch_rig(moto_sqs, handler)
+    log = CallLog(moto_sqs)
+    rig.send("a", "b", "c")
+    assert rig.receive() == 3
+    assert rig.work() and not rig.work()  # one call for the whole batch
+    rig.flush()
+
+    [messages] = received
+    assert [m.body for m in messages] == ["a", "b", "c"]
+    deleted = {e["ReceiptHandle"] for e in log.entries("DeleteMessageBatch")}
+    assert deleted == {messages[0].receipt_handle, messages[2].receipt_handle}
+    assert log.entries("ChangeMessageVisibilityBatch") == [
+        {"Id": "0", "ReceiptHandle": messages[1].receipt_handle, "VisibilityTimeout": 5}
+    ]
+    assert rig.counters()["succeeded"] == 2
+    assert rig.counters()["failed"] == 1
+
+
+def test_batch_handler_raising_fails_the_whole_batch(moto_sqs):
+    def handler(messages: list[Message]) -> None:
+        raise RuntimeError("all of them")
+
+    rig = batch_rig(moto_sqs, handler, retry=RetrySettings(base=0))
+    rig.send("a", "b")
+    rig.receive()
+    rig.work()
+    rig.flush()
+    assert rig.counters()["failed"] == 2
+    assert rig.depth() == (2, 0)
+
+
+def test_fifo_batch_failure_fails_the_rest_of_its_group_not_other_groups(moto_sqs):
+    received: list[Message] = []
+
+    def handler(messages: list[Message]) -> Any:
+        received.extend(messages)
+        return [m.message_id for m in messages if m.body == "g1-b"]
+
+    rig = batch_rig(moto_sqs, handler, name="work-a.fifo")
+    log = CallLog(moto_sqs)
+    rig.send("g1-a", "g1-b", "g1-c", group="g1")
+    rig.send("g2-a", "g2-b", group="g2")
+    assert rig.receive() == 5
+    rig.work()
+    rig.flush()
+
+    body_of = {m.receipt_handle: m.body for m in received}
+    deleted = sorted(body_of[e["ReceiptHandle"]] for e in log.entries("DeleteMessageBatch"))
+    changed = sorted(
+        body_of[e["ReceiptHandle"]] for e in log.entries("ChangeMessageVisibilityBatch")
+    )
+    assert deleted == ["g1-a", "g2-a", "g2-b"]
+    assert changed == ["g1-b", "g1-c"]  # g1-c must not be deleted ahead of g1-b
+
+
+# -- FIFO, one message at a time ----------------------------------------------------------
+
+
+def test_fifo_failure_releases_the_groups_later_messages_and_order_holds(moto_sqs):
+    attempts: dict[str, int] = {}
+
+    def behave(message: Message) -> None:
+        attempts[message.body] = attempts.get(message.body, 0) + 1
+        if message.body == "g1-b" and attempts[message.body] == 1:
+            raise ValueError("first attempt fails")
+
+    handler = Recorder(behave)
+    rig = Rig(
+        moto_sqs,
+        handler=handler,
+        name="work-a.fifo",
+        clock=FakeClock(),
+        retry=RetrySettings(base=0),
+    )
+    log = CallLog(moto_sqs)
+    rig.send("g1-a", "g1-b", "g1-c", group="g1")
+    rig.send("g2-a", group="g2")
+    assert rig.receive() == 4
+    rig.work_all()
+    rig.flush()
+
+    # g1-c was released (visibility 0) without running; g2 went on.
+    assert handler.bodies == ["g1-a", "g2-a", "g1-b"]
+    assert sorted(timeouts_sent(log)) == [0, 0]  # g1-b retried (base 0), g1-c released
+    assert rig.counters()["released"] == 1
+
+    while rig.receive():
+        rig.work_all()
+    rig.flush()
+    assert handler.bodies == ["g1-a", "g2-a", "g1-b", "g1-b", "g1-c"]
+    assert rig.depth() == (0, 0)
