@@ -49,7 +49,8 @@ def _check_regex(value: str | None) -> str | None:
 
 
 class AwsSettings(_Section):
-    region: str | None = None
+    # "" (an empty SQSBALANCERD_AWS__REGION) would reach boto3 and fail there as an endpoint.
+    region: str | None = Field(default=None, min_length=1)
     endpoint_url: str | None = None
 
 

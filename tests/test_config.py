@@ -396,6 +396,13 @@ def test_region_from_file_env_or_aws_chain(write: Any, monkeypatch: pytest.Monke
     assert load_settings(overrides=PATTERN).aws.region == "eu-north-1"
 
 
+def test_empty_region_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SQSBALANCERD_AWS__REGION", "")
+    message = config_error(overrides=PATTERN)
+    assert message.startswith("aws.region: ")
+    assert message.endswith("[environment SQSBALANCERD_AWS__REGION]")
+
+
 @pytest.mark.usefixtures("no_aws_region")
 def test_unknown_aws_profile_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")

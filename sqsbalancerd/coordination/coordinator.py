@@ -221,6 +221,9 @@ class DynamoCoordinator:
         return record.status == "active" and self._liveness.is_alive(record.instance_id)
 
     def _remove_dead_rows(self) -> None:
+        """Delete dead members' rows before taking their queues: the delete, conditional on
+        the counter we judged, is what makes the judgement stick (a renewal after it fails)."""
+        has_moved = False
         for record in self._liveness.dead_records():
             if record.instance_id == self.instance_id:
                 continue
@@ -228,7 +231,10 @@ class DynamoCoordinator:
                 self._table.delete_member(record.instance_id, observed_counter=record.counter)
                 logger.warning("removed a dead instance", extra={"instance": record.instance_id})
             except ConditionFailed:
-                pass  # it moved (alive after all) or someone else removed it
+                has_moved = True  # it renewed since our read (or someone else removed it)
+        if has_moved:
+            # Our judgement came from a stale read: look again before taking any queue.
+            self._observe_members()
 
     def _note_view(self, *, members: tuple[str, ...] | None = None) -> None:
         queues = tuple(sorted(self._queues))

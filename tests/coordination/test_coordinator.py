@@ -21,6 +21,7 @@ from moto import mock_aws
 
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
+from sqsbalancerd.coordination.ring import assign
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
     CoordinationTable,
@@ -144,9 +145,10 @@ class Cluster:
         self.queues = queues
         self.settings = settings(**changes)
         self.nodes: dict[str, Node] = {}
-        self.reader = self._table(boto3.client("dynamodb", region_name=REGION))
+        self.reader = self.table_for(boto3.client("dynamodb", region_name=REGION))
+        self.reader.ensure(create=True, region=REGION)
 
-    def _table(self, client: Any, application: str = "sqsbalancer") -> CoordinationTable:
+    def table_for(self, client: Any, application: str = "sqsbalancer") -> CoordinationTable:
         return CoordinationTable(
             client, table_name=TABLE, application=application, clock=self.clock
         )
@@ -156,7 +158,7 @@ class Cluster:
         engine = FakeEngine()
         failures: list[str] = []
         coordinator = DynamoCoordinator(
-            table=self._table(client),
+            table=self.table_for(client),
             settings=self.settings,
             instance_id=instance_id,
             region=REGION,
@@ -196,10 +198,16 @@ class Cluster:
         return Counter(owner for owner in self.owners().values() if owner)
 
     def is_settled(self) -> bool:
-        """Every queue is owned (in the table) and consumed by exactly its owner."""
+        """Rows match the ring for the running instances, each consuming exactly its rows."""
         owners = self.owners()
         running = self.running()
-        if set(owners) != set(self.queues) or not all(owners.values()):
+        expected = assign(
+            self.queues,
+            [n.instance_id for n in running],
+            virtual_nodes=self.settings.virtual_nodes,
+            load_factor=self.settings.load_factor,
+        )
+        if owners != expected:
             return False
         return all(n.consuming == {q for q, o in owners.items() if o == n.instance_id}
                    for n in running)
@@ -324,8 +332,10 @@ def test_a_join_moves_only_the_newcomers_share(cluster):
 
     after = cluster.owners()
     moved = [q for q in QUEUES if before[q] != after[q]]
-    assert {after[q] for q in moved} == {"d"}  # nothing shuffled between the old members
-    assert 1 <= len(moved) <= math.ceil(1.1 * len(QUEUES) / 4)
+    to_newcomer = [q for q in moved if after[q] == "d"]
+    # Bounded loads may push a queue or two between old members as the capacity shrinks.
+    assert len(to_newcomer) >= 1
+    assert len(moved) <= len(QUEUES) / 4 + 2
 
 
 def test_discovered_queues_are_shared_after_the_delay(cluster):
@@ -387,7 +397,7 @@ def test_a_draining_instance_hands_over_after_it_releases(cluster):
 
 def test_a_queue_whose_owner_is_alive_is_not_taken(cluster):
     """Rows held by a live member are left alone until released, even if the ring moved them."""
-    ghost = cluster._table(boto3.client("dynamodb", region_name=REGION))
+    ghost = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
     ghost.create_member(member_record("ghost", status="draining"))
     for queue in QUEUES[:4]:
         ghost.acquire(queue, f"http://sqs/{queue}", owner="ghost", previous=None, now_wall=1.0)
@@ -422,7 +432,7 @@ def member_record(instance_id: str, *, status: str = "active", protocol: int = P
 
 
 def test_an_incompatible_version_is_ignored_and_its_queues_left_while_it_lives(cluster, caplog):
-    old = cluster._table(boto3.client("dynamodb", region_name=REGION))
+    old = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
     old.create_member(member_record("old-version", protocol=PROTOCOL_VERSION + 1))
     for queue in QUEUES[:3]:
         old.acquire(queue, f"http://sqs/{queue}", owner="old-version", previous=None, now_wall=1)
@@ -455,7 +465,7 @@ def test_no_renewal_for_timeout_minus_margin_pauses_receiving(cluster):
     while a.engine.pauses == 0:
         budgets.append(a.engine.budget())
         cluster.clock.advance(0.25)
-        a.coordinator.run_once() if hasattr(a.coordinator, "run_once") else a.coordinator.tick()
+        a.coordinator.tick()
 
     paused_after_s = cluster.clock.monotonic() - renewed_at
     assert paused_after_s == pytest.approx(TIMEOUT_S - MARGIN_S)
@@ -541,12 +551,39 @@ def test_a_renewal_racing_the_dead_judgement_wins(aws, clock):
     assert cluster.reader.get_member("a") is not None
 
 
-def test_coordinator_thread_stops_on_leave(cluster):
-    a = cluster.add("a")
-    stop = threading.Event()
-    thread = threading.Thread(target=a.coordinator.run, args=(stop,), name="sqsb-test-coord")
+def test_leave_stops_the_coordinator_loop_and_frees_everything(aws, clock):
+    engine = FakeEngine()
+    spawned: list[tuple[Callable[[threading.Event], None], threading.Event]] = []
+    table = CoordinationTable(
+        boto3.client("dynamodb", region_name=REGION),
+        table_name=TABLE,
+        application="sqsbalancer",
+        clock=clock,
+    )
+    coordinator = DynamoCoordinator(
+        table=table,
+        settings=settings(),
+        instance_id="a",
+        region=REGION,
+        clock=clock,
+        set_owned=engine.set_owned,
+        control=engine.control(),
+        spawn=lambda name, run, stop: spawned.append((run, stop)),
+        fail=lambda reason: None,
+    )
+    coordinator.start()
+    coordinator.on_discovered(discovered(QUEUES))
+    for _ in range(int(DELAY_S + 2 * INTERVAL_S)):
+        clock.advance(INTERVAL_S)
+        coordinator.tick()
+    assert len(table.ownership()) == len(QUEUES)
+    [(run, stop)] = spawned
+    thread = threading.Thread(target=run, args=(stop,), name="sqsb-test-coordinator")
     thread.start()
-    a.coordinator.leave()
-    stop.set()
+
+    coordinator.leave()
+
     thread.join(5)
     assert not thread.is_alive()
+    assert table.members() == []
+    assert {r.owner for r in table.ownership().values()} == {None}
