@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -70,13 +71,23 @@ def _version(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+@dataclass
+class _Global:
+    is_debug: bool = False
+
+
+_global = _Global()
+
+
 @app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     """sqsbalancerd: many SQS queues, several workers, nobody hand-assigns who consumes what."""
+    _global.is_debug = debug
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -93,10 +104,14 @@ def exit_code_for(exc: BaseException) -> int:
 @contextmanager
 def reported_errors(*, debug: Callable[[], bool]) -> Iterator[None]:
     """Turn our errors (and AWS ones) into one line and an exit code; tracebacks on debug."""
+
+    def is_debug() -> bool:
+        return _global.is_debug or debug()
+
     try:
         yield
     except SqsBalancerError as exc:
-        if debug():
+        if is_debug():
             logger.exception("failed")
         fail(str(exc), exit_code_for(exc))
     except Exception as exc:
@@ -128,10 +143,16 @@ def _load(
     config: Path | None,
     *,
     resolve_region: bool = True,
+    require_discovery: bool = True,
     flags: dict[str, str | None] | None = None,
 ) -> Settings:
     overrides = _overrides(**(flags or {}))
-    return load_settings(config, overrides=overrides, resolve_region=resolve_region)
+    return load_settings(
+        config,
+        overrides=overrides,
+        resolve_region=resolve_region,
+        require_discovery=require_discovery,
+    )
 
 
 def _setup_logging(settings: Settings | None, level: str | None) -> None:
@@ -170,7 +191,7 @@ def run(
                 "observability.log_level": log_level,
             },
         )
-        _setup_logging(settings, log_level)
+        _setup_logging(settings, settings.observability.log_level)
         is_debug = settings.observability.log_level == "debug"
         from sqsbalancerd.app import build_application
 
@@ -202,14 +223,16 @@ def _log_summary(report: Any) -> None:
 def show_config(config: ConfigOption = None) -> None:
     """Print the effective configuration as TOML, after validation."""
     with reported_errors(debug=lambda: False):
-        settings = _load(config, resolve_region=False)
+        settings = _load(config)
         typer.echo(effective_toml(settings), nl=False)
 
 
 @app.command()
 def queues(
     config: ConfigOption = None,
-    queue_pattern: Annotated[str | None, typer.Option("--queue-pattern")] = None,
+    queue_pattern: Annotated[
+        str | None, typer.Option("--queue-pattern", help="Regex for queue names.")
+    ] = None,
 ) -> None:
     """List the queues discovery matches and those it skips, and why (a dry run)."""
     with reported_errors(debug=lambda: False):
@@ -349,7 +372,7 @@ def init_table(
 ) -> None:
     """Create the coordination table (or print it as CloudFormation for your infra code)."""
     with reported_errors(debug=lambda: False):
-        settings = _load(config, resolve_region=not print_template)
+        settings = _load(config, resolve_region=not print_template, require_discovery=False)
         from sqsbalancerd.coordination.table import cloudformation_template
 
         if print_template:
@@ -374,7 +397,7 @@ def init_table(
 def health(config: ConfigOption = None) -> None:
     """Exit 0 if the daemon this config describes is ready (its /readyz), else 1."""
     with reported_errors(debug=lambda: False):
-        settings = _load(config, resolve_region=False)
+        settings = _load(config, resolve_region=False, require_discovery=False)
         observability = settings.observability
         if not observability.http_port:
             fail("observability.http_port is 0 (HTTP off): health has nothing to ask", EXIT_USAGE)

@@ -205,11 +205,10 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    @model_validator(mode="after")
-    def _discovery_has_a_source(self) -> Settings:
+    def check_discovery(self) -> None:
+        """Commands that consume or list queues need something to discover."""
         if not self.discovery.queue_pattern and not self.discovery.queues:
-            raise ValueError("discovery: set queue_pattern or queues (nothing to consume)")
-        return self
+            raise ConfigError("discovery: set queue_pattern or queues (nothing to consume)")
 
     def override_for(self, queue_name: str) -> QueueOverride | None:
         """The first [[queue]] entry whose `match` finds the queue name."""
@@ -225,10 +224,12 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     resolve_region: bool = True,
+    require_discovery: bool = True,
 ) -> Settings:
     """Load, merge and validate; raise ConfigError with one readable line on any problem.
 
     `overrides` are CLI flags as a nested dict ({"discovery": {"queue_pattern": "^x"}}).
+    `require_discovery=False` is for commands that never look at queues (init-table, health).
     """
     env = os.environ if environ is None else environ
     file_path = _config_path(path, env)
@@ -244,6 +245,8 @@ def load_settings(
         raise ConfigError(f"cannot read config file {file_path}: {exc}") from None
     finally:
         _toml_path.reset(token)
+    if require_discovery:
+        settings.check_discovery()
     if resolve_region and settings.aws.region is None:
         settings = settings.model_copy(update={"aws": _with_region(settings.aws, env)})
     return settings
@@ -264,7 +267,7 @@ def _with_region(aws: AwsSettings, env: Mapping[str, str]) -> AwsSettings:
     from botocore.exceptions import BotoCoreError
 
     try:
-        region = boto3.session.Session().region_name
+        region: str | None = boto3.session.Session().region_name
     except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
         raise ConfigError(f"aws.region: cannot read the AWS configuration: {exc}") from None
     # botocore reads AWS_DEFAULT_REGION and the profile, not AWS_REGION (which the message,

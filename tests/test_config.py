@@ -120,17 +120,20 @@ def test_settings_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        (MINIMAL + "colour = 1\n", "colour"),
+        ("colour = 1\n" + MINIMAL, "colour"),
         (MINIMAL + "[workers]\npool_siz = 3\n", "workers.pool_siz"),
         (MINIMAL + "[workerz]\npool_size = 3\n", "workerz"),
         (MINIMAL + '[[queue]]\nmatch = "x"\nbogus = 1\n', "queue.0.bogus"),
-        (MINIMAL + '[[queue]]\nmatch = "x"\n[queue.retry]\nbase = 1\nbasis = 2\n', "retry.basis"),
+        (
+            MINIMAL + '[[queue]]\nmatch = "x"\n[queue.retry]\nbase = 1\nbasis = 2\n',
+            "queue.0.retry.basis",
+        ),
     ],
 )
 def test_unknown_key_in_file_is_rejected(write: Any, text: str, key: str) -> None:
     path = write(text)
     message = config_error(path)
-    assert message.startswith(f"{key}: unknown setting") or f"{key}: unknown" in message
+    assert message.startswith(f"{key}: unknown setting")
     assert str(path) in message
 
 

@@ -7,9 +7,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from support import queue_depth, read_events, wait_until
 
 from sqsbalancerd.local import create_queues, send_messages
-from support import queue_depth, read_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,14 +35,16 @@ def handled_ok(events: list[dict[str, Any]]) -> Counter[str]:
 
 def test_three_queues_every_tenth_failing_once_all_handled_and_deleted(sqs, daemons):
     urls = create_queues(sqs, ["work-a", "work-b", "work-c"])
-    sent: dict[str, str] = {}
-    for name, url in urls.items():
+    for url in urls.values():
         bodies = [json.dumps({"n": n, "fail_once": n % 10 == 0}) for n in range(200)]
         send_messages(sqs, url, bodies)
     daemon = daemons.start(config=FAST)
 
-    wait_until(lambda: len(handled_ok(read_events(daemons.events_path))) >= 600,
-               timeout_s=90, what="600 messages handled")
+    wait_until(
+        lambda: len(handled_ok(read_events(daemons.events_path))) >= 600,
+        timeout_s=90,
+        what="600 messages handled",
+    )
     daemon.terminate()
     assert daemon.wait(timeout_s=30) == 0, daemon.log()
 
@@ -51,13 +53,18 @@ def test_three_queues_every_tenth_failing_once_all_handled_and_deleted(sqs, daem
     assert len(ok) == 600
     failed = [e for e in events if e["event"] == "end" and e["outcome"] == "failed"]
     assert len(failed) == 60
-    retried_ok = [e for e in events if e["event"] == "end" and e["outcome"] == "ok"
-                  and json.loads(e["body"])["fail_once"]]
+    retried_ok = [
+        e
+        for e in events
+        if e["event"] == "end" and e["outcome"] == "ok" and json.loads(e["body"])["fail_once"]
+    ]
     assert {e["receive_count"] for e in retried_ok} == {2}
     for url in urls.values():
         assert queue_depth(sqs, url) == (0, 0)
-    summary = [json.loads(line) for line in daemon.log().splitlines()
-               if line.startswith("{") and '"stopped"' in line][-1]
+    summary = [
+        json.loads(line)
+        for line in daemon.log().splitlines()
+        if line.startswith("{") and '"stopped"' in line
+    ][-1]
     assert summary["deleted"] == 600
     assert summary["failed"] == 60
-    del sent
