@@ -264,10 +264,12 @@ class Application:
             self.coordinator.on_released(queue_name)
 
     def stop_receiving(self) -> int:
+        # The engine first: announcing `draining` is a DynamoDB call that may be slow.
+        released = self.engine.stop_receiving() if self.engine else 0
         self._loops_stop.set()
         if self.coordinator is not None:
             self.coordinator.begin_drain()
-        return self.engine.stop_receiving() if self.engine else 0
+        return released
 
     def wait_pollers(self, deadline_s: float, abort: threading.Event) -> bool:
         return self.engine.wait_pollers(deadline_s, abort) if self.engine else True

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sqsbalancerd.aws import describe_error
+from sqsbalancerd.aws import describe_error, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
@@ -35,6 +35,7 @@ from sqsbalancerd.coordination.table import (
     TableGone,
 )
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
+from sqsbalancerd.errors import AwsUnavailableError, SqsBalancerError
 from sqsbalancerd.stats import CoordinationStats
 
 logger = logging.getLogger(__name__)
@@ -108,17 +109,26 @@ class DynamoCoordinator:
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
+        # Views are stamped with the start of the round that saw them, so the delay is
+        # counted in whole rounds (which start `interval` apart), not skewed by call latency.
+        self._round_started_s = clock.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._table.ensure(create=self._settings.create_table, region=self._region)
-        started = self._clock.monotonic()
-        self._membership.join(self._stop.wait)
-        self._renewed_at_s = started
-        self._control.set_budget(self.receive_budget_s)
-        self._observe_members()
-        self._view.changed_at_s = self._clock.monotonic()
+        try:
+            self._table.ensure(create=self._settings.create_table, region=self._region)
+            started = self._clock.monotonic()
+            self._membership.join(self._stop.wait)
+            self._renewed_at_s = started
+            self._control.set_budget(self.receive_budget_s)
+            self._round_started_s = self._clock.monotonic()
+            self._observe_members()
+            self._view.changed_at_s = self._round_started_s
+        except SqsBalancerError:
+            raise
+        except Exception as exc:  # botocore's bounded retries are spent: one clear line
+            raise _unavailable(self._table.table_name, exc) from exc
         logger.info(
             "joined the cluster",
             extra={"instance": self.instance_id, "table": self._table.table_name},
@@ -172,6 +182,7 @@ class DynamoCoordinator:
 
     def tick(self) -> None:
         with self._lock:
+            self._round_started_s = self._clock.monotonic()
             try:
                 self._renew()
                 self._observe_members()
@@ -240,16 +251,14 @@ class DynamoCoordinator:
         queues = tuple(sorted(self._queues))
         members = members if members is not None else self._view.members
         if (members, queues) != (self._view.members, self._view.queues):
-            self._view = _View(members, queues, self._clock.monotonic())
+            self._view = _View(members, queues, self._round_started_s)
 
     # -- assignment -----------------------------------------------------------------------
 
     def _rebalance_if_settled(self) -> None:
         self._note_view()
         view = (self._view.members, self._view.queues)
-        settled = (
-            self._clock.monotonic() - self._view.changed_at_s >= self._settings.rebalance_delay
-        )
+        settled = self._round_started_s - self._view.changed_at_s >= self._settings.rebalance_delay
         if not settled or view == self._applied:
             return
         if self._is_draining:
@@ -398,3 +407,14 @@ class DynamoCoordinator:
             rebalances=self._rebalances,
             is_fenced=self._is_fenced,
         )
+
+
+def _unavailable(table_name: str, exc: Exception) -> AwsUnavailableError:
+    """DynamoDB failed us at start (after botocore's retries): say which, in one line."""
+    if is_transient(exc):
+        return AwsUnavailableError(
+            f'DynamoDB unreachable (table "{table_name}"): {describe_error(exc)}'
+        )
+    return AwsUnavailableError(
+        f'DynamoDB refused a request on table "{table_name}": {describe_error(exc)}'
+    )

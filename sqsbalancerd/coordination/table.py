@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from sqsbalancerd.aws import error_code
+from sqsbalancerd.aws import describe_error, error_code
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.errors import CoordinationError, TableMissingError
 
@@ -115,6 +115,9 @@ class CoordinationTable:
                     "(create it with `sqsbalancerd init-table` or set create_table = true)"
                 )
             self._create()
+            self._wait_active()
+            self._enable_ttl()  # DynamoDB refuses UpdateTimeToLive while CREATING
+            return
         self._wait_active()
 
     def _status(self) -> str | None:
@@ -133,7 +136,6 @@ class CoordinationTable:
         except ClientError as exc:
             if error_code(exc) != "ResourceInUseException":
                 raise  # someone else creating it at the same moment is fine
-        self._enable_ttl()
 
     def _enable_ttl(self) -> None:
         try:
@@ -142,7 +144,9 @@ class CoordinationTable:
                 TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"},
             )
         except ClientError as exc:
-            logger.debug("ttl not enabled", extra={"error": error_code(exc)})
+            # "already enabled" (another instance won the race) is a ValidationException.
+            log = logger.debug if error_code(exc) == "ValidationException" else logger.warning
+            log("ttl not enabled on the coordination table", extra={"error": describe_error(exc)})
 
     def _wait_active(self) -> None:
         deadline = self._clock.monotonic() + _TABLE_WAIT_S

@@ -18,6 +18,7 @@ import boto3
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from moto import mock_aws
+from support import FakeClock
 
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
@@ -29,7 +30,6 @@ from sqsbalancerd.coordination.table import (
 )
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
 from sqsbalancerd.engine.poller import ReceiveGate
-from support import FakeClock
 
 TABLE = "coordination"
 REGION = "us-east-1"
@@ -64,6 +64,7 @@ class FlakyClient:
         self._client = client
         self.is_down = False
         self.calls: Counter[str] = Counter()
+        self.before_call: Callable[[], None] = lambda: None
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
@@ -74,6 +75,7 @@ class FlakyClient:
             if self.is_down:
                 raise EndpointConnectionError(endpoint_url="https://dynamodb.invalid")
             self.calls[name] += 1
+            self.before_call()
             return method(*args, **kwargs)
 
         return call
@@ -209,16 +211,17 @@ class Cluster:
         )
         if owners != expected:
             return False
-        return all(n.consuming == {q for q, o in owners.items() if o == n.instance_id}
-                   for n in running)
+        return all(
+            n.consuming == {q for q, o in owners.items() if o == n.instance_id} for n in running
+        )
 
     def assert_exclusive(self) -> None:
         """No queue consumed by two instances; each consumer holds the queue's row."""
         owners = self.owners()
         seen: dict[str, str] = {}
-        for node in self.nodes.values():  # crashed ones too: a paused process may wake up
-            for queue in node.consuming if node.is_running else ():
-                assert queue not in seen, f"{queue} consumed by {seen[queue]} and {node.instance_id}"
+        for node in self.running():
+            for queue in node.consuming:
+                assert queue not in seen, f"{queue}: {seen[queue]} and {node.instance_id}"
                 seen[queue] = node.instance_id
                 assert owners.get(queue) == node.instance_id, (queue, node.instance_id, owners)
 
@@ -292,6 +295,23 @@ def test_steady_state_requests_do_not_grow_with_queues(aws, clock, capsys):
 
 
 # -- rebalancing ----------------------------------------------------------------------------
+
+
+def test_the_delay_counts_between_rounds_whatever_the_calls_cost(cluster):
+    """A slow read in the round that saw the change must not push the rebalance a round
+    later: the delay is measured between heartbeat rounds, which start `interval` apart."""
+    a = cluster.add("a")
+    latency_s = [0.2]
+    a.client.before_call = lambda: cluster.clock.advance(latency_s[0])
+    first_round_s = cluster.clock.monotonic() + INTERVAL_S
+    rounds_until_assigned = 0
+    while not a.engine.history:
+        rounds_until_assigned += 1
+        cluster.clock.now_s = first_round_s + (rounds_until_assigned - 1) * INTERVAL_S
+        a.tick()
+        latency_s[0] = 0.01  # only the round that saw the queues appear was slow
+
+    assert rounds_until_assigned == 1 + DELAY_S / INTERVAL_S
 
 
 def test_joins_inside_the_delay_cause_one_rebalance(cluster):
@@ -523,24 +543,25 @@ def test_a_fenced_instance_is_silent_before_anyone_may_take_its_queues(cluster):
 
 
 def test_a_renewal_racing_the_dead_judgement_wins(aws, clock):
-    """b judges a dead from a read taken just before a renews: a's row must survive."""
+    """b judges a dead from a read taken just before a renews; with no rebalance delay to
+    wait through, b must not take a's queues on that stale judgement."""
     cluster = Cluster(clock, QUEUES, rebalance_delay=0.0)
     a, b = cluster.add("a"), cluster.add("b")
     settle(cluster)
     a.is_running = False  # a stalls (e.g. a long GC pause) ...
     for _ in range(int(TIMEOUT_S) - 1):
         cluster.step()
-    real_members = b.coordinator._table.members
+    renewals: list[None] = []
 
-    def members_then_a_renews() -> list[MemberRecord]:
-        seen = real_members()
-        a.tick()  # ... and renews right after b's read
-        return seen
+    def a_renews_first() -> None:
+        if not renewals:  # ... and renews between b's read and b's conditional delete
+            renewals.append(None)
+            a.tick()
 
-    b.coordinator._table.members = members_then_a_renews  # type: ignore[method-assign]
+    b.client.before_call = lambda: a_renews_first() if b.client.calls["delete_item"] else None
     cluster.clock.advance(INTERVAL_S)
     b.tick()
-    b.coordinator._table.members = real_members  # type: ignore[method-assign]
+    assert renewals, "b did not judge a dead"
     a.is_running = True
     cluster.assert_exclusive()
     for _ in range(int(TIMEOUT_S)):

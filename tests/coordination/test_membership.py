@@ -10,6 +10,7 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from support import FakeClock
 
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.table import (
@@ -19,7 +20,6 @@ from sqsbalancerd.coordination.table import (
     MemberRecord,
 )
 from sqsbalancerd.errors import DuplicateInstanceError
-from support import FakeClock
 
 INTERVAL_S = 1.0
 TIMEOUT_S = 4.0

@@ -9,6 +9,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
+from support import FakeClock
 
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
@@ -18,7 +19,6 @@ from sqsbalancerd.coordination.table import (
     TableGone,
 )
 from sqsbalancerd.errors import TableMissingError
-from support import FakeClock
 
 TABLE = "coordination-test"
 REGION = "us-east-1"
@@ -80,6 +80,37 @@ class LateToTheRace:
         return getattr(self._client, name)
 
 
+class CreatesSlowly:
+    """Like real DynamoDB: a new table is CREATING for a while, and refuses UpdateTimeToLive
+    until it is ACTIVE (ResourceInUseException)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.is_creating = False
+
+    def create_table(self, **kwargs: Any) -> Any:
+        self.is_creating = True
+        return self._client.create_table(**kwargs)
+
+    def describe_table(self, **kwargs: Any) -> Any:
+        response = self._client.describe_table(**kwargs)
+        if self.is_creating:
+            self.is_creating = False  # ACTIVE from the next look on
+            response["Table"]["TableStatus"] = "CREATING"
+        return response
+
+    def update_time_to_live(self, **kwargs: Any) -> Any:
+        if self.is_creating:
+            raise ClientError(
+                {"Error": {"Code": "ResourceInUseException", "Message": "being created"}},
+                "UpdateTimeToLive",
+            )
+        return self._client.update_time_to_live(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 # -- the table ------------------------------------------------------------------------------
 
 
@@ -95,6 +126,17 @@ def test_ensure_creates_a_missing_table_on_demand_with_ttl(client, clock):
     }
     ttl = client.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
     assert ttl == {"TimeToLiveStatus": "ENABLED", "AttributeName": "ttl"}
+
+
+def test_ttl_is_enabled_once_a_new_table_is_active(client, clock):
+    table = CoordinationTable(
+        CreatesSlowly(client), table_name=TABLE, application="app", clock=clock
+    )
+
+    table.ensure(create=True, region=REGION)
+
+    ttl = client.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    assert ttl["TimeToLiveStatus"] == "ENABLED"
 
 
 def test_ensure_keeps_an_existing_table_and_its_rows(client, clock):
