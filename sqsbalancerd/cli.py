@@ -206,7 +206,7 @@ def run(
 def _log_summary(report: Any) -> None:
     counts = dict(report.counts)
     counts.update(
-        released=report.released,
+        released_at_stop=report.released,
         abandoned=report.abandoned,
         forced=report.is_forced,
         exit_code=report.exit_code,

@@ -95,9 +95,9 @@ class Discovery:
                 candidates[url] = "pattern"
         for url in self._named_queue_urls(strict=strict):
             candidates[url] = "named"
-        return self._classify(candidates)
+        return self._classify(candidates, strict=strict)
 
-    def _classify(self, candidates: dict[str, str]) -> DiscoveryResult:
+    def _classify(self, candidates: dict[str, str], *, strict: bool) -> DiscoveryResult:
         matched: list[QueueInfo] = []
         skipped: list[SkippedQueue] = []
         infos: list[QueueInfo] = []
@@ -110,6 +110,8 @@ class Discovery:
             info = self._info(url)
             if info is not None:
                 infos.append(info)
+            elif origin == "named":  # a queue named by URL: only now do we know it is missing
+                _named_queue_missing(url, strict=strict)
         self._forget_except({info.url for info in infos})
         dlq_arns = {i.dead_letter_target_arn for i in infos if i.dead_letter_target_arn}
         for info in infos:
@@ -151,11 +153,7 @@ class Discovery:
             except ClientError as exc:
                 if error_code(exc) not in _QUEUE_MISSING:
                     raise
-                if strict:
-                    raise QueueNotFoundError(
-                        f'discovery.queues: queue "{entry}" does not exist'
-                    ) from None
-                logger.warning("named queue missing", extra={"queue": entry})
+                _named_queue_missing(entry, strict=strict)
 
     def _info(self, url: str) -> QueueInfo | None:
         cached = self._attributes.get(url)
@@ -176,6 +174,12 @@ class Discovery:
         for url in list(self._attributes):
             if url not in urls:
                 del self._attributes[url]
+
+
+def _named_queue_missing(entry: str, *, strict: bool) -> None:
+    if strict:
+        raise QueueNotFoundError(f'discovery.queues: queue "{entry}" does not exist') from None
+    logger.warning("named queue missing", extra={"queue": entry})
 
 
 def _info_from_attributes(url: str, attributes: Mapping[str, str]) -> QueueInfo:

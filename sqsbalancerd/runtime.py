@@ -169,8 +169,11 @@ class Runtime:
         """First call: drain. Second: skip the waits. Safe from a signal handler."""
         self.signals_received.append(signum)
         if self.stop_requested.is_set():
+            # Not stop_requested.set() again: the main thread may hold that Event's lock
+            # (leaving its wait()) right when this handler interrupts it, and deadlock.
             self.force_requested.set()
-        self.stop_requested.set()
+        else:
+            self.stop_requested.set()
 
     def fail(self, reason: str) -> None:
         """A part hit something fatal (e.g. the table vanished): drain and exit 1."""
@@ -180,7 +183,13 @@ class Runtime:
 
     def run(self) -> DrainReport:
         with signal_handlers(self.request_stop, install=self._install_signals):
-            self._service.start(self.supervisor, self.fail)
+            try:
+                self._service.start(self.supervisor, self.fail)
+            except BaseException:
+                # A start that fails halfway (e.g. a missing named queue) must not leave
+                # the loops it already started running.
+                self.supervisor.stop_all(timeout_s=2.0)
+                raise
             self.started.set()
             self.stop_requested.wait()
             if self._failure:
@@ -202,7 +211,10 @@ class Runtime:
             report.abandoned = self._service.abandon_running()
         report.is_forced = self.force_requested.is_set()
         self._service.finish()
-        leftover = self.supervisor.stop_all(timeout_s=2.0)
+        # Workers inside abandoned handlers (or, when forced, a poll still in flight) will not
+        # end in time: do not wait for them again.
+        is_cut_short = bool(report.abandoned) or report.is_forced
+        leftover = self.supervisor.stop_all(timeout_s=0.5 if is_cut_short else 2.0)
         report.counts = self._service.summary()
         report.counts["drain_s"] = round(self._clock.monotonic() - started, 3)
         if leftover:

@@ -104,6 +104,16 @@ class Acknowledger:
         with self._cond:
             return sum(map(len, self._deletes.values())) + sum(map(len, self._changes.values()))
 
+    def retrying_deletes(self) -> list[Delivery]:
+        """Messages whose delete failed and awaits a retry: still ours, so still extended.
+
+        Safe to extend: extensions and deletes go out on this one thread, so an extension
+        listed now is sent before the retried delete can succeed.
+        """
+        with self._cond:
+            ops = [op for table_ops in self._deletes.values() for op in table_ops]
+        return [op.delivery for op in ops if op.attempts and not op.delivery.is_expired]
+
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:

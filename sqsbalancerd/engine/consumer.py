@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EXTENSION_CHECK_S = 1.0
+# At stop, how long idle workers get to notice (longer than a take timeout).
+WORKER_JOIN_S = 1.0
 
 
 class ThreadHandle(Protocol):
@@ -122,6 +124,7 @@ class Engine:
         self._workers_stop = threading.Event()
         self._acks_stop = threading.Event()
         self._threads: list[ThreadHandle] = []
+        self._acks_thread: ThreadHandle | None = None
         self.gate = ReceiveGate()
         workers = settings.workers
         self.dispatcher = Dispatcher(capacity=workers.pool_size + workers.queue_size, clock=clock)
@@ -141,7 +144,8 @@ class Engine:
             self._threads.append(
                 self._spawner.spawn("async-handlers", self.bridge.run, self._workers_stop)
             )
-        self._threads.append(self._spawner.spawn("acks", self.acks.run, self._acks_stop))
+        self._acks_thread = self._spawner.spawn("acks", self.acks.run, self._acks_stop)
+        self._threads.append(self._acks_thread)
         for index in range(self._settings.workers.pool_size):
             worker = Worker(
                 dispatcher=self.dispatcher,
@@ -214,14 +218,22 @@ class Engine:
         return len(abandoned)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Last step: flush pending acks, stop workers and the acknowledger."""
+        """Last step: flush pending acks, stop workers and the acknowledger.
+
+        Only the acknowledger's flush gets `timeout_s`. An idle worker ends within one take
+        timeout; a worker still inside an abandoned handler is not waited for (its result is
+        discarded, and it is a daemon thread), or the shutdown deadline would not hold.
+        """
         self._workers_stop.set()
         self._acks_stop.set()
         if self.bridge is not None:
             self.bridge.close()
-        deadline = self._clock.monotonic() + timeout_s
+        now = self._clock.monotonic()
+        deadline = now + timeout_s
+        others_deadline = now + min(timeout_s, WORKER_JOIN_S)
         for thread in self._threads:
-            thread.join(max(0.0, deadline - self._clock.monotonic()))
+            until = deadline if thread is self._acks_thread else others_deadline
+            thread.join(max(0.0, until - self._clock.monotonic()))
 
     # -- queues ---------------------------------------------------------------------------
 
@@ -304,17 +316,19 @@ class Engine:
             self._check_released(name)
         due: list[tuple[Delivery, int]] = []
         expired_queued: list[Delivery] = []
-        for delivery in self.dispatcher.held_deliveries():
+        # A delete that failed and waits for its retry must not let the message reappear.
+        for delivery in [*self.dispatcher.held_deliveries(), *self.acks.retrying_deletes()]:
             visibility_s = delivery.queue.policy.visibility_timeout_s
             lead_s = max(2.0, min(visibility_s / 3, 10.0))
             if delivery.visible_until_s - now_s > lead_s:
                 continue
             budget_s = delivery.received_at_s + delivery.queue.policy.max_extension_s - now_s
             timeout_s = int(min(visibility_s, budget_s))
-            if timeout_s >= 1:
+            if timeout_s >= 1 and now_s + timeout_s > delivery.visible_until_s:
                 due.append((delivery, timeout_s))
-                continue
-            self._expire(delivery, expired_queued)
+            elif budget_s < 1:
+                self._expire(delivery, expired_queued)
+            # else: already invisible until max_extension; a call would not move the deadline
         if expired_queued:
             self.dispatcher.drop_expired(expired_queued)
         return due

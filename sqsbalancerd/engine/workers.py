@@ -126,9 +126,12 @@ class Worker:
     def _call(self, function: Any, argument: Any, context: dict[str, Any]) -> Any:
         result = function(argument)
         if inspect.isawaitable(result):
+            awaitable = _in_log_context(result, context)
             if self._bridge is None:
-                raise RuntimeError("async handler but no event loop")
-            result = self._bridge.call(_in_log_context(result, context))
+                # A sync callable returned an awaitable (a wrapped `async def`, say): the daemon
+                # has no handlers' loop (no handler is declared async), so run it here.
+                return asyncio.run(awaitable)
+            result = self._bridge.call(awaitable)
         return result
 
     def _settle(self, item: WorkItem, failures: set[str], retry_after: dict[str, float]) -> None:
@@ -172,10 +175,25 @@ class Worker:
             self._acks.change_visibility(deliveries, 0, reason="release")
 
 
+class _HandlerExit(Exception):
+    """Carries a SystemExit/KeyboardInterrupt out of an async handler.
+
+    asyncio re-raises those two out of `run_forever`: left alone, they would stop the
+    handlers' loop for good and leave the waiting worker blocked forever.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
 async def _in_log_context(awaitable: Any, context: dict[str, Any]) -> Any:
     # contextvars do not cross into the loop thread: enter the context inside the task.
     with log_context(**context):
-        return await awaitable
+        try:
+            return await awaitable
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise _HandlerExit(exc) from exc
 
 
 def _batch_failures(result: Any, ids: Collection[str]) -> set[str]:
@@ -187,7 +205,12 @@ def _batch_failures(result: Any, ids: Collection[str]) -> set[str]:
         return {result} & set(ids)
     if isinstance(result, Iterable):
         return {str(x) for x in result} & set(ids)
-    return set()
+    # False, a number, any other object: not a documented answer. Deleting on it could lose
+    # the batch, so it fails (the handler-failed line names what came back).
+    raise TypeError(
+        f"batch handler returned {type(result).__name__}; expected None, a BatchResult "
+        "or an iterable of failed message ids"
+    )
 
 
 def _fifo_split(

@@ -2,6 +2,7 @@
 
 The rig wires one real queue (in moto) to a Dispatcher, an Acknowledger, a Poller and a
 Worker that the test drives step by step (`receive`, `work`, `flush`), with no threads.
+`CallLog` records the SQS calls a client makes; `Faults` answers some in SQS's place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+
+import boto3
+from botocore.awsrequest import AWSResponse
+from support import queue_depth
 
 from sqsbalancerd.clock import Clock, SystemClock
 from sqsbalancerd.config import RetrySettings, Settings
@@ -30,7 +35,6 @@ from sqsbalancerd.engine.state import (
 from sqsbalancerd.engine.workers import AsyncBridge, Worker
 from sqsbalancerd.message import Message
 from sqsbalancerd.stats import Stats
-from support import queue_depth
 
 _ids = itertools.count(1)
 
@@ -238,3 +242,48 @@ class Rig:
 
     def counters(self) -> dict[str, int]:
         return self.stats.queue_counters().get(self.queue.name, {})
+
+
+class Faults:
+    """Answers DeleteMessageBatch / ChangeMessageVisibilityBatch in SQS's place.
+
+    `plan` is a list, one element per call to intercept (later calls go to moto):
+    a dict {entry index: error code} → those entries fail, the others are really applied
+    through a second, unhooked client; or an exception instance → the call raises it.
+    """
+
+    def __init__(self, client: Any, operation: str, plan: list[Any]) -> None:
+        self._plan = list(plan)
+        self._operation = operation
+        self._direct = boto3.client("sqs", region_name="us-east-1")
+        client.meta.events.register(f"before-call.sqs.{operation}", self._answer)
+        self.intercepted = 0
+
+    def _answer(self, params: dict[str, Any], **_: Any) -> Any:
+        if not self._plan:
+            return None
+        step = self._plan.pop(0)
+        self.intercepted += 1
+        if isinstance(step, BaseException):
+            raise step
+        request = _request_params(params)
+        entries = request["Entries"]
+        failed = [
+            {"Id": e["Id"], "Code": step[i], "SenderFault": False, "Message": "simulated"}
+            for i, e in enumerate(entries)
+            if i in step
+        ]
+        applied = [e for i, e in enumerate(entries) if i not in step]
+        if applied:
+            call = getattr(self._direct, _snake(self._operation))
+            call(QueueUrl=request["QueueUrl"], Entries=applied)
+        parsed = {"Successful": [{"Id": e["Id"]} for e in applied], "Failed": failed}
+        return AWSResponse("https://sqs.simulated", 200, {}, None), parsed
+
+
+def _request_params(request_dict: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(request_dict["body"])
+
+
+def _snake(operation: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")

@@ -6,64 +6,16 @@ are simulated with a botocore `before-call` hook that answers in SQS's place (se
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-import boto3
 import pytest
-from botocore.awsrequest import AWSResponse
 from botocore.exceptions import EndpointConnectionError
-
-from enginekit import CallLog, Rig
-from sqsbalancerd.clock import Clock, SystemClock
-from sqsbalancerd.engine.acks import MAX_ATTEMPTS
+from enginekit import CallLog, Faults, Rig
 from support import FakeClock
 
-
-class Faults:
-    """Answers DeleteMessageBatch / ChangeMessageVisibilityBatch in SQS's place.
-
-    `plan` is a list, one element per call to intercept (later calls go to moto):
-    a dict {entry index: error code} → those entries fail, the others are really applied
-    through a second, unhooked client; or an exception instance → the call raises it.
-    """
-
-    def __init__(self, client: Any, operation: str, plan: list[Any]) -> None:
-        self._plan = list(plan)
-        self._operation = operation
-        self._direct = boto3.client("sqs", region_name="us-east-1")
-        client.meta.events.register(f"before-call.sqs.{operation}", self._answer)
-        self.intercepted = 0
-
-    def _answer(self, params: dict[str, Any], **_: Any) -> Any:
-        if not self._plan:
-            return None
-        step = self._plan.pop(0)
-        self.intercepted += 1
-        if isinstance(step, BaseException):
-            raise step
-        request = _request_params(params)
-        entries = request["Entries"]
-        failed = [
-            {"Id": e["Id"], "Code": step[i], "SenderFault": False, "Message": "simulated"}
-            for i, e in enumerate(entries)
-            if i in step
-        ]
-        applied = [e for i, e in enumerate(entries) if i not in step]
-        if applied:
-            call = getattr(self._direct, _snake(self._operation))
-            call(QueueUrl=request["QueueUrl"], Entries=applied)
-        parsed = {"Successful": [{"Id": e["Id"]} for e in applied], "Failed": failed}
-        return AWSResponse("https://sqs.simulated", 200, {}, None), parsed
-
-
-def _request_params(request_dict: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(request_dict["body"])
-
-
-def _snake(operation: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
+from sqsbalancerd.clock import Clock, SystemClock
+from sqsbalancerd.engine.acks import MAX_ATTEMPTS
 
 
 def handled_rig(moto_sqs: Any, count: int, *, clock: Clock | None = None) -> Rig:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
+from enginekit import body_of, fill, make_item, make_queue
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import FakeClock
 
-from enginekit import body_of, fill, make_item, make_queue
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.state import DeliveryState
-from support import FakeClock
 
 
 def new_dispatcher(capacity: int, clock: FakeClock | None = None) -> Dispatcher:
@@ -292,51 +292,77 @@ _ACTIONS = st.lists(
 )
 
 
+class Model:
+    """Drives a dispatcher like pollers and workers would, remembering FIFO orders."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.dispatcher = new_dispatcher(capacity=capacity)
+        self.queues = [
+            make_queue("plain"),
+            make_queue("capped", max_concurrency=1),
+            make_queue("work.fifo"),
+        ]
+        for queue in self.queues:
+            self.dispatcher.add_queue(queue)
+        self.sent: dict[str, list[str]] = {}  # group -> bodies in received order
+        self.started: dict[str, list[str]] = {}
+        self.running: list = []
+
+    def receive(self, queue, n: int) -> None:
+        granted = self.dispatcher.reserve(queue, n, timeout_s=0)
+        groups = [f"g{k % 2}" if queue.info.is_fifo else None for k in range(granted)]
+        items = [make_item(queue, group=g) for g in groups]
+        for item in items:
+            for group in item.groups:
+                self.sent.setdefault(group, []).append(body_of(item))
+        if not self.dispatcher.submit(queue, items):
+            self.dispatcher.unreserve(queue, granted)
+
+    def take(self) -> None:
+        item = take_now(self.dispatcher)
+        if item is None:
+            return
+        self.running.append(item)
+        for group in item.groups:
+            self.started.setdefault(group, []).append(body_of(item))
+
+    def finish(self, n: int, *, failed: bool) -> None:
+        if not self.running:
+            return
+        item = self.running.pop(n % len(self.running))
+        if failed:
+            for group in item.groups:
+                for delivery in self.dispatcher.drop_group(item.queue, group):
+                    self.sent[group].remove(delivery.message.body)  # comes back later
+        self.dispatcher.finish(item)
+
+    def check(self) -> None:
+        held = sum(q.held for q in self.queues)
+        assert 0 <= held <= self.capacity
+        assert all(q.held >= 0 for q in self.queues)
+        running_groups = [g for item in self.running for g in item.groups]
+        assert len(running_groups) == len(set(running_groups)), "a group ran twice at once"
+        assert sum(1 for item in self.running if item.queue is self.queues[1]) <= 1
+
+    def check_order(self) -> None:
+        for group, bodies in self.started.items():
+            assert bodies == [b for b in self.sent[group] if b in bodies], f"{group} order"
+
+
 @settings(max_examples=150, deadline=None)
 @given(actions=_ACTIONS, capacity=st.integers(1, 15))
 def test_random_interleavings_keep_the_bounds_and_fifo_order(actions, capacity):
-    dispatcher = new_dispatcher(capacity=capacity)
-    queues = [
-        make_queue("plain"),
-        make_queue("capped", max_concurrency=1),
-        make_queue("work.fifo"),
-    ]
-    for queue in queues:
-        dispatcher.add_queue(queue)
-    sent: dict[str, list[str]] = {}  # group -> bodies in received order
-    started: dict[str, list[str]] = {}
-    running = []
+    model = Model(capacity)
     for action, index, n in actions:
-        queue = queues[index]
+        queue = model.queues[index]
         if action == "receive":
-            granted = dispatcher.reserve(queue, n, timeout_s=0)
-            groups = [f"g{k % 2}" if queue.info.is_fifo else None for k in range(granted)]
-            items = [make_item(queue, group=g) for g in groups]
-            for item, group in zip(items, groups, strict=True):
-                if group:
-                    sent.setdefault(group, []).append(body_of(item))
-            if not dispatcher.submit(queue, items):
-                dispatcher.unreserve(queue, granted)
-        elif action == "take" and (item := take_now(dispatcher)) is not None:
-            running.append(item)
-            for group in item.groups:
-                started.setdefault(group, []).append(body_of(item))
-        elif action in ("finish", "fail") and running:
-            item = running.pop(n % len(running))
-            if action == "fail":
-                for group in item.groups:
-                    for delivery in dispatcher.drop_group(item.queue, group):
-                        sent[group].remove(delivery.message.body)  # it will come back later
-            dispatcher.finish(item)
-        elif action == "stop_queue" and index == 0:
-            dispatcher.stop_queue(queue)
-
-        held = sum(q.held for q in queues)
-        assert 0 <= held <= capacity
-        assert all(q.held >= 0 for q in queues)
-        running_groups = [g for item in running for g in item.groups]
-        assert len(running_groups) == len(set(running_groups)), "a group ran twice at once"
-        assert sum(1 for item in running if item.queue is queues[1]) <= 1
-
-    for group, bodies in started.items():
-        assert bodies == [b for b in sent[group] if b in bodies], f"{group} out of order"
+            model.receive(queue, n)
+        elif action == "take":
+            model.take()
+        elif action in ("finish", "fail"):
+            model.finish(n, failed=action == "fail")
+        elif index == 0:
+            model.dispatcher.stop_queue(queue)
+        model.check()
+    model.check_order()

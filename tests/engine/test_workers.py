@@ -8,13 +8,13 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-
 from enginekit import CallLog, Rig
+from support import FakeClock
+
 from sqsbalancerd import BatchResult, Message, Retry, batch
 from sqsbalancerd.config import RetrySettings
 from sqsbalancerd.engine.workers import AsyncBridge
 from sqsbalancerd.runtime import ThreadSupervisor
-from support import FakeClock
 
 
 class Recorder:
@@ -317,12 +317,12 @@ def test_fifo_failure_releases_the_groups_later_messages_and_order_holds(moto_sq
     rig.flush()
 
     # g1-c was released (visibility 0) without running; g2 went on.
-    assert handler.bodies == ["g1-a", "g2-a", "g1-b"]
+    assert handler.bodies == ["g1-a", "g1-b", "g2-a"]
     assert sorted(timeouts_sent(log)) == [0, 0]  # g1-b retried (base 0), g1-c released
     assert rig.counters()["released"] == 1
 
     while rig.receive():
         rig.work_all()
     rig.flush()
-    assert handler.bodies == ["g1-a", "g2-a", "g1-b", "g1-b", "g1-c"]
+    assert handler.bodies == ["g1-a", "g1-b", "g2-a", "g1-b", "g1-c"]
     assert rig.depth() == (0, 0)

@@ -1,0 +1,419 @@
+"""The Engine: visibility extension up to max_extension, draining, owning and releasing queues.
+
+Two ways to drive it: a recording spawner that starts no thread (the test calls each loop's
+`run_once` itself, on a FakeClock, so time moves only when the handler moves it), and the
+runtime's ThreadSupervisor on the real clock for the drain and ownership sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+from enginekit import CallLog, Faults, standalone_settings
+from support import FakeClock, queue_depth, wait_until
+
+from sqsbalancerd.clock import Clock, SystemClock
+from sqsbalancerd.config import Settings
+from sqsbalancerd.discovery import QueueInfo
+from sqsbalancerd.engine.consumer import Engine, HandlerSet, build_policy
+from sqsbalancerd.handler import ResolvedHandler
+from sqsbalancerd.message import Message
+from sqsbalancerd.runtime import ThreadSupervisor
+from sqsbalancerd.stats import Stats
+
+
+class _NotStarted:
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+
+class RecordingSpawner:
+    """Records the loops the engine would start; the test runs them by hand."""
+
+    def __init__(self) -> None:
+        self.loops: dict[str, Callable[[threading.Event], None]] = {}
+
+    def spawn(self, name: str, run: Callable[[threading.Event], None], stop: threading.Event):
+        self.loops[name] = run
+        return _NotStarted()
+
+    def part(self, name: str) -> Any:
+        return self.loops[name].__self__  # type: ignore[attr-defined]
+
+
+def handlers_for(function: Callable[[Message], Any]) -> HandlerSet:
+    resolved = ResolvedHandler(
+        path="tests:handler", function=function, is_async=False, is_batch=False
+    )
+    return HandlerSet(default=resolved, by_path={})
+
+
+def make_queue_info(sqs: Any, name: str, visibility_s: int = 30) -> QueueInfo:
+    url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": str(visibility_s)})[
+        "QueueUrl"
+    ]
+    return QueueInfo(name=name, url=url, visibility_timeout_s=visibility_s)
+
+
+def build_engine(
+    sqs: Any,
+    settings: Settings,
+    handler: Callable[[Message], Any],
+    *,
+    clock: Clock,
+    spawner: Any,
+    on_released: Callable[[str], None] | None = None,
+) -> Engine:
+    return Engine(
+        sqs=sqs,
+        settings=settings,
+        handlers=handlers_for(handler),
+        stats=Stats(),
+        clock=clock,
+        spawner=spawner,
+        on_released=on_released,
+    )
+
+
+def extension_timeouts(log: CallLog) -> dict[str, list[int]]:
+    by_handle: dict[str, list[int]] = {}
+    for entry in log.entries("ChangeMessageVisibilityBatch"):
+        by_handle.setdefault(entry["ReceiptHandle"], []).append(entry["VisibilityTimeout"])
+    return by_handle
+
+
+def counters(engine: Engine, queue: str) -> dict[str, int]:
+    snapshot = engine.snapshot("test")
+    return next(asdict(q) for q in snapshot.queues if q.queue == queue)
+
+
+# -- visibility extension (fake clock, no threads) ------------------------------------------
+
+
+def test_running_and_queued_messages_are_extended_until_max_extension_then_dropped(moto_sqs):
+    clock = FakeClock()
+    spawner = RecordingSpawner()
+    settings = standalone_settings(
+        sqs={"visibility_timeout": 30, "max_extension": 60, "wait_time_seconds": 0},
+        workers={"pool_size": 1, "queue_size": 5},
+    )
+    seen: list[str] = []
+    stuck_while_running: list[int] = []
+
+    def handler(message: Message) -> None:
+        seen.append(message.body)
+        for _ in range(70):  # the handler runs for 70 s of (fake) time
+            clock.advance(1.0)
+            engine.acks.run_once()
+        stuck_while_running.append(engine.stuck_slots())
+
+    engine = build_engine(moto_sqs, settings, handler, clock=clock, spawner=spawner)
+    info = make_queue_info(moto_sqs, "work-a")
+    engine.start()
+    engine.set_owned([info])
+    log = CallLog(moto_sqs)
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="running")
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="queued")
+    spawner.part("poller:work-a").run_once()
+    worker = spawner.part("worker-0")
+
+    assert worker.run_once(timeout_s=0)
+    engine.acks.flush_all()
+
+    # Each extension pushes the deadline out, never past received + max_extension (60 s):
+    # at t=20 to t=50 (30 s), at t=40 to t=60 (20 s); then nothing more, then expiry.
+    timeouts = extension_timeouts(log)
+    assert sorted(timeouts.values()) == [[30, 20], [30, 20]]
+    assert stuck_while_running == [1]
+    stats = counters(engine, "work-a")
+    assert stats["expired"] == 2
+    assert stats["succeeded"] == 0  # the late result was discarded...
+    assert not log.of("DeleteMessageBatch")  # ...so nothing was deleted
+    assert engine.stuck_slots() == 0
+    # The queued one was dropped (it reappears by itself), not run.
+    assert not worker.run_once(timeout_s=0)
+    assert seen == ["running"]
+    assert engine.dispatcher.depth() == 0
+    engine.stop_receiving()
+    engine.stop(timeout_s=0)
+
+
+def test_no_extension_after_the_delete_of_the_same_message(moto_sqs):
+    clock = FakeClock()
+    spawner = RecordingSpawner()
+    settings = standalone_settings(
+        sqs={"visibility_timeout": 30, "wait_time_seconds": 0},
+        workers={"pool_size": 1, "queue_size": 5},
+    )
+
+    def handler(message: Message) -> None:
+        for _ in range(int(message.body)):
+            clock.advance(1.0)
+            engine.acks.run_once()
+
+    engine = build_engine(moto_sqs, settings, handler, clock=clock, spawner=spawner)
+    info = make_queue_info(moto_sqs, "work-a")
+    engine.start()
+    engine.set_owned([info])
+    log = CallLog(moto_sqs)
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="25")  # A: returns at t=25
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="30")  # B: runs t=25..55
+    spawner.part("poller:work-a").run_once()
+    worker = spawner.part("worker-0")
+    assert worker.run_once(timeout_s=0)
+    assert worker.run_once(timeout_s=0)
+    engine.acks.flush_all()
+
+    deletes = [i for i, (name, _) in enumerate(log.calls) if name == "DeleteMessageBatch"]
+    assert len(deletes) == 2
+    first_delete = deletes[0]
+    [deleted] = log.calls[first_delete][1]["Entries"]
+    later_changes = [
+        e["ReceiptHandle"]
+        for name, params in log.calls[first_delete:]
+        if name == "ChangeMessageVisibilityBatch"
+        for e in params["Entries"]
+    ]
+    assert later_changes, "B should have been extended after A's delete"
+    assert deleted["ReceiptHandle"] not in later_changes
+    earlier = extension_timeouts(log)
+    assert earlier[deleted["ReceiptHandle"]] == [30]  # A was extended while it ran
+    assert queue_depth(moto_sqs, info.url) == (0, 0)
+    engine.stop_receiving()
+    engine.stop(timeout_s=0)
+
+
+def test_a_message_whose_delete_keeps_failing_is_still_extended_until_deleted(moto_sqs):
+    """Simulated: DeleteMessageBatch fails the entry 4 times (then moto deletes it). The
+    retries outlast the 6 s visibility; extension must keep the message invisible meanwhile
+    (or it would be handled twice), and stop once the delete went through."""
+    clock = FakeClock()
+    spawner = RecordingSpawner()
+    settings = standalone_settings(
+        sqs={"visibility_timeout": 6, "wait_time_seconds": 0},
+        workers={"pool_size": 1, "queue_size": 0},
+    )
+
+    def handler(message: Message) -> None:
+        clock.advance(3.0)
+
+    engine = build_engine(moto_sqs, settings, handler, clock=clock, spawner=spawner)
+    info = make_queue_info(moto_sqs, "work-a", visibility_s=6)
+    engine.start()
+    engine.set_owned([info])
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="x")
+    spawner.part("poller:work-a").run_once()
+    Faults(moto_sqs, "DeleteMessageBatch", [{0: "InternalError"}] * 4)
+    log = CallLog(moto_sqs)
+    assert spawner.part("worker-0").run_once(timeout_s=0)
+    for _ in range(150):  # 15 s: the delete retries back off 0.4, 0.8, 1.6 and 3.2 s
+        clock.advance(0.1)
+        engine.acks.run_once()
+
+    names = [name for name, _ in log.calls]
+    assert names.count("DeleteMessageBatch") == 5
+    last_delete = len(names) - 1 - names[::-1].index("DeleteMessageBatch")
+    extensions = [i for i, name in enumerate(names) if name == "ChangeMessageVisibilityBatch"]
+    assert extensions, "not extended while its delete was being retried"
+    assert max(extensions) < last_delete, "extended after the delete went through"
+    assert queue_depth(moto_sqs, info.url) == (0, 0)
+    assert counters(engine, "work-a")["deleted"] == 1
+    engine.stop_receiving()
+    engine.stop(timeout_s=0)
+
+
+def test_build_policy_applies_the_first_matching_override():
+    settings = standalone_settings(
+        sqs={"wait_time_seconds": 3, "max_messages": 7},
+        retry={"base": 2, "max": 100},
+        queue=[
+            {
+                "match": "^work-a$",
+                "max_concurrency": 2,
+                "max_rate": 5,
+                "visibility_timeout": 60,
+                "retry": {"base": 1, "max": 10},
+                "wait_time_seconds": 0,
+            },
+            {"match": "^work-", "max_messages": 3},
+        ],
+    )
+    a = build_policy(settings, QueueInfo("work-a", "u", visibility_timeout_s=30))
+    assert (a.max_concurrency, a.max_rate_per_s, a.visibility_timeout_s) == (2, 5.0, 60)
+    assert a.is_visibility_configured
+    assert a.wait_time_s == 0
+    assert a.max_messages == 7
+    assert a.retry.delay_s(3) == 4.0
+    b = build_policy(settings, QueueInfo("work-b", "u", visibility_timeout_s=45))
+    assert (b.max_concurrency, b.max_rate_per_s) == (None, None)
+    assert (b.visibility_timeout_s, b.is_visibility_configured) == (45, False)
+    assert (b.wait_time_s, b.max_messages) == (3, 3)
+    assert b.retry.delay_s(3) == 8.0
+
+
+# -- threads on the real clock -------------------------------------------------------------
+
+
+class Gate:
+    """A handler that blocks its first message until `release`, records everything."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.seen: list[str] = []
+        self.returned: list[str] = []
+
+    def __call__(self, message: Message) -> None:
+        self.seen.append(message.body)
+        if not self.started.is_set():
+            self.started.set()
+            assert self.release.wait(30), "the test never released the handler"
+        self.returned.append(message.body)
+
+
+@pytest.fixture
+def threaded(moto_sqs: Any) -> Iterator[Callable[..., tuple[Engine, ThreadSupervisor]]]:
+    built: list[tuple[Engine, ThreadSupervisor]] = []
+
+    def build(handler: Callable[[Message], Any], **kwargs: Any) -> tuple[Engine, ThreadSupervisor]:
+        settings = standalone_settings(
+            sqs={"wait_time_seconds": 1},
+            workers={"pool_size": 1, "queue_size": 5},
+        )
+        supervisor = ThreadSupervisor()
+        engine = build_engine(
+            moto_sqs, settings, handler, clock=SystemClock(), spawner=supervisor, **kwargs
+        )
+        engine.start()
+        built.append((engine, supervisor))
+        return engine, supervisor
+
+    yield build
+    for engine, supervisor in built:
+        engine.stop_receiving()
+        engine.stop(timeout_s=5)
+        assert supervisor.stop_all(timeout_s=5) == []
+
+
+def deadline(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def test_drain_releases_unstarted_at_once_and_lets_the_running_one_finish(moto_sqs, threaded):
+    handler = Gate()
+    engine, supervisor = threaded(handler)
+    info = make_queue_info(moto_sqs, "work-a")
+    for body in ("a", "b", "c", "d"):
+        moto_sqs.send_message(QueueUrl=info.url, MessageBody=body)
+    engine.set_owned([info])
+    assert handler.started.wait(10)
+    wait_until(lambda: engine.dispatcher.depth() == 3, timeout_s=10, what="3 queued")
+
+    assert engine.stop_receiving() == 3
+    wait_until(
+        lambda: queue_depth(moto_sqs, info.url) == (3, 1),
+        timeout_s=5,
+        what="unstarted messages visible again while the handler still runs",
+    )
+    assert not handler.returned
+
+    handler.release.set()
+    assert engine.wait_pollers(deadline(10))
+    assert engine.wait_handlers(deadline(10))
+    engine.stop(timeout_s=5)
+    assert queue_depth(moto_sqs, info.url) == (3, 0)
+    assert handler.seen == handler.returned == [handler.seen[0]]
+    stats = counters(engine, "work-a")
+    assert stats["deleted"] == 1
+    # 3, or more when a poll in flight at the stop got some of them again and let them go.
+    assert stats["released"] >= 3
+    assert supervisor.stop_all(timeout_s=5) == []
+
+
+def test_abandoned_handler_result_is_discarded(moto_sqs, threaded):
+    handler = Gate()
+    engine, _ = threaded(handler)
+    info = make_queue_info(moto_sqs, "work-a")
+    log = CallLog(moto_sqs)
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="slow")
+    engine.set_owned([info])
+    assert handler.started.wait(10)
+
+    engine.stop_receiving()
+    assert not engine.wait_handlers(deadline(0.2))
+    assert engine.abandon_running() == 1
+    handler.release.set()
+    wait_until(lambda: handler.returned, timeout_s=5, what="the handler to return")
+    engine.stop(timeout_s=5)
+    assert not log.of("DeleteMessageBatch")
+    assert queue_depth(moto_sqs, info.url) == (0, 1)  # not deleted: it will reappear
+
+
+def test_a_removed_queue_is_released_once_its_work_is_done(moto_sqs, threaded):
+    released: list[str] = []
+    handler = Gate()
+    engine, _ = threaded(handler, on_released=released.append)
+    a = make_queue_info(moto_sqs, "work-a")
+    b = make_queue_info(moto_sqs, "work-b")
+    moto_sqs.send_message(QueueUrl=a.url, MessageBody="a1")
+    engine.set_owned([a, b])
+    assert handler.started.wait(10)
+
+    engine.set_owned([b])
+    assert engine.owned() == ("work-b",)
+    moto_sqs.send_message(QueueUrl=a.url, MessageBody="a2")  # must not be received now
+    assert released == []  # a1 is still running
+    handler.release.set()
+    wait_until(lambda: released == ["work-a"], timeout_s=10, what="work-a released")
+    assert handler.seen == ["a1"]
+    assert queue_depth(moto_sqs, a.url) == (1, 0)
+
+    engine.set_owned([a, b])  # owned again: consumed again
+    wait_until(lambda: "a2" in handler.returned, timeout_s=10, what="a2 handled")
+    assert engine.owned() == ("work-a", "work-b")
+
+
+def test_a_queue_deleted_while_owned_stops_with_one_warning(moto_sqs, threaded, caplog):
+    caplog.set_level(logging.WARNING, logger="sqsbalancerd")
+    released: list[str] = []
+    engine, _ = threaded(lambda message: None, on_released=released.append)
+    a = make_queue_info(moto_sqs, "work-a")
+    b = make_queue_info(moto_sqs, "work-b")
+    engine.set_owned([a, b])
+    moto_sqs.delete_queue(QueueUrl=a.url)
+
+    wait_until(lambda: released == ["work-a"], timeout_s=15, what="work-a released")
+    assert engine.owned() == ("work-b",)
+    gone = [r for r in caplog.records if "no longer exists" in r.getMessage()]
+    assert len(gone) == 1
+    moto_sqs.send_message(QueueUrl=b.url, MessageBody="still consumed")
+    wait_until(
+        lambda: queue_depth(moto_sqs, b.url) == (0, 0), timeout_s=10, what="work-b still consumed"
+    )
+
+
+def test_a_queue_owned_again_while_draining_is_consumed_again_not_released(moto_sqs, threaded):
+    released: list[str] = []
+    handler = Gate()
+    engine, _ = threaded(handler, on_released=released.append)
+    a = make_queue_info(moto_sqs, "work-a")
+    moto_sqs.send_message(QueueUrl=a.url, MessageBody="a1")
+    engine.set_owned([a])
+    assert handler.started.wait(10)
+
+    engine.set_owned([])
+    moto_sqs.send_message(QueueUrl=a.url, MessageBody="a2")
+    engine.set_owned([a])  # back before a1 finished: the drain must not end in a release
+    handler.release.set()
+    wait_until(lambda: "a2" in handler.returned, timeout_s=15, what="a2 handled")
+    assert released == []
+    assert engine.owned() == ("work-a",)
