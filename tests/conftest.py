@@ -97,17 +97,24 @@ class DaemonFactory:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SQSBALANCERD_")}
         env.update(DUMMY_ENV)
-        env.update({
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "PYTHONPATH": str(TESTS_DIR),
-            "SQSB_TEST_EVENTS": str(self.events_path),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "AWS_ENDPOINT_URL": self.endpoint,
+                "PYTHONPATH": str(TESTS_DIR),
+                "SQSB_TEST_EVENTS": str(self.events_path),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(extra or {})
         return env
 
-    def start(self, *args: str, config: str | None = None, env: dict[str, str] | None = None,
-              name: str = "d") -> Daemon:
+    def start(
+        self,
+        *args: str,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "d",
+    ) -> Daemon:
         command = [sys.executable, "-m", "sqsbalancerd", "run", *args]
         if config is not None:
             path = self.tmp_path / f"{name}-{len(self.started)}.toml"
@@ -115,16 +122,29 @@ class DaemonFactory:
             command += ["--config", str(path)]
         log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                    env=self.env(env), cwd=self.tmp_path)
+            proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env(env),
+                cwd=self.tmp_path,
+            )
         daemon = Daemon(proc, log_path)
         self.started.append(daemon)
         return daemon
 
-    def run_cli(self, *args: str, env: dict[str, str] | None = None,
-                timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sqsbalancerd", *args], capture_output=True,
-                              text=True, env=self.env(env), cwd=self.tmp_path, timeout=timeout_s)
+    def run_cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sqsbalancerd", *args],
+            capture_output=True,
+            text=True,
+            env=self.env(env),
+            cwd=self.tmp_path,
+            timeout=timeout_s,
+        )
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ class RecordingServer:
         self._lock = threading.Lock()
         self._app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server("127.0.0.1", 0, self._record, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="recording-moto",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="recording-moto", daemon=True
+        )
 
     @property
     def endpoint_url(self) -> str:
@@ -39,8 +40,9 @@ class RecordingServer:
         self._server.server_close()
         self._thread.join(timeout=10)
 
-    def _record(self, environ: dict[str, Any],
-                start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def _record(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if "." in target:
             prefix, action = target.split(".", 1)

@@ -15,10 +15,10 @@ from typing import Any
 
 import boto3
 import pytest
-
 from recording_server import RecordingServer
-from sqsbalancerd.local import DUMMY_ENV, create_queues, send_messages
 from support import read_events, wait_until
+
+from sqsbalancerd.local import DUMMY_ENV, create_queues, send_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -65,8 +65,9 @@ def test_policy_lists_exactly_the_actions_an_end_to_end_run_calls(tmp_path):
     with RecordingServer() as server:
         env = {**DUMMY_ENV, "AWS_ENDPOINT_URL": server.endpoint_url}
         sqs = boto3.client("sqs", endpoint_url=server.endpoint_url, region_name="us-east-1")
-        dynamodb = boto3.client("dynamodb", endpoint_url=server.endpoint_url,
-                                region_name="us-east-1")
+        dynamodb = boto3.client(
+            "dynamodb", endpoint_url=server.endpoint_url, region_name="us-east-1"
+        )
         urls = create_queues(sqs, ["orders-1", "named-orders"])
         for url in urls.values():
             send_messages(sqs, url, [json.dumps({"fail_once": True}), json.dumps({})])
@@ -74,11 +75,18 @@ def test_policy_lists_exactly_the_actions_an_end_to_end_run_calls(tmp_path):
         events = tmp_path / "events.jsonl"
         config = tmp_path / "c.toml"
         config.write_text(CONFIG)
-        run_env = {**_base_env(), **env, "PYTHONPATH": str(ROOT / "tests"),
-                   "SQSB_TEST_EVENTS": str(events)}
+        run_env = {
+            **_base_env(),
+            **env,
+            "PYTHONPATH": str(ROOT / "tests"),
+            "SQSB_TEST_EVENTS": str(events),
+        }
         created = subprocess.run(
             [sys.executable, "-m", "sqsbalancerd", "init-table", "--config", str(config)],
-            env=run_env, capture_output=True, text=True, timeout=60,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert created.returncode == 0, created.stderr
         # A stale row under our id (PutItem, which the daemon calls too): the daemon
@@ -87,12 +95,24 @@ def test_policy_lists_exactly_the_actions_an_end_to_end_run_calls(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "sqsbalancerd", "run", "--config", str(config)],
             env=run_env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
         )
         try:
-            wait_until(lambda: sum(1 for e in read_events(events)
-                                   if e["event"] == "end" and e["outcome"] == "ok") >= 4,
-                       timeout_s=60, what="all four messages handled")
+            wait_until(
+                lambda: (
+                    sum(
+                        1
+                        for e in read_events(events)
+                        if e["event"] == "end" and e["outcome"] == "ok"
+                    )
+                    >= 4
+                ),
+                timeout_s=60,
+                what="all four messages handled",
+            )
             proc.terminate()
             output, _ = proc.communicate(timeout=30)
         finally:
@@ -108,14 +128,19 @@ def test_policy_lists_exactly_the_actions_an_end_to_end_run_calls(tmp_path):
 def _seed_dead_member(dynamodb: Any) -> None:
     dynamodb.put_item(
         TableName="sqsbalancer-coordination",
-        Item={"pk": {"S": "app#sqsbalancer"}, "sk": {"S": "member#iam-test"},
-              "instance_id": {"S": "iam-test"}, "counter": {"N": "7"},
-              "epoch": {"S": "old"}, "protocol": {"N": "1"}, "status": {"S": "active"}},
+        Item={
+            "pk": {"S": "app#sqsbalancer"},
+            "sk": {"S": "member#iam-test"},
+            "instance_id": {"S": "iam-test"},
+            "counter": {"N": "7"},
+            "epoch": {"S": "old"},
+            "protocol": {"N": "1"},
+            "status": {"S": "active"},
+        },
     )
 
 
 def _base_env() -> dict[str, str]:
     import os
 
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("SQSBALANCERD_", "AWS_"))}
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SQSBALANCERD_", "AWS_"))}

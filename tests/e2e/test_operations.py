@@ -7,9 +7,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support import read_events, wait_until
 
 from sqsbalancerd.local import create_queues, free_port, send_messages
-from support import read_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -57,11 +57,17 @@ def test_metrics_health_and_status_during_run(sqs, daemons, tmp_path):
     base = f"http://127.0.0.1:{port}"
 
     wait_until(lambda: get(f"{base}/readyz")[0] == 200, timeout_s=30, what="/readyz 200")
-    wait_until(lambda: len([e for e in read_events(daemons.events_path) if e["event"] == "end"])
-               >= 10, timeout_s=30, what="10 messages handled")
+    wait_until(
+        lambda: len([e for e in read_events(daemons.events_path) if e["event"] == "end"]) >= 10,
+        timeout_s=30,
+        what="10 messages handled",
+    )
     assert get(f"{base}/healthz")[0] == 200
-    metrics = wait_until(lambda: _succeeded(get(f"{base}/metrics")[1]) >= 10 and
-                         get(f"{base}/metrics")[1], timeout_s=10, what="metrics")
+    metrics = wait_until(
+        lambda: _succeeded(get(f"{base}/metrics")[1]) >= 10 and get(f"{base}/metrics")[1],
+        timeout_s=10,
+        what="metrics",
+    )
     assert 'sqsbalancerd_aws_calls_total{action="ReceiveMessage"' in metrics
     assert "sqsbalancerd_owned_queues 2.0" in metrics
     assert "sqsbalancerd_heartbeat_age_seconds" in metrics
@@ -78,8 +84,10 @@ def test_metrics_health_and_status_during_run(sqs, daemons, tmp_path):
     assert instance["alive"] is True
     assert instance["status"] == "active"
     assert sorted(instance["queues"]) == ["ops-a", "ops-b"]
-    assert {q["queue"]: q["owner"] for q in report["queues"]} == {"ops-a": "ops-1",
-                                                                  "ops-b": "ops-1"}
+    assert {q["queue"]: q["owner"] for q in report["queues"]} == {
+        "ops-a": "ops-1",
+        "ops-b": "ops-1",
+    }
 
     daemon.terminate()
     assert daemon.wait(timeout_s=30) == 0, daemon.log()
@@ -91,8 +99,11 @@ def test_metrics_health_and_status_during_run(sqs, daemons, tmp_path):
 
 
 def _succeeded(metrics: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("sqsbalancerd_messages_total{") and "succeeded" in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("sqsbalancerd_messages_total{") and "succeeded" in line
+    )
 
 
 def test_status_with_a_missing_table_exits_2(daemons, endpoint):
@@ -103,8 +114,9 @@ def test_status_with_a_missing_table_exits_2(daemons, endpoint):
 
 
 def test_init_table_print_matches_the_deployed_template(daemons):
-    result = daemons.run_cli("init-table", "--print",
-                             env={"SQSBALANCERD_DISCOVERY__QUEUE_PATTERN": "^x"})
+    result = daemons.run_cli(
+        "init-table", "--print", env={"SQSBALANCERD_DISCOVERY__QUEUE_PATTERN": "^x"}
+    )
     assert result.returncode == 0, result.stderr
     deployed = json.loads((ROOT / "deploy" / "coordination-table.cfn.json").read_text())
     assert json.loads(result.stdout) == deployed

@@ -22,16 +22,32 @@ from sqsbalancerd.stats import QueueStats, StatsSnapshot
 
 def message(attributes=None, message_attributes=None) -> Message:
     return Message(
-        body="{}", message_id="m-1", receipt_handle="rh", queue_url="http://q/orders",
-        queue_name="orders", receive_count=1, sent_at=datetime.now(UTC),
+        body="{}",
+        message_id="m-1",
+        receipt_handle="rh",
+        queue_url="http://q/orders",
+        queue_name="orders",
+        receive_count=1,
+        sent_at=datetime.now(UTC),
         attributes=MappingProxyType(attributes or {}),
         message_attributes=MappingProxyType(message_attributes or {}),
     )
 
 
 def snapshot() -> StatsSnapshot:
-    return StatsSnapshot("i", ("orders",), (QueueStats("orders", received=5, succeeded=3,
-                                                       failed=2),), 0, 1, 0, 0, {}, {}, {}, {})
+    return StatsSnapshot(
+        "i",
+        ("orders",),
+        (QueueStats("orders", received=5, succeeded=3, failed=2),),
+        0,
+        1,
+        0,
+        0,
+        {},
+        {},
+        {},
+        {},
+    )
 
 
 @pytest.fixture
@@ -56,7 +72,9 @@ def test_metrics_use_the_design_source_names_and_queue_url(providers):
     data = reader.get_metrics_data()
     points = {
         m.name: [(p.value, dict(p.attributes)) for p in m.data.data_points]
-        for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
     }
     url = {"queue_url": "http://q/orders"}
     assert points["sqsbalancer.messages.received"] == [(5, url)]
@@ -77,8 +95,11 @@ def test_span_links_to_a_w3c_traceparent(providers):
     _, exporter = providers
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     telemetry = otel.OtelTelemetry(snapshot, dict)
-    with telemetry.span(message(message_attributes={
-        "traceparent": {"StringValue": traceparent, "DataType": "String"}})):
+    with telemetry.span(
+        message(
+            message_attributes={"traceparent": {"StringValue": traceparent, "DataType": "String"}}
+        )
+    ):
         pass
     [span] = exporter.get_finished_spans()
     assert span.name == "orders process"
