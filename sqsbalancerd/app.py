@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+MAX_POLL_CONNECTIONS = 1024
+
+
 class Coordinator(Protocol):
     def start(self) -> None: ...
 
@@ -108,7 +111,9 @@ class Application:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.stats = stats or Stats()
-        pool = settings.workers.pool_size + 16
+        # One connection per long poll in flight (one per owned queue) plus the workers';
+        # urllib3 opens them on demand, so a high cap costs nothing while idle.
+        pool = settings.workers.pool_size + MAX_POLL_CONNECTIONS
         self.sqs = sqs or sqs_client(aws_options(settings, pool_connections=pool), self.stats)
         self.dynamodb = dynamodb
         self.discovery = Discovery(self.sqs, settings.discovery)

@@ -12,12 +12,21 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.state import Delivery, DeliveryState, QueueRuntime, WorkItem
 
 # Longest a blocked caller sleeps before re-checking its stop flag.
 _RECHECK_S = 0.5
+# A waiting poller asks again at least every _RECHECK_S; one silent for longer has stopped.
+_STALE_WAITER_S = 4 * _RECHECK_S
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    queue: QueueRuntime
+    seen_s: float
 
 
 class Dispatcher:
@@ -30,6 +39,8 @@ class Dispatcher:
         self._queues: dict[str, QueueRuntime] = {}
         self._is_receiving_stopped = False
         self._running: set[WorkItem] = set()
+        # Pollers waiting for total room, in arrival order (see _is_next_in_line).
+        self._waiting: dict[str, _Waiter] = {}
 
     @property
     def is_receiving_stopped(self) -> bool:
@@ -46,10 +57,12 @@ class Dispatcher:
             if self._queues.get(queue.name) is queue:
                 del self._queues[queue.name]
             self._ready.pop(queue.name, None)
+            self._waiting.pop(queue.name, None)
 
-    def _per_queue_cap(self) -> int:
+    def _per_queue_cap(self, queue: QueueRuntime) -> int:
+        # A fair share of the bound, but never less than one full receive.
         active = max(1, len(self._queues))
-        return max(1, math.ceil(self._capacity / active))
+        return max(queue.policy.max_messages, math.ceil(self._capacity / active))
 
     # -- pollers --------------------------------------------------------------------------
 
@@ -59,26 +72,61 @@ class Dispatcher:
         with self._cond:
             while True:
                 if self._is_receiving_stopped or queue.is_stopping:
+                    self._waiting.pop(queue.name, None)
                     return 0
+                now = self._clock.monotonic()
                 room = min(
                     want,
                     self._capacity - self._held_total,
-                    self._per_queue_cap() - queue.held,
+                    self._per_queue_cap(queue) - queue.held,
                 )
-                if room > 0:
-                    self._held_total += room
+                is_next = self._is_next_in_line(queue, now)
+                if room > 0 and is_next:
+                    # Only the queue's own share is claimed while the poll is in flight; the
+                    # total counts messages actually held (see submit), so idle long polls
+                    # on many queues do not lock each other out of the bound.
+                    self._waiting.pop(queue.name, None)
                     queue.held += room
                     return room
-                remaining = deadline - self._clock.monotonic()
+                if self._held_total >= self._capacity or not is_next:
+                    self._wait_in_line(queue, now)
+                remaining = deadline - now
                 if remaining <= 0:
-                    return 0
+                    return 0  # it keeps its place in line for its next call
                 self._cond.wait(min(remaining, _RECHECK_S))
+
+    def _wait_in_line(self, queue: QueueRuntime, now: float) -> None:
+        waiter = self._waiting.get(queue.name)
+        if waiter is None:
+            self._waiting[queue.name] = _Waiter(queue, seen_s=now)
+        else:
+            waiter.seen_s = now
+
+    def _is_next_in_line(self, queue: QueueRuntime, now: float) -> bool:
+        """When the total room is contended, queues get it in the order they started waiting.
+
+        Without this, a poller whose empty long poll just ended returns its reservation and at
+        once takes it back (it still holds the GIL), and a queue that found no room can starve
+        for as long as others keep polling. A waiter that cannot use room now (its own share
+        is full, it is stopping) or that stopped asking (its poller ended or is paused) does
+        not hold up the line.
+        """
+        for name, waiter in self._waiting.items():
+            if name == queue.name:
+                return True
+            other = waiter.queue
+            if (
+                now - waiter.seen_s <= _STALE_WAITER_S
+                and not other.is_stopping
+                and self._per_queue_cap(other) - other.held > 0
+            ):
+                return False
+        return True
 
     def unreserve(self, queue: QueueRuntime, count: int) -> None:
         if count <= 0:
             return
         with self._cond:
-            self._held_total -= count
             queue.held -= count
             self._cond.notify_all()
 
@@ -89,6 +137,7 @@ class Dispatcher:
                 return False
             for item in items:
                 queue.queued.append(item)
+                self._held_total += len(item.deliveries)
             if queue.queued:
                 self._ready[queue.name] = queue
             self._cond.notify_all()

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from sqsbalancerd.aws import describe_error, error_code, is_transient
 from sqsbalancerd.clock import Clock
-from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.acks import BATCH_LIMIT, Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem
 from sqsbalancerd.message import message_from_sqs
@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 
 _QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 _MAX_BACKOFF_S = 30.0
+# Backpressure from the acknowledger: while this many of a queue's deletes/visibility changes
+# wait to be sent, receive no more from it. Otherwise a slow or throttled delete path lets
+# handled-but-undeleted messages outlive their visibility timeout and come back, by the
+# thousand (each redelivery adding to the backlog).
+MAX_PENDING_ACKS = 2 * BATCH_LIMIT  # for this queue
+MAX_PENDING_ACKS_TOTAL = 10 * BATCH_LIMIT  # for all queues: one thread sends them
+_ACKS_BEHIND_WAIT_S = 0.05
 
 
 class ReceiveGate:
@@ -110,6 +117,8 @@ class Poller:
         if self._gate.is_paused:
             self._gate.wait_resumed(0.5)
             return 0.0
+        if self._is_acks_behind():
+            return _ACKS_BEHIND_WAIT_S  # let the deletes catch up first
         granted = self._dispatcher.reserve(self.queue, self.queue.policy.max_messages)
         if granted == 0:
             return 0.0
@@ -127,6 +136,12 @@ class Poller:
         if raw:
             self._hand_over(raw)
         return 0.0
+
+    def _is_acks_behind(self) -> bool:
+        return (
+            self._acks.pending_for(self.queue.url) >= MAX_PENDING_ACKS
+            or self._acks.pending_total() >= MAX_PENDING_ACKS_TOTAL
+        )
 
     def _receive(self, count: int, wait_s: int) -> list[dict[str, Any]]:
         policy = self.queue.policy

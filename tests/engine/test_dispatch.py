@@ -53,22 +53,47 @@ def test_unused_reservation_is_returned():
     assert dispatcher.reserve(queue, 10, timeout_s=0) == 7
 
 
-def test_each_queue_gets_a_fair_share_of_the_capacity():
-    dispatcher = new_dispatcher(capacity=20)
+def test_each_queue_holds_at_most_its_share_of_the_capacity():
+    dispatcher = new_dispatcher(capacity=40)
     deep, other = make_queue("deep"), make_queue("other")
     dispatcher.add_queue(deep)
     dispatcher.add_queue(other)
 
+    # Shares are ceil(40 / 2) = 20 each: a deep queue cannot take the whole bound.
     assert dispatcher.reserve(deep, 10, timeout_s=0) == 10
+    dispatcher.submit(deep, [make_item(deep) for _ in range(10)])
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 10
+    dispatcher.submit(deep, [make_item(deep) for _ in range(10)])
     assert dispatcher.reserve(deep, 10, timeout_s=0) == 0  # its share is used up
     assert dispatcher.reserve(other, 10, timeout_s=0) == 10
 
     third = make_queue("third")
-    dispatcher.add_queue(third)  # shares shrink to ceil(20 / 3) = 7, total stays 20
-    assert dispatcher.reserve(third, 10, timeout_s=0) == 0  # nothing left in total
-    dispatcher.unreserve(deep, 10)
-    assert dispatcher.reserve(third, 10, timeout_s=0) == 7
-    assert dispatcher.reserve(deep, 10, timeout_s=0) == 3
+    dispatcher.add_queue(third)  # shares shrink to ceil(40 / 3) = 14, never below 10
+    assert dispatcher.reserve(third, 10, timeout_s=0) == 10
+
+
+def test_idle_long_polls_on_many_queues_do_not_lock_each_other_out():
+    dispatcher = new_dispatcher(capacity=12)  # pool_size 2 + queue_size 10
+    queues = [make_queue(f"q{i}") for i in range(30)]
+    for queue in queues:
+        dispatcher.add_queue(queue)
+    # Every queue may have a long poll in flight at once: a poll claims only its own share.
+    assert [dispatcher.reserve(q, 10, timeout_s=0) for q in queues] == [10] * 30
+
+
+def test_no_receive_starts_once_received_messages_fill_the_bound():
+    dispatcher = new_dispatcher(capacity=12)
+    busy, idle = make_queue("busy"), make_queue("idle")
+    dispatcher.add_queue(busy)
+    dispatcher.add_queue(idle)
+    assert dispatcher.reserve(busy, 10, timeout_s=0) == 10
+    dispatcher.submit(busy, [make_item(busy) for _ in range(10)])
+    assert dispatcher.reserve(idle, 10, timeout_s=0) == 2  # what is left of the total
+    dispatcher.submit(idle, [make_item(idle) for _ in range(2)])
+    assert dispatcher.reserve(idle, 10, timeout_s=0) == 0
+    assert dispatcher.reserve(busy, 10, timeout_s=0) == 0
+    dispatcher.finish(take_now(dispatcher))
+    assert dispatcher.reserve(idle, 10, timeout_s=0) == 1
 
 
 # -- picking ------------------------------------------------------------------------------
