@@ -88,3 +88,67 @@ class _Namespace:
 
 
 namespace = _Namespace()
+
+
+# -- fault suite (tests/faults) -----------------------------------------------------------
+
+
+def _faults_returns(kind: str, message: Message) -> Any:
+    if kind == "false":
+        return False
+    if kind == "dict":
+        return {"ok": False, "id": message.message_id}
+    if kind == "coroutine":
+        return _coroutine_result(message)  # a sync function returning a coroutine object
+    return None
+
+
+async def _coroutine_result(message: Message) -> str:
+    _record("awaited", message)
+    return "awaited"
+
+
+def faults(message: Message) -> Any:
+    """Fault-suite handler; records like `record`. The body (JSON) steers it:
+    {"raise": "SystemExit" | "KeyboardInterrupt"} raises that on the first receive;
+    {"hang_once": s} sleeps s seconds on the first receive only; {"sleep": s} always;
+    {"returns": "none" | "false" | "dict" | "coroutine"} returns such a value;
+    {"fail_always": true} always raises ValueError (its text never holds the body);
+    {"receipt": true} records the receipt handle (to look for it in the daemon's logs).
+    """
+    data = message.json() if message.body.startswith("{") else {}
+    extra = {"receipt_handle": message.receipt_handle} if data.get("receipt") else {}
+    _record("start", message, **extra)
+    try:
+        if data.get("hang_once") and message.receive_count == 1:
+            time.sleep(float(data["hang_once"]))
+        if data.get("sleep"):
+            time.sleep(float(data["sleep"]))
+        if data.get("raise") and message.receive_count == 1:
+            raise {"SystemExit": SystemExit(4), "KeyboardInterrupt": KeyboardInterrupt()}[
+                data["raise"]
+            ]
+        if data.get("fail_always"):
+            raise ValueError("failing always on purpose")
+    except BaseException as exc:
+        _record("end", message, outcome="failed", error=type(exc).__name__)
+        raise
+    result = _faults_returns(str(data.get("returns", "none")), message)
+    _record("end", message, outcome="ok", returned=type(result).__name__)
+    return result
+
+
+@batch
+def faults_batch(messages: list[Message]) -> Any:
+    """Batch fault handler: the first message's body {"batch_returns": "false" | "zero" |
+    "dict"} picks what the whole batch returns on its first receive (None afterwards)."""
+    for message in messages:
+        _record("start", message, batch_size=len(messages))
+    first = messages[0]
+    kind = first.json().get("batch_returns") if first.body.startswith("{") else None
+    result: Any = None
+    if first.receive_count == 1:
+        result = {"false": False, "zero": 0, "dict": {"no-such-id": "x"}}.get(str(kind))
+    for message in messages:
+        _record("end", message, outcome="returned", returned=repr(result))
+    return result

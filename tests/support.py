@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 10.0, every_s: float = 0.02,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout_s: float = 10.0,
+    every_s: float = 0.02,
+    what: str = "condition",
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -54,5 +59,188 @@ def queue_depth(sqs: Any, url: str) -> tuple[int, int]:
         QueueUrl=url,
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
     )["Attributes"]
-    return (int(attributes["ApproximateNumberOfMessages"]),
-            int(attributes["ApproximateNumberOfMessagesNotVisible"]))
+    return (
+        int(attributes["ApproximateNumberOfMessages"]),
+        int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+    )
+
+
+# -- fault suite helpers (tests/faults) ---------------------------------------------------
+
+
+class Feeder:
+    """Sends `total` messages spread evenly over `urls` from a background thread, keeping each
+    queue shallow (topped up to `depth` visible messages: moto's receive slows with depth).
+
+    `sent` maps every SQS message id it sent to its queue name.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        urls: dict[str, str],
+        *,
+        total: int,
+        depth: int = 100,
+        body: Callable[[int], str] = lambda n: json.dumps({"n": n}),
+    ) -> None:
+        import threading
+
+        import boto3
+
+        self._sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
+        self._urls = urls
+        self._depth = depth
+        self._body = body
+        share, extra = divmod(total, len(urls))
+        self._todo = {q: share + (i < extra) for i, q in enumerate(sorted(urls))}
+        self.total = total
+        self.sent: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-feeder", daemon=True)
+
+    def start(self) -> Feeder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def sent_ids(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.sent)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() and any(self._todo.values()):
+                for queue in sorted(q for q, n in self._todo.items() if n):
+                    self._top_up(queue)
+                self._stop.wait(0.1)
+            self.done.set()
+        except BaseException as exc:  # surfaced by the test through .error
+            self.error = exc
+
+    def _top_up(self, queue: str) -> None:
+        url = self._urls[queue]
+        visible = int(
+            self._sqs.get_queue_attributes(
+                QueueUrl=url,
+                AttributeNames=["ApproximateNumberOfMessages"],
+            )["Attributes"]["ApproximateNumberOfMessages"]
+        )
+        want = min(self._todo[queue], self._depth - visible)
+        while want > 0 and not self._stop.is_set():
+            count = min(10, want)
+            with self._lock:
+                first = len(self.sent)
+            entries = [{"Id": str(i), "MessageBody": self._body(first + i)} for i in range(count)]
+            response = self._sqs.send_message_batch(QueueUrl=url, Entries=entries)
+            assert not response.get("Failed"), response.get("Failed")
+            with self._lock:
+                for entry in response["Successful"]:
+                    self.sent[entry["MessageId"]] = queue
+            self._todo[queue] -= count
+            want -= count
+
+
+def handling_intervals(
+    events: list[dict[str, Any]], killed_at: dict[int, float]
+) -> dict[str, list[tuple[float, float, int]]]:
+    """queue -> [(start, end, pid)] from recorded start/end events; a handler cut short by
+    SIGKILL (start without end in a killed pid) ends at its kill time."""
+    open_starts: dict[tuple[int, str, int], dict[str, Any]] = {}
+    by_queue: dict[str, list[tuple[float, float, int]]] = {}
+    for event in events:
+        key = (event["pid"], event["id"], event["receive_count"])
+        if event["event"] == "start":
+            open_starts[key] = event
+        elif event["event"] == "end" and key in open_starts:
+            start = open_starts.pop(key)
+            by_queue.setdefault(event["queue"], []).append((start["t"], event["t"], event["pid"]))
+    for (pid, _, _), start in open_starts.items():
+        assert pid in killed_at, f"handler never ended in a process not killed ({pid}): {start}"
+        by_queue.setdefault(start["queue"], []).append((start["t"], killed_at[pid], pid))
+    return by_queue
+
+
+def concurrent_handlings(
+    events: list[dict[str, Any]], killed_at: dict[int, float]
+) -> tuple[int, list[str]]:
+    """(intervals checked, violations): per queue, intervals of different processes must not
+    overlap."""
+    checked, violations = 0, []
+    for queue, intervals in handling_intervals(events, killed_at).items():
+        latest_end: dict[int, float] = {}
+        for start, end, pid in sorted(intervals):
+            for other, other_end in latest_end.items():
+                if other != pid and other_end > start:
+                    violations.append(
+                        f"{queue}: pid {pid} started at {start:.3f} while pid "
+                        f"{other} was handling until {other_end:.3f}"
+                    )
+            latest_end[pid] = max(end, latest_end.get(pid, end))
+            checked += 1
+    return checked, violations
+
+
+# Message ids or queue URLs: any collection of strings (a dict's keys count).
+Ids = set[str] | list[str] | tuple[str, ...] | dict[str, str]
+
+
+class Tally:
+    """Per message id: what was sent, handled (an "ok" end event), left in SQS, lost."""
+
+    def __init__(self, sent: Ids, events: list[dict[str, Any]], *, left: Ids = ()) -> None:
+        from collections import Counter
+
+        sent_ids, left_ids = set(sent), set(left)
+        ok = Counter(e["id"] for e in events if e["event"] == "end" and e.get("outcome") == "ok")
+        self.sent = len(sent_ids)
+        self.handled = len(sent_ids & set(ok))
+        self.left = len(left_ids & sent_ids)  # never handled, still in SQS: counted, not lost
+        self.lost = sent_ids - set(ok) - left_ids
+        self.duplicated = {i: n - 1 for i, n in ok.items() if n > 1}  # handlings beyond one
+        self.unknown = set(ok) - sent_ids  # handled but never sent by this test
+
+    def figures(self) -> str:
+        return (
+            f"sent={self.sent} handled={self.handled} left_in_sqs={self.left} "
+            f"lost={len(self.lost)} duplicated={sum(self.duplicated.values())}"
+        )
+
+
+def json_log(text: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines (log_format = "json"), each given `t` (epoch seconds)."""
+    from datetime import datetime
+
+    lines = []
+    for raw in text.splitlines():
+        if raw.startswith("{"):
+            line = json.loads(raw)
+            line["t"] = datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
+            lines.append(line)
+    return lines
+
+
+def drain_queues(sqs: Any, urls: Ids, *, timeout_s: float = 30.0) -> set[str]:
+    """Receive (and hide for 10 min) all that is left in `urls`, waiting for messages in
+    flight to come back; returns their ids. For counting what a test left behind."""
+    ids: set[str] = set()
+    url_list = list(urls)
+
+    def round_done() -> bool:
+        hidden = 0
+        for url in url_list:
+            while got := sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=600
+            ).get("Messages", []):
+                ids.update(m["MessageId"] for m in got)
+            hidden += queue_depth(sqs, url)[1]
+        return hidden == len(ids)  # nothing in flight but what we hold
+
+    wait_until(round_done, timeout_s=timeout_s, every_s=0.5, what="in-flight messages back")
+    return ids
