@@ -15,7 +15,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,6 +39,15 @@ CONFIG_FILE_ENV = "SQSBALANCERD_CONFIG"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Seconds = Annotated[float, Field(ge=0)]
+# A loop period: below this a loop would spin against AWS.
+MIN_LOOP_S = 0.1
+LoopSeconds = Annotated[float, Field(ge=MIN_LOOP_S)]
+
+
+def _off_or_loop(value: float) -> float:
+    if 0 < value < MIN_LOOP_S:
+        raise ValueError(f"must be 0 (off) or at least {MIN_LOOP_S}")
+    return value
 
 
 class _Section(BaseModel):
@@ -58,7 +75,7 @@ class CoordinationSettings(_Section):
     mode: Literal["dynamodb", "standalone"] = "dynamodb"
     table_name: str = Field(default="sqsbalancer-coordination", min_length=3, max_length=255)
     create_table: bool = True
-    heartbeat_interval: PositiveSeconds = 10.0
+    heartbeat_interval: LoopSeconds = 10.0
     heartbeat_timeout: PositiveSeconds = 30.0
     rebalance_delay: Seconds = 30.0
     virtual_nodes: int = Field(default=150, ge=1, le=10_000)
@@ -89,7 +106,7 @@ class DiscoverySettings(_Section):
     queue_pattern: str | None = None
     exclude_pattern: str | None = None
     queues: tuple[str, ...] = ()
-    interval: PositiveSeconds = 300.0
+    interval: LoopSeconds = 300.0
     include_dead_letter_queues: bool = False
 
     @field_validator("queue_pattern", "exclude_pattern")
@@ -133,7 +150,7 @@ class ObservabilitySettings(_Section):
     log_format: Literal["auto", "console", "json"] = "auto"
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9400, ge=0, le=65_535)
-    backlog_interval: Seconds = 0.0
+    backlog_interval: Annotated[float, Field(ge=0), AfterValidator(_off_or_loop)] = 0.0
     otel: bool = False
 
     @field_validator("log_level", mode="before")
