@@ -28,12 +28,14 @@ from sqsbalancerd.coordination.standalone import StandaloneCoordinator
 from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult, QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet
+from sqsbalancerd.engine.workers import Tracing
 from sqsbalancerd.errors import AwsUnavailableError, ConfigError, SqsBalancerError
 from sqsbalancerd.handler import resolve_handler, resolve_hook
 from sqsbalancerd.observability.backlog import BacklogSampler
 from sqsbalancerd.observability.health import HealthReport, liveness, readiness
 from sqsbalancerd.observability.http import HttpServer
 from sqsbalancerd.observability.metrics import BacklogGauge, build_registry
+from sqsbalancerd.observability.otel import OtelTelemetry
 from sqsbalancerd.runtime import Runtime, ThreadSupervisor
 from sqsbalancerd.stats import CoordinationStats, Stats, StatsSnapshot
 
@@ -139,6 +141,7 @@ class Application:
             clock=self.clock,
             spawner=spawner,
             on_released=self._on_released,
+            tracing=self._otel_tracing(),
         )
         self.engine.start()
         self._run_hook(self.settings.on_startup)
@@ -152,6 +155,16 @@ class Application:
         self._first_discovery(loop)
         spawner.spawn("discovery", loop.run, self._loops_stop)
         self._spawn_extras(spawner, fail)
+
+    def _otel_tracing(self) -> Tracing | None:
+        if not self.settings.observability.otel:
+            return None
+        telemetry = OtelTelemetry(self.snapshot, self._queue_urls)
+        return telemetry.span
+
+    def _queue_urls(self) -> dict[str, str]:
+        result = self._last_discovery
+        return {q.name: q.url for q in result.matched} if result else {}
 
     def _spawn_extras(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
         """The HTTP endpoint (port 0: off) and the opt-in backlog sampler."""

@@ -25,7 +25,7 @@ from sqsbalancerd.engine.state import (
     QueueRuntime,
     TokenBucket,
 )
-from sqsbalancerd.engine.workers import AsyncBridge, Worker
+from sqsbalancerd.engine.workers import AsyncBridge, Tracing, Worker
 from sqsbalancerd.handler import ResolvedHandler
 from sqsbalancerd.stats import QueueStats, Stats, StatsSnapshot
 
@@ -108,6 +108,7 @@ class Engine:
         clock: Clock,
         spawner: Spawner,
         on_released: Callable[[str], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._sqs = sqs
         self._settings = settings
@@ -116,6 +117,7 @@ class Engine:
         self._clock = clock
         self._spawner = spawner
         self._on_released = on_released
+        self._tracing = tracing
         self._lock = threading.RLock()
         self._owned: dict[str, _Owned] = {}
         self._stopping: dict[str, _Owned] = {}
@@ -153,6 +155,7 @@ class Engine:
                 stats=self._stats,
                 clock=self._clock,
                 bridge=self.bridge,
+                tracing=self._tracing,
             )
             self._workers.append(worker)
             self._threads.append(

@@ -7,10 +7,12 @@ Any BaseException from a handler is a failed message; it never ends a worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from sqsbalancerd.clock import Clock
@@ -19,10 +21,14 @@ from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.state import Delivery, DeliveryState, WorkItem
 from sqsbalancerd.errors import Retry
 from sqsbalancerd.handler import BatchResult
+from sqsbalancerd.message import Message
 from sqsbalancerd.observability.logging import log_context
 from sqsbalancerd.stats import Stats
 
 logger = logging.getLogger(__name__)
+
+# Wraps one handler call, e.g. in an OpenTelemetry span (observability/otel.py).
+Tracing = Callable[[Message], AbstractContextManager[None]]
 
 
 class AsyncBridge:
@@ -65,12 +71,14 @@ class Worker:
         stats: Stats,
         clock: Clock,
         bridge: AsyncBridge | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._acks = acks
         self._stats = stats
         self._clock = clock
         self._bridge = bridge
+        self._tracing = tracing
         self.last_tick_s = clock.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -106,7 +114,8 @@ class Worker:
         ids = [d.message.message_id for d in item.deliveries]
         first = item.deliveries[0].message
         context = {"queue": queue.name, "message_id": first.message_id if len(ids) == 1 else None}
-        with log_context(**context):
+        span = self._tracing(first) if self._tracing else contextlib.nullcontext()
+        with log_context(**context), span:
             try:
                 if queue.is_batch:
                     result = self._call(queue.invoke, [d.message for d in item.deliveries], context)

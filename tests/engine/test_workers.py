@@ -326,3 +326,43 @@ def test_fifo_failure_releases_the_groups_later_messages_and_order_holds(moto_sq
     rig.flush()
     assert handler.bodies == ["g1-a", "g1-b", "g2-a", "g1-b", "g1-c"]
     assert rig.depth() == (0, 0)
+
+
+def test_tracing_wraps_each_handler_call_with_its_message():
+    from contextlib import contextmanager
+
+    from enginekit import make_item, make_queue
+    from support import FakeClock
+
+    from sqsbalancerd.engine.dispatch import Dispatcher
+    from sqsbalancerd.engine.workers import Worker
+    from sqsbalancerd.stats import Stats
+
+    seen: list[tuple[str, str]] = []
+    calls: list[str] = []
+
+    @contextmanager
+    def tracing(message):
+        seen.append(("enter", message.message_id))
+        yield
+        seen.append(("exit", message.message_id))
+
+    class Acks:
+        def delete(self, deliveries):
+            calls.extend(d.message.message_id for d in deliveries)
+
+        def change_visibility(self, deliveries, timeout_s, *, reason):
+            raise AssertionError("nothing fails here")
+
+    clock = FakeClock()
+    queue = make_queue("traced", invoke=lambda message: seen.append(("run", message.message_id)))
+    dispatcher = Dispatcher(capacity=10, clock=clock)
+    dispatcher.add_queue(queue)
+    item = make_item(queue)
+    dispatcher.reserve(queue, 1, timeout_s=0)
+    dispatcher.submit(queue, [item])
+    worker = Worker(dispatcher=dispatcher, acks=Acks(), stats=Stats(), clock=clock, tracing=tracing)
+    assert worker.run_once(timeout_s=0)
+    message_id = item.deliveries[0].message.message_id
+    assert seen == [("enter", message_id), ("run", message_id), ("exit", message_id)]
+    assert calls == [message_id]
