@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 MAX_POLL_CONNECTIONS = 1024
+ACK_READ_TIMEOUT_S = 5.0
 
 
 class Coordinator(Protocol):
@@ -117,6 +118,18 @@ class Application:
         # urllib3 opens them on demand, so a high cap costs nothing while idle.
         pool = settings.workers.pool_size + MAX_POLL_CONNECTIONS
         self.sqs = sqs or sqs_client(aws_options(settings, pool_connections=pool), self.stats)
+        # Deletes and visibility changes answer at once: a hung one must not hold every
+        # pending ack for a long poll's read timeout (messages would reappear meanwhile).
+        self.ack_sqs = (
+            sqs
+            if sqs is not None
+            else sqs_client(
+                replace(
+                    aws_options(settings, pool_connections=4), read_timeout_s=ACK_READ_TIMEOUT_S
+                ),
+                self.stats,
+            )
+        )
         self.dynamodb = dynamodb
         self.discovery = Discovery(self.sqs, settings.discovery)
         self._handlers = handlers
@@ -135,6 +148,7 @@ class Application:
     def start(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
         self.engine = Engine(
             sqs=self.sqs,
+            ack_sqs=self.ack_sqs,
             settings=self.settings,
             handlers=self._handlers,
             stats=self.stats,
@@ -246,6 +260,7 @@ class Application:
                 pause=engine.pause_receiving,
                 resume=engine.resume_receiving,
                 set_budget=engine.set_receive_budget,
+                renewed=engine.notify_renewed,
             ),
             spawn=spawner.spawn,
             fail=fail,

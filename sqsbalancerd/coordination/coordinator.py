@@ -47,7 +47,8 @@ class ReceiveControl:
 
     pause: Callable[[], None]
     resume: Callable[[], None]
-    set_budget: Callable[[Callable[[], float | None]], None]
+    set_budget: Callable[[Callable[[], float | None], Callable[[], float | None]], None]
+    renewed: Callable[[], None] = lambda: None
 
 
 @dataclass(slots=True)
@@ -105,6 +106,7 @@ class DynamoCoordinator:
         self._target: frozenset[str] = frozenset()
         self._holdings = _Holdings()
         self._renewed_at_s: float | None = None
+        self._next_round_s: float | None = None
         self._is_fenced = False
         self._is_draining = False
         self._rebalances = 0
@@ -121,7 +123,7 @@ class DynamoCoordinator:
             started = self._clock.monotonic()
             self._membership.join(self._stop.wait)
             self._renewed_at_s = started
-            self._control.set_budget(self.receive_budget_s)
+            self._control.set_budget(self.receive_budget_s, self.renewal_due_in_s)
             self._round_started_s = self._clock.monotonic()
             self._observe_members()
             self._view.changed_at_s = self._round_started_s
@@ -136,16 +138,17 @@ class DynamoCoordinator:
         self._spawn("coordinator", self.run, self._stop)
 
     def run(self, stop: threading.Event) -> None:
-        next_heartbeat = self._clock.monotonic() + self._settings.heartbeat_interval
+        self._next_round_s = self._clock.monotonic() + self._settings.heartbeat_interval
         while not stop.is_set():
             now = self._clock.monotonic()
+            next_heartbeat = self._next_round_s
             if now >= next_heartbeat:
-                next_heartbeat = now + self._settings.heartbeat_interval
+                self._next_round_s = now + self._settings.heartbeat_interval
                 self.tick()
             else:
                 self.reconcile_released()
                 self._check_fence()
-            self._wake.wait(min(0.25, max(0.0, next_heartbeat - self._clock.monotonic())))
+            self._wake.wait(min(0.25, max(0.0, self._next_round_s - self._clock.monotonic())))
             self._wake.clear()
 
     def on_discovered(self, result: DiscoveryResult) -> None:
@@ -205,6 +208,7 @@ class DynamoCoordinator:
         started = self._clock.monotonic()
         self._membership.heartbeat()
         self._renewed_at_s = started
+        self._control.renewed()
 
     def _observe_members(self) -> None:
         records = self._table.members()
@@ -360,6 +364,12 @@ class DynamoCoordinator:
             return 0.0
         limit = self._settings.heartbeat_timeout - self._settings.effective_fence_margin
         return renewed + limit - self._clock.monotonic()
+
+    def renewal_due_in_s(self) -> float | None:
+        """Seconds until the next heartbeat round (pollers may wait for it; see ReceiveGate)."""
+        if self._next_round_s is None:
+            return None
+        return self._next_round_s - self._clock.monotonic()
 
     def _check_fence(self) -> None:
         budget = self.receive_budget_s()

@@ -102,6 +102,7 @@ class Engine:
         self,
         *,
         sqs: SQSClient,
+        ack_sqs: SQSClient | None = None,
         settings: Settings,
         handlers: HandlerSet,
         stats: Stats,
@@ -130,7 +131,10 @@ class Engine:
         self.gate = ReceiveGate()
         workers = settings.workers
         self.dispatcher = Dispatcher(capacity=workers.pool_size + workers.queue_size, clock=clock)
-        self.acks = Acknowledger(sqs, stats=stats, clock=clock, on_settled=self._check_released)
+        # Acks may use their own client: a short read timeout, not the long poll's.
+        self.acks = Acknowledger(
+            ack_sqs or sqs, stats=stats, clock=clock, on_settled=self._check_released
+        )
         self.acks.set_extension_source(self._extensions_due, every_s=EXTENSION_CHECK_S)
         self.bridge = AsyncBridge() if self._needs_event_loop() else None
 
@@ -184,8 +188,15 @@ class Engine:
     def resume_receiving(self) -> None:
         self.gate.resume()
 
-    def set_receive_budget(self, budget_s: Callable[[], float | None]) -> None:
-        self.gate.set_budget(budget_s)
+    def set_receive_budget(
+        self,
+        budget_s: Callable[[], float | None],
+        renewal_due_in_s: Callable[[], float | None] | None = None,
+    ) -> None:
+        self.gate.set_budget(budget_s, renewal_due_in_s)
+
+    def notify_renewed(self) -> None:
+        self.gate.notify_renewed()
 
     # -- drain ----------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 _QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 _MAX_BACKOFF_S = 30.0
+# Longest a poller waits for a heartbeat renewal that is about to lengthen its budget.
+RENEWAL_WAIT_S = 2.0
 # Backpressure from the acknowledger: while this many of a queue's deletes/visibility changes
 # wait to be sent, receive no more from it. Otherwise a slow or throttled delete path lets
 # handled-but-undeleted messages outlive their visibility timeout and come back, by the
@@ -50,6 +52,8 @@ class ReceiveGate:
         self._resumed = threading.Event()
         self._resumed.set()
         self._budget_s: Callable[[], float | None] = lambda: None
+        self._renewal_due_in_s: Callable[[], float | None] = lambda: None
+        self._renewed = threading.Condition()
 
     def pause(self) -> None:
         self._resumed.clear()
@@ -64,16 +68,38 @@ class ReceiveGate:
     def wait_resumed(self, timeout_s: float) -> bool:
         return self._resumed.wait(timeout_s)
 
-    def set_budget(self, budget_s: Callable[[], float | None]) -> None:
+    def set_budget(
+        self,
+        budget_s: Callable[[], float | None],
+        renewal_due_in_s: Callable[[], float | None] | None = None,
+    ) -> None:
         self._budget_s = budget_s
+        self._renewal_due_in_s = renewal_due_in_s or (lambda: None)
+
+    def notify_renewed(self) -> None:
+        with self._renewed:
+            self._renewed.notify_all()
 
     def wait_time_s(self, wanted_s: int) -> int | None:
         """The WaitTimeSeconds to use now; None when no receive may start."""
         budget = self._budget_s()
         if budget is None:
             return wanted_s
+        if int(budget) - 1 < wanted_s:
+            budget = self._after_imminent_renewal(budget)
         allowed = int(budget) - 1  # a second's slack for the request's own round trip
         return None if allowed < 0 else min(wanted_s, allowed)
+
+    def _after_imminent_renewal(self, budget: float) -> float:
+        """A renewal due in a moment restores the full budget: a short wait for it keeps
+        polls long (cut polls would cost up to twice the idle requests)."""
+        due_s = self._renewal_due_in_s()
+        if due_s is None or not 0 <= due_s <= RENEWAL_WAIT_S:
+            return budget
+        with self._renewed:
+            self._renewed.wait(due_s + 1.0)
+        renewed = self._budget_s()
+        return budget if renewed is None else renewed
 
 
 class Poller:

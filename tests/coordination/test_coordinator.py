@@ -107,8 +107,13 @@ class FakeEngine:
         self.resumes += 1
         self.is_paused = False
 
-    def set_budget(self, budget: Callable[[], float | None]) -> None:
+    def set_budget(
+        self,
+        budget: Callable[[], float | None],
+        renewal_due_in_s: Callable[[], float | None] | None = None,
+    ) -> None:
         self.budget = budget
+        self.renewal_due_in_s = renewal_due_in_s
 
     def control(self) -> ReceiveControl:
         return ReceiveControl(pause=self.pause, resume=self.resume, set_budget=self.set_budget)

@@ -150,3 +150,31 @@ def test_receive_budget_bounds_the_long_poll(moto_sqs):
     assert rig.poller.run_once() > 0
     assert len(log.of("ReceiveMessage")) == 1
     assert rig.dispatcher.reserve(rig.queue, 100, timeout_s=0) == 19
+
+
+def test_gate_waits_for_an_imminent_renewal_instead_of_cutting_the_poll():
+    import threading
+
+    from sqsbalancerd.engine.poller import ReceiveGate
+
+    gate = ReceiveGate()
+    budget = {"s": 12.0}
+    gate.set_budget(lambda: budget["s"], lambda: 0.5)
+
+    def renew() -> None:
+        budget["s"] = 20.0 + 1.0
+        gate.notify_renewed()
+
+    timer = threading.Timer(0.2, renew)
+    timer.start()
+    try:
+        assert gate.wait_time_s(20) == 20  # waited for the renewal: a full poll
+    finally:
+        timer.join(timeout=5)
+
+    # A renewal far away: no waiting, the poll is cut to the budget.
+    gate.set_budget(lambda: 12.0, lambda: 8.0)
+    assert gate.wait_time_s(20) == 11
+    # No budget at all (standalone): the wanted wait.
+    gate.set_budget(lambda: None)
+    assert gate.wait_time_s(20) == 20
