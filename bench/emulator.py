@@ -6,12 +6,18 @@ prints one JSON line ({"port": ..., "patched": ...}) when it listens on 127.0.0.
 serves until SIGTERM. A thin WSGI middleware in front of moto counts every request by
 (client, service, action): the action from the X-Amz-Target header (JSON protocol, e.g.
 "AmazonSQS.ReceiveMessage", "DynamoDB_20120810.Query") or the Action= field (query
-protocol); the service from the SigV4 credential scope; the client is "harness" for the
-bench's own feeding and checking (access key "harness") and "consumer" for everything else.
-It also counts the messages ReceiveMessage returned and the TCP connections seen.
+protocol); the service from the SigV4 credential scope; the client is the access key id,
+which the harness sets per process ("harness" for its own feeding and checking, one key
+per consumer instance), so concurrent processes are counted apart.
+It also counts the messages ReceiveMessage returned to each client, and notes requests that
+took longer than a second (ReceiveMessage with WaitTimeSeconds excepted): the emulator's own
+stalls, so they are not blamed on a consumer.
 
     GET  /__bench/counts   the counters as JSON
     POST /__bench/reset    the counters as JSON, then zeroed
+    POST /__bench/fill     {"queue": name, "count": n, "body": text}: send n messages
+                           in process (no HTTP per batch: preloading deep queues fast);
+                           answers {"ids": [...], "sent_at": unix time}
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs
 
-HARNESS_KEY = "harness"
+SLOW_S = 1.0
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/[^/]+/[^/]+/([^/]+)/")
 
 
@@ -37,7 +44,7 @@ class CountingMiddleware:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._received: Counter[str] = Counter()
-        self._connections: set[tuple[str, str]] = set()
+        self._slow: list[dict[str, Any]] = []
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
@@ -47,8 +54,19 @@ class CountingMiddleware:
         key = f"{client}|{service}|{action}"
         with self._lock:
             self._counts[key] += 1
-            self._connections.add((environ.get("REMOTE_ADDR", ""), environ.get("REMOTE_PORT", "")))
+        started = time.monotonic()
         body = self._app(environ, start_response)
+        elapsed = time.monotonic() - started
+        if elapsed > SLOW_S and action != "ReceiveMessage":
+            with self._lock:
+                self._slow.append(
+                    {
+                        "client": client,
+                        "action": action,
+                        "s": round(elapsed, 2),
+                        "at": round(time.time(), 2),
+                    }
+                )
         if action != "ReceiveMessage":
             return body
         data = b"".join(body)
@@ -64,7 +82,7 @@ class CountingMiddleware:
     def _classify(environ: dict[str, Any]) -> tuple[str, str, str]:
         match = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
         key_id, service = (match.group(1), match.group(2)) if match else ("", "unknown")
-        client = "harness" if key_id == HARNESS_KEY else "consumer"
+        client = key_id or "anonymous"  # each consumer process gets its own access key
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target:
             return client, service, target.rsplit(".", 1)[-1]
@@ -85,22 +103,39 @@ class CountingMiddleware:
             snapshot = {
                 "requests": counts,
                 "messages_received": dict(self._received),
-                "connections": len(self._connections),
+                "slow_requests": list(self._slow[-100:]),
             }
             if reset:
                 self._counts.clear()
                 self._received.clear()
-                self._connections.clear()
+                self._slow.clear()
         return snapshot
 
     def _control(self, path: str, environ: dict[str, Any], start_response: Any) -> Any:
-        is_reset = path == "/__bench/reset" and environ.get("REQUEST_METHOD") == "POST"
-        if path not in ("/__bench/counts", "/__bench/reset"):
+        is_post = environ.get("REQUEST_METHOD") == "POST"
+        if path == "/__bench/fill" and is_post:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            payload = json.dumps(fill(**json.loads(environ["wsgi.input"].read(length)))).encode()
+        elif path in ("/__bench/counts", "/__bench/reset"):
+            payload = json.dumps(self.snapshot(reset=is_post and path.endswith("reset"))).encode()
+        else:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"unknown bench endpoint"]
-        payload = json.dumps(self.snapshot(reset=is_reset)).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
         return [payload]
+
+
+def fill(queue: str, count: int, body: str = "{}") -> dict[str, Any]:
+    """Send `count` messages to `queue` through moto's backend, as SendMessage would."""
+    import time
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sqs.models import sqs_backends
+
+    backend = sqs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
+    sent_at = time.time()
+    ids = [backend.send_message(queue, body).id for _ in range(count)]
+    return {"ids": ids, "sent_at": sent_at}
 
 
 def serve(port: int, *, patch: bool) -> None:
