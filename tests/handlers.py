@@ -25,9 +25,17 @@ def _record(event: str, message: Message, **fields: Any) -> None:
         if _file is None:
             path = os.environ["SQSB_TEST_EVENTS"] + f".{os.getpid()}"
             _file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the process
-        line = {"event": event, "t": time.time(), "pid": os.getpid(), "queue": message.queue_name,
-                "id": message.message_id, "receive_count": message.receive_count,
-                "group": message.group_id, "body": message.body, **fields}
+        line = {
+            "event": event,
+            "t": time.time(),
+            "pid": os.getpid(),
+            "queue": message.queue_name,
+            "id": message.message_id,
+            "receive_count": message.receive_count,
+            "group": message.group_id,
+            "body": message.body,
+            **fields,
+        }
         _file.write(json.dumps(line) + "\n")
 
 
