@@ -248,7 +248,7 @@ def test_instance_losing_dynamodb_fences_before_its_queues_are_taken(
     # The pause (and its line) comes when the coordinator next looks: at most one DynamoDB
     # call late (here 2 attempts x 0.5 s timeout + <= 1 s backoff); receiving had already
     # stopped through the receive budget (asserted above).
-    assert deadline - 0.1 <= fenced["t"] <= deadline + 2.5
+    assert deadline - 0.5 <= fenced["t"] <= deadline + 2.5
     assert not overlaps, overlaps
     # Nothing lost; duplicates would be messages n1 received but never deleted (none).
     assert not tally.lost and not tally.unknown and tally.handled == tally.sent
@@ -292,14 +292,16 @@ def test_instance_fenced_by_throttling_resumes_when_dynamodb_returns_in_time(
     assert n1.wait(timeout_s=30) == 0, n1.log()
     assert n2.wait(timeout_s=30) == 0, n2.log()
 
-    renewal = max(
+    heartbeats = [
         r.started
         for r in p1.records("dynamodb", "UpdateItem")
-        if r.key == "member#n1" and r.status == 200 and r.started < restored
-    )
+        if r.key == "member#n1" and r.status == 200
+    ]
+    renewal = max(t for t in heartbeats if t < restored)
+    renewed_again = min(t for t in heartbeats if t >= restored)  # the budget starts afresh
     deadline = renewal + timeout_s - margin_s
     n1_receives = receives(p1, mine)
-    during = [r for r in n1_receives if r.started < resumed["t"]]
+    during = [r for r in n1_receives if r.started < renewed_again]
     later = [r for r in n1_receives if r.started >= resumed["t"]]
     events = read_events(daemons.events_path)
     tally = Tally(sent, events)
@@ -316,7 +318,7 @@ def test_instance_fenced_by_throttling_resumes_when_dynamodb_returns_in_time(
         f"{timeout_s:g}s); {len(later)} receives after; {checked} handlings checked"
     )
     assert all(r.started < deadline and r.ended <= deadline for r in during)
-    assert deadline - 0.1 <= fenced["t"] <= deadline + 2.5
+    assert deadline - 0.5 <= fenced["t"] <= deadline + 2.5
     assert later, "n1 never received again"
     assert after == before  # same owners, same leases: nobody took anything over
     assert not receives(p2, mine), "n2 received from n1's queues"
