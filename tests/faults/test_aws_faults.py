@@ -391,7 +391,8 @@ def test_rejected_receipt_handle_message_comes_back_and_is_not_lost(
     causes = explain_duplicates(proxy, tally.duplicated, log)
     print(f"duplicates by cause: { {k: len(v) for k, v in causes.items()} }")
     assert set(rule.message_ids) <= causes["delete given up"]
-    assert all(tally.duplicated[m] == 1 for m in rule.message_ids)
+    # (Once more than that only if a later delete of it was late as well: long mode, rare.)
+    assert all(tally.duplicated.get(m, 0) >= 1 for m in rule.message_ids)
     assert not causes["unexplained"], timeline(proxy, causes["unexplained"])
     again = {e["id"] for e in events if e["event"] == "start" and e["receive_count"] == 2}
     assert set(rule.message_ids) <= again
