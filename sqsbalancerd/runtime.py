@@ -1,8 +1,10 @@
 """The sole owner of threads, signals and the drain sequence.
 
-Signal handlers only record the signal and set an event (they may run between any two
-bytecodes of the main thread, so they must not log, lock or do I/O); the main thread
-does the work. First SIGTERM/SIGINT drains; a second skips the waits.
+Signals are acted on by a thread of their own, never inside a Python signal handler: a
+handler runs between two bytecodes of the main thread, possibly while that thread holds
+the very lock (an Event's condition) the handler would take, and deadlocks. The C-level
+handler writes the signal number to a socket (`signal.set_wakeup_fd`); the `sqsb-signals`
+thread reads it and calls back. First SIGTERM/SIGINT drains; a second skips the waits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -91,25 +94,63 @@ class ThreadSupervisor:
         return [t.name for t in threads if t.is_alive()]
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Written by the context manager itself to end the reader thread; no signal has number 0.
+_STOP_READER = b"\x00"
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: the wakeup socket already carries the signal."""
+
+
+def _read_signals(reader: socket.socket, callback: Callable[[int], None]) -> None:
+    while True:
+        try:
+            data = reader.recv(64)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        for signum in data:
+            if signum == _STOP_READER[0]:
+                return
+            try:
+                callback(signum)
+            except Exception:  # a broken callback must not end signal handling
+                logger.exception("signal callback failed", extra={"signal": signum})
+
+
 @contextlib.contextmanager
 def signal_handlers(callback: Callable[[int], None], *, install: bool = True) -> Iterator[None]:
-    """Route SIGTERM/SIGINT to `callback(signum)`; restore the previous handlers after."""
+    """Call `callback(signum)` on the `sqsb-signals` thread for each SIGTERM/SIGINT.
+
+    Restores the previous handlers and wakeup fd on exit. Outside the main thread (or with
+    `install=False`) nothing is installed: only the main thread may set signal handlers.
+    """
     if not install or threading.current_thread() is not threading.main_thread():
         yield
         return
-    signums = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.getsignal(s) for s in signums}
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        callback(signum)
-
-    for signum in signums:
-        signal.signal(signum, handle)
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)  # set_wakeup_fd requires it: the C handler must never block
+    thread = threading.Thread(
+        target=_read_signals, args=(reader, callback), name="sqsb-signals", daemon=True
+    )
+    thread.start()
+    previous = {s: signal.getsignal(s) for s in _SIGNALS}
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     try:
+        for signum in _SIGNALS:
+            signal.signal(signum, _ignore)
         yield
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        signal.set_wakeup_fd(previous_fd)
+        with contextlib.suppress(OSError):
+            writer.send(_STOP_READER)
+        thread.join(timeout=2.0)
+        writer.close()
+        reader.close()
 
 
 class Service(Protocol):
@@ -166,11 +207,9 @@ class Runtime:
         self._failure: str | None = None
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """First call: drain. Second: skip the waits. Safe from a signal handler."""
+        """First call: drain. Second: skip the waits."""
         self.signals_received.append(signum)
         if self.stop_requested.is_set():
-            # Not stop_requested.set() again: the main thread may hold that Event's lock
-            # (leaving its wait()) right when this handler interrupts it, and deadlock.
             self.force_requested.set()
         else:
             self.stop_requested.set()

@@ -81,7 +81,16 @@ class Daemon:
         self.proc.terminate()
 
     def wait(self, timeout_s: float = 60.0) -> int:
-        return self.proc.wait(timeout=timeout_s)
+        """The exit code; a daemon still running after `timeout_s` fails with its log."""
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            tail = "\n".join(self.log().splitlines()[-40:])
+            raise AssertionError(
+                f"daemon still running {timeout_s:g} s later; last log lines:\n{tail}"
+            ) from None
 
 
 @dataclass

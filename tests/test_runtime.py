@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -182,6 +183,7 @@ def test_real_signals_drain_then_force_and_the_old_handlers_come_back():
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
+        assert runtime.force_requested.wait(5)  # handled off the main thread, in order
 
     service = FakeService(on_start=signal_twice)
     runtime = make_runtime(service, install_signals=True)
@@ -190,6 +192,25 @@ def test_real_signals_drain_then_force_and_the_old_handlers_come_back():
     assert runtime.signals_received == [signal.SIGTERM, signal.SIGINT]
     assert report.is_forced and report.exit_code == 1
     assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back too
+
+
+@pytest.mark.timeout(20)
+def test_a_signal_while_the_main_thread_holds_the_stop_events_lock_does_not_deadlock():
+    """A Python signal handler calling Event.set() deadlocks when the signal lands while
+    the main thread is inside that Event's wait() holding its condition lock. Here the main
+    thread holds exactly that lock when the signal arrives: the stop must still go through."""
+
+    def signal_while_holding(spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
+        with runtime.stop_requested._cond:  # what Event.wait() holds on entry and exit
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # give the main thread bytecodes to run a Python handler on
+        assert runtime.stop_requested.wait(5)
+
+    runtime = make_runtime(FakeService(on_start=signal_while_holding), install_signals=True)
+    report = runtime.run()
+    assert runtime.signals_received == [signal.SIGTERM]
+    assert report.exit_code == 0
 
 
 def test_handlers_are_restored_even_when_start_raises():
