@@ -1,11 +1,13 @@
-"""Simulate queue ownership: plain uhashring versus bounded loads (no AWS).
+"""Simulate queue ownership: plain uhashring, stateless bounded loads, and the daemon's
+`rebalance` (bounded loads that keep to the current owners). No AWS.
 
     python -m bench.ring_sim                    # 10,000 queues over 500 instances
     python -m bench.ring_sim --quick            # small smoke run for CI
     python -m bench.ring_sim --json out.json    # also write the numbers
 
 Prints a Markdown table: spread of owned queues, queues moved on a random join or leave
-(against the ideal Q/(N+1) and Q/N), the newcomer's share, and the small 12/3 and 24/3 cases.
+(against the ideal Q/(N+1) and Q/N), the newcomer's share, the spread after a random walk
+of joins and leaves (history matters to `rebalance`), and the small 12/3 and 24/3 cases.
 """
 
 import argparse
@@ -18,13 +20,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sqsbalancerd.coordination.ring import assign, capacity
+from sqsbalancerd.coordination.ring import assign, capacity, rebalance
 
 SMALL_CASES = ((12, 3), (24, 3))
 SMALL_CASE_NAME_SETS = 200
 MIN_CHURN_SAMPLES = 5
 
-Assigner = Callable[[Sequence[str], Sequence[str]], dict[str, str]]
+MODES = ("plain", "stateless", "rebalance")
+WALK_STEPS = 100
+# (queues, members, current owners) -> owners; only `rebalance` reads the current owners.
+Assigner = Callable[[Sequence[str], Sequence[str], Mapping[str, str]], dict[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,7 @@ class ModeResult:
     spread: Spread
     join: Churn
     leave: Churn
+    after_walk: Spread  # after WALK_STEPS random joins and leaves, each from the last result
     small_cases: tuple[SmallCase, ...]
 
 
@@ -101,10 +107,10 @@ def count_moved(before: Mapping[str, str], after: Mapping[str, str]) -> int:
 def measure_joins(
     assigner: Assigner, queues: Sequence[str], members: Sequence[str], joiners: Sequence[str]
 ) -> Churn:
-    before = assigner(queues, members)
+    before = assigner(queues, members, {})
     moved, newcomer_owned = [], []
     for joiner in joiners:
-        after = assigner(queues, [*members, joiner])
+        after = assigner(queues, [*members, joiner], before)
         moved.append(count_moved(before, after))
         newcomer_owned.append(sum(1 for owner in after.values() if owner == joiner))
     mean_owned = len(queues) / (len(members) + 1)
@@ -119,9 +125,9 @@ def measure_joins(
 def measure_leaves(
     assigner: Assigner, queues: Sequence[str], members: Sequence[str], leavers: Sequence[str]
 ) -> Churn:
-    before = assigner(queues, members)
+    before = assigner(queues, members, {})
     moved = [
-        count_moved(before, assigner(queues, [m for m in members if m != leaver]))
+        count_moved(before, assigner(queues, [m for m in members if m != leaver], before))
         for leaver in leavers
     ]
     return Churn(
@@ -141,27 +147,53 @@ def measure_small_case(
     for _ in range(SMALL_CASE_NAME_SETS):
         random_queues = [f"q-{rng.getrandbits(48):012x}" for _ in range(queue_count)]
         random_members = [f"i-{rng.getrandbits(48):012x}" for _ in range(member_count)]
-        spreads.append(spread_of(assigner(random_queues, random_members), random_members))
+        spreads.append(spread_of(assigner(random_queues, random_members, {}), random_members))
     return SmallCase(
         queue_count=queue_count,
         member_count=member_count,
-        fixed_names=spread_of(assigner(queues, members), members),
+        fixed_names=spread_of(assigner(queues, members, {}), members),
         worst_max_owned=max(spread.max_owned for spread in spreads),
         mean_max_over_mean=sum(spread.max_over_mean for spread in spreads) / len(spreads),
     )
 
 
-def make_assigner(args: argparse.Namespace, *, bounded: bool) -> Assigner:
-    def assigner(queues: Sequence[str], members: Sequence[str]) -> dict[str, str]:
+def make_assigner(args: argparse.Namespace, mode: str) -> Assigner:
+    def assigner(
+        queues: Sequence[str], members: Sequence[str], current: Mapping[str, str]
+    ) -> dict[str, str]:
+        if mode == "rebalance":
+            return rebalance(
+                queues,
+                members,
+                current,
+                virtual_nodes=args.virtual_nodes,
+                load_factor=args.load_factor,
+            )
         return assign(
             queues,
             members,
             virtual_nodes=args.virtual_nodes,
             load_factor=args.load_factor,
-            bounded=bounded,
+            bounded=mode == "stateless",
         )
 
     return assigner
+
+
+def walk_spread(
+    assigner: Assigner, queues: Sequence[str], members: Sequence[str], seed: int
+) -> Spread:
+    """Random joins and leaves (half each), every step starting from the last result."""
+    rng = random.Random(seed)
+    live = list(members)
+    owners = assigner(queues, live, {})
+    for step in range(WALK_STEPS):
+        if rng.random() < 0.5 and len(live) > 2:
+            live.remove(rng.choice(live))
+        else:
+            live.append(f"instance-walk-{step}-{rng.getrandbits(32):08x}")
+        owners = assigner(queues, live, owners)
+    return spread_of(owners, live)
 
 
 def run_mode(
@@ -172,11 +204,12 @@ def run_mode(
     seed: int,
 ) -> ModeResult:
     joiners, leavers = churners
-    small_rng = random.Random(seed)  # same small-case names for both modes
+    small_rng = random.Random(seed)  # same small-case names for every mode
     return ModeResult(
-        spread=spread_of(assigner(queues, members), members),
+        spread=spread_of(assigner(queues, members, {}), members),
         join=measure_joins(assigner, queues, members, joiners),
         leave=measure_leaves(assigner, queues, members, leavers),
+        after_walk=walk_spread(assigner, queues, members, seed),
         small_cases=tuple(
             measure_small_case(assigner, queue_count, member_count, small_rng)
             for queue_count, member_count in SMALL_CASES
@@ -185,10 +218,10 @@ def run_mode(
 
 
 def fit_samples(args: argparse.Namespace, queues: Sequence[str], members: Sequence[str]) -> str:
-    """Shrink --joins/--leaves if one plain + one bounded pass per sample overruns the budget."""
+    """Shrink --joins/--leaves if one pass of every mode per sample overruns the budget."""
     started = time.perf_counter()
-    for bounded in (False, True):
-        make_assigner(args, bounded=bounded)(queues, [*members, "instance-timing-probe"])
+    for mode in MODES:
+        make_assigner(args, mode)(queues, [*members, "instance-timing-probe"], {})
     seconds_per_sample = time.perf_counter() - started
     estimate_s = seconds_per_sample * (args.joins + args.leaves)
     if estimate_s <= args.budget_s:
@@ -211,40 +244,65 @@ def churn_cell(churn: Churn) -> str:
     return f"{churn.moved_mean:.1f} ({churn.moved_over_ideal:.2f}x ideal)"
 
 
-def large_rows(plain: ModeResult, bounded: ModeResult) -> list[str]:
-    join_share_plain = plain.join.newcomer_share or 0.0
-    join_share_bounded = bounded.join.newcomer_share or 0.0
-    ideal_join, ideal_leave = bounded.join.ideal_moved, bounded.leave.ideal_moved
+def row(label: str, cells: Sequence[str], target: str = "") -> str:
+    return f"| {label} | {' | '.join(cells)} | {target} |"
+
+
+def large_rows(results: Mapping[str, ModeResult]) -> list[str]:
+    daemon = results["rebalance"]
+    modes = [results[mode] for mode in MODES]
+    ideal_join, ideal_leave = daemon.join.ideal_moved, daemon.leave.ideal_moved
+    share = daemon.join.newcomer_share or 0.0
     return [
-        f"| max / mean owned | {plain.spread.max_over_mean:.2f} "
-        f"| {bounded.spread.max_over_mean:.2f} "
-        f"| ≤ 1.10: {verdict(bounded.spread.max_over_mean <= 1.10 + 1e-9)} |",
-        f"| min / mean owned | {plain.spread.min_over_mean:.2f} "
-        f"| {bounded.spread.min_over_mean:.2f} | |",
-        f"| queues moved per join (avg of {bounded.join.samples}; ideal {ideal_join:.1f}) "
-        f"| {churn_cell(plain.join)} | {churn_cell(bounded.join)} "
-        f"| ≤ 1.20x ideal: {verdict(bounded.join.moved_over_ideal <= 1.20)} |",
-        f"| newcomer's queues / mean owned | {join_share_plain:.2f} "
-        f"| {join_share_bounded:.2f} | ≥ 0.90: {verdict(join_share_bounded >= 0.90)} |",
-        f"| queues moved per leave (avg of {bounded.leave.samples}; ideal {ideal_leave:.1f}) "
-        f"| {churn_cell(plain.leave)} | {churn_cell(bounded.leave)} | |",
+        row(
+            "max / mean owned",
+            [f"{r.spread.max_over_mean:.2f}" for r in modes],
+            f"≤ 1.10: {verdict(daemon.spread.max_over_mean <= 1.10 + 1e-9)}",
+        ),
+        row("min / mean owned", [f"{r.spread.min_over_mean:.2f}" for r in modes]),
+        row(
+            f"queues moved per join (avg of {daemon.join.samples}; ideal {ideal_join:.1f})",
+            [churn_cell(r.join) for r in modes],
+            f"≤ 1.20x ideal: {verdict(daemon.join.moved_over_ideal <= 1.20)}",
+        ),
+        row(
+            "newcomer's queues / mean owned",
+            [f"{r.join.newcomer_share or 0.0:.2f}" for r in modes],
+            f"≥ 0.90: {verdict(share >= 0.90)}",
+        ),
+        row(
+            f"queues moved per leave (avg of {daemon.leave.samples}; ideal {ideal_leave:.1f})",
+            [churn_cell(r.leave) for r in modes],
+        ),
+        row(
+            f"max / mean after {WALK_STEPS} random joins and leaves",
+            [f"{r.after_walk.max_over_mean:.2f}" for r in modes],
+            "≤ ⌈c·Q/N⌉ / mean",
+        ),
     ]
 
 
-def small_rows(plain: ModeResult, bounded: ModeResult) -> list[str]:
+def small_rows(results: Mapping[str, ModeResult]) -> list[str]:
     rows = []
-    for plain_case, bounded_case in zip(plain.small_cases, bounded.small_cases, strict=True):
-        label = f"{bounded_case.queue_count} queues / {bounded_case.member_count}"
-        bound = math.ceil(bounded_case.queue_count / bounded_case.member_count) + 1
+    for index, (queue_count, member_count) in enumerate(SMALL_CASES):
+        cases = [results[mode].small_cases[index] for mode in MODES]
+        daemon = results["rebalance"].small_cases[index]
+        label = f"{queue_count} queues / {member_count}"
+        bound = math.ceil(queue_count / member_count) + 1
         rows += [
-            f"| {label}: max / mean (queue-NN over instance-a..) "
-            f"| {plain_case.fixed_names.max_over_mean:.2f} "
-            f"| {bounded_case.fixed_names.max_over_mean:.2f} | |",
-            f"| {label}: mean max / mean ({SMALL_CASE_NAME_SETS} random name sets) "
-            f"| {plain_case.mean_max_over_mean:.2f} | {bounded_case.mean_max_over_mean:.2f} | |",
-            f"| {label}: worst max owned ({SMALL_CASE_NAME_SETS} random name sets) "
-            f"| {plain_case.worst_max_owned} | {bounded_case.worst_max_owned} "
-            f"| ≤ {bound}: {verdict(bounded_case.worst_max_owned <= bound)} |",
+            row(
+                f"{label}: max / mean (queue-NN over instance-a..)",
+                [f"{c.fixed_names.max_over_mean:.2f}" for c in cases],
+            ),
+            row(
+                f"{label}: mean max / mean ({SMALL_CASE_NAME_SETS} random name sets)",
+                [f"{c.mean_max_over_mean:.2f}" for c in cases],
+            ),
+            row(
+                f"{label}: worst max owned ({SMALL_CASE_NAME_SETS} random name sets)",
+                [str(c.worst_max_owned) for c in cases],
+                f"≤ {bound}: {verdict(daemon.worst_max_owned <= bound)}",
+            ),
         ]
     return rows
 
@@ -262,15 +320,16 @@ def capacity_line(args: argparse.Namespace) -> str:
     )
 
 
-def render_markdown(args: argparse.Namespace, plain: ModeResult, bounded: ModeResult) -> str:
+def render_markdown(args: argparse.Namespace, results: Mapping[str, ModeResult]) -> str:
     header = [
         f"{args.queues} queues over {args.instances} instances, {args.virtual_nodes} virtual "
         f"nodes, load factor {args.load_factor:g}",
         "",
-        "| metric | plain uhashring | bounded loads | target (bounded) |",
-        "|---|---|---|---|",
+        "| metric | plain uhashring | stateless bounded loads | rebalance (the daemon) "
+        "| target (the daemon) |",
+        "|---|---|---|---|---|",
     ]
-    return "\n".join([*header, *large_rows(plain, bounded), *small_rows(plain, bounded)])
+    return "\n".join([*header, *large_rows(results), *small_rows(results)])
 
 
 def write_json(path: Path, args: argparse.Namespace, results: dict[str, ModeResult]) -> None:
@@ -292,16 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     joiners = [f"instance-joiner-{rng.getrandbits(48):012x}" for _ in range(args.joins)]
     leavers = rng.sample(members, min(args.leaves, len(members)))
     results = {
-        mode: run_mode(
-            make_assigner(args, bounded=mode == "bounded"),
-            queues,
-            members,
-            (joiners, leavers),
-            args.seed,
-        )
-        for mode in ("plain", "bounded")
+        mode: run_mode(make_assigner(args, mode), queues, members, (joiners, leavers), args.seed)
+        for mode in MODES
     }
-    print(render_markdown(args, results["plain"], results["bounded"]))
+    print(render_markdown(args, results))
     print()
     print(capacity_line(args))
     if note:

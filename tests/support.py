@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from sqsbalancerd.coordination.ring import rebalance
 
 
 def wait_until(
@@ -244,3 +246,24 @@ def drain_queues(sqs: Any, urls: Ids, *, timeout_s: float = 30.0) -> set[str]:
 
     wait_until(round_done, timeout_s=timeout_s, every_s=0.5, what="in-flight messages back")
     return ids
+
+
+def is_fixed_point(
+    owners: Mapping[str, str | None],
+    queues: Iterable[str],
+    members: Iterable[str],
+    *,
+    virtual_nodes: int = 150,
+    load_factor: float = 1.10,
+) -> bool:
+    """Every queue owned by a member, and the assignment would move none of them: the
+    cluster has settled (which owner holds what depends on history, not only on the view)."""
+    live = set(members)
+    current = {queue: owners.get(queue) for queue in queues}
+    if any(owner not in live for owner in current.values()):
+        return False
+    held = {queue: owner for queue, owner in current.items() if owner is not None}
+    planned = rebalance(
+        list(current), live, held, virtual_nodes=virtual_nodes, load_factor=load_factor
+    )
+    return planned == held

@@ -2,9 +2,18 @@
 
 Every heartbeat interval: renew our row, read the member rows, judge liveness on our own
 clock, and — once the view (live members, queues) has been stable for `rebalance_delay` —
-compute the bounded-load ring assignment. A queue is consumed only while we hold its
-ownership row (owner + lease as fencing token). We give a queue up by draining it first
-and releasing the row after; we take one when its row is free or its owner is dead.
+plan from the ownership rows: `ring.rebalance` keeps every queue with its owner unless
+balance needs it moved, so a join or leave moves close to the minimum. A queue is consumed
+only while we hold its ownership row (owner + lease as fencing token). We give a queue up
+by draining it first and releasing the row after; we take one when its row is free or its
+owner is dead.
+
+Plans agree because every instance reads the same rows: all see a view change within one
+round of each other and plan after the same delay, and nobody releases a queue until
+RELEASE_DELAY_ROUNDS after planning, so each plan is made before any move. After a plan we
+follow the handoff (reading the rows each round, which steady state never does) until the
+rows are the assignment's fixed point; a handoff that stops moving is planned again from
+the rows as they are, so a disagreement cannot leave a queue unowned.
 
 Self-fencing: receiving stops `heartbeat_timeout - fence_margin` after the start of our
 last successful renewal, and long polls are cut to end before then. Others judge us dead
@@ -26,6 +35,7 @@ from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
+from sqsbalancerd.coordination.ring import rebalance
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
     ConditionFailed,
@@ -39,6 +49,11 @@ from sqsbalancerd.errors import AwsUnavailableError, SqsBalancerError
 from sqsbalancerd.stats import CoordinationStats
 
 logger = logging.getLogger(__name__)
+
+# Rounds between planning and our first release: the others plan within one round of us.
+RELEASE_DELAY_ROUNDS = 2
+# A handoff whose rows have not changed for this many rounds is planned again from them.
+STALL_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +71,14 @@ class _View:
     members: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()
     changed_at_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Handoff:
+    """Following the moves of the last plan until the rows settle."""
+
+    last_owners: dict[str, str] | None = None
+    unchanged_since_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -104,6 +127,9 @@ class DynamoCoordinator:
         self._view = _View()
         self._applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._target: frozenset[str] = frozenset()
+        self._release_at_s = 0.0
+        self._handoff: _Handoff | None = None
+        self._round_rows: dict[str, OwnershipRecord] | None = None
         self._holdings = _Holdings()
         self._renewed_at_s: float | None = None
         self._next_round_s: float | None = None
@@ -186,13 +212,15 @@ class DynamoCoordinator:
     def tick(self) -> None:
         with self._lock:
             self._round_started_s = self._clock.monotonic()
+            self._round_rows = None
             try:
                 self._renew()
                 self._observe_members()
                 self._remove_dead_rows()
                 self.reconcile_released()
                 self._rebalance_if_settled()
-                self._acquire_targets()
+                self._follow_handoff()
+                self._give_up_untargeted()
             except TableGone as exc:
                 self._fail(str(exc))
             except ConditionFailed:
@@ -265,45 +293,95 @@ class DynamoCoordinator:
         settled = self._round_started_s - self._view.changed_at_s >= self._settings.rebalance_delay
         if not settled or view == self._applied:
             return
-        if self._is_draining:
-            self._target = frozenset()
-        else:
-            diff = plan(
-                queues=self._view.queues,
-                members=self._view.members,
-                me=self.instance_id,
-                currently_owned=self._holdings.leases,
-                virtual_nodes=self._settings.virtual_nodes,
-                load_factor=self._settings.load_factor,
-            )
-            self._target = diff.owned_after
         if self._applied is not None:
             self._rebalances += 1
         self._applied = view
+        if self._is_draining:
+            self._target = frozenset()
+            self._release_at_s = self._round_started_s
+            return
+        self._plan(self._owners())
+        self._handoff = _Handoff()
+
+    def _plan(self, owners: dict[str, str]) -> None:
+        diff = plan(
+            queues=self._view.queues,
+            members=self._view.members,
+            me=self.instance_id,
+            currently_owned=self._holdings.leases,
+            owners=owners,
+            virtual_nodes=self._settings.virtual_nodes,
+            load_factor=self._settings.load_factor,
+        )
+        self._target = diff.owned_after
+        interval = self._settings.heartbeat_interval
+        self._release_at_s = self._round_started_s + RELEASE_DELAY_ROUNDS * interval
         logger.info(
             "assignment computed",
             extra={
                 "members": len(self._view.members),
                 "queues": len(self._view.queues),
                 "mine": len(self._target),
+                "to_take": len(diff.to_acquire),
+                "to_give": len(diff.to_release),
             },
         )
-        self._give_up_untargeted()
+
+    def _rows(self) -> dict[str, OwnershipRecord]:
+        """The ownership rows, read at most once a round (a paginated query of every row)."""
+        if self._round_rows is None:
+            self._round_rows = self._table.ownership()
+        return self._round_rows
+
+    def _owners(self) -> dict[str, str]:
+        owners = {queue: row.owner for queue, row in self._rows().items() if row.owner}
+        owners.update(dict.fromkeys(self._holdings.leases, self.instance_id))
+        return owners
+
+    def _follow_handoff(self) -> None:
+        if self._is_draining or self._is_fenced:
+            return
+        wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
+        if wanted:
+            rows = self._rows()
+            for queue in sorted(wanted):
+                self._try_acquire(queue, rows.get(queue))
+            self._push_owned()
+        if self._handoff is not None:
+            self._check_handoff(self._handoff, self._owners())
+
+    def _check_handoff(self, handoff: _Handoff, owners: dict[str, str]) -> None:
+        members, queues = self._view.members, self._view.queues
+        current = {queue: owners.get(queue) for queue in queues}
+        settled = all(owner in members for owner in current.values()) and current == rebalance(
+            queues,
+            members,
+            owners,
+            virtual_nodes=self._settings.virtual_nodes,
+            load_factor=self._settings.load_factor,
+        )
+        if settled:
+            self._handoff = None
+            logger.info("handoff complete", extra={"mine": len(self._holdings.leases)})
+            return
+        if owners != handoff.last_owners:
+            handoff.last_owners = owners
+            handoff.unchanged_since_s = self._round_started_s
+            return
+        stalled_s = self._round_started_s - handoff.unchanged_since_s
+        interval = self._settings.heartbeat_interval
+        if stalled_s >= STALL_ROUNDS * interval and self._round_started_s >= self._release_at_s:
+            logger.warning("handoff stalled; planning again from the ownership rows")
+            self._plan(owners)
+            handoff.unchanged_since_s = self._round_started_s
 
     def _give_up_untargeted(self) -> None:
+        if self._round_started_s < self._release_at_s:
+            return
         leaving = set(self._holdings.leases) - self._target - self._holdings.releasing
         if not leaving:
             return
         self._holdings.releasing |= leaving
-        self._push_owned()
-
-    def _acquire_targets(self) -> None:
-        wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
-        if not wanted or self._is_draining or self._is_fenced:
-            return
-        rows = self._table.ownership()
-        for queue in sorted(wanted):
-            self._try_acquire(queue, rows.get(queue))
         self._push_owned()
 
     def _try_acquire(self, queue: str, row: OwnershipRecord | None) -> None:
@@ -406,6 +484,11 @@ class DynamoCoordinator:
         self._push_owned()
 
     # -- views ----------------------------------------------------------------------------
+
+    @property
+    def is_following_handoff(self) -> bool:
+        """True from a plan until the rows settle (the only time rows are read each round)."""
+        return self._handoff is not None
 
     def snapshot(self) -> CoordinationStats:
         renewed = self._renewed_at_s

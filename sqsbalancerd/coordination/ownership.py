@@ -7,7 +7,7 @@ the diff (acquire before polling, release after draining).
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqsbalancerd.coordination.ring import assign
+from sqsbalancerd.coordination.ring import rebalance
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +39,20 @@ def plan(
     members: Iterable[str],
     me: str,
     currently_owned: Iterable[str],
+    owners: Mapping[str, str],
     virtual_nodes: int,
     load_factor: float,
 ) -> OwnershipDiff:
-    """Diff between what ``me`` owns now and what ``assign`` gives it.
+    """Diff between what ``me`` owns now and what ``rebalance`` gives it.
 
-    ``me`` is not added to ``members``: an instance outside the live set (not yet joined, or
-    expired) should own nothing, so it releases everything. Owned queues that no longer exist
-    are released too.
+    ``owners`` is every queue's current owner as the ownership rows say (the history the
+    assignment keeps to). ``me`` is not added to ``members``: an instance outside the live
+    set (not yet joined, or expired) should own nothing, so it releases everything. Owned
+    queues that no longer exist are released too.
     """
-    assignment = assign(queues, members, virtual_nodes=virtual_nodes, load_factor=load_factor)
+    assignment = rebalance(
+        queues, members, owners, virtual_nodes=virtual_nodes, load_factor=load_factor
+    )
     target = owned_by(assignment, me)
     current = frozenset(currently_owned)
     return OwnershipDiff(

@@ -20,7 +20,7 @@ import heapq
 import math
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -79,7 +79,7 @@ def assign(
         member_count=len(unique_members),
         load_factor=load_factor,
     )
-    return _place_nearest_first(walks, limit)
+    return _place_nearest_first(walks, dict.fromkeys(unique_members, limit))
 
 
 def _build_ring(members: list[str], virtual_nodes: int) -> tuple[HashRing, _Continuum]:
@@ -116,27 +116,149 @@ def _clockwise_members(continuum: _Continuum, key_hash: int) -> Iterator[tuple[i
             return
 
 
-def _place_nearest_first(walks: dict[str, Iterator[tuple[int, str]]], limit: int) -> dict[str, str]:
+def _place_nearest_first(
+    walks: Mapping[str, Iterator[tuple[int, str]]], room: Mapping[str, int]
+) -> dict[str, str]:
     """Settle (queue, candidate) pairs nearest first; a full candidate sends the queue onward.
 
     Popping pairs in global distance order means a member never has to give a queue back:
-    every later claim on it is farther than the ones it already holds.
+    every later claim on it is farther than the ones it already holds. Queues left over when
+    every member's ``room`` is used up stay unplaced (absent from the result).
     """
+    left = dict(room)
+    room_total = sum(left.values())
     pending: list[tuple[int, str, str]] = []
     for queue, walk in walks.items():
         distance, member = next(walk)
         pending.append((distance, queue, member))
     heapq.heapify(pending)
-    loads: Counter[str] = Counter()
     owners: dict[str, str] = {}
-    while pending:
+    while pending and room_total > 0:
         _, queue, member = heapq.heappop(pending)
-        if loads[member] < limit:
-            loads[member] += 1
+        if left.get(member, 0) > 0:
+            left[member] -= 1
+            room_total -= 1
             owners[queue] = member
             continue
-        # Total capacity covers every queue, so a queue always finds a member with room
-        # before its walk runs out.
+        # Some member still has room, so the walk (which meets every member) reaches it.
         next_distance, next_member = next(walks[queue])
         heapq.heappush(pending, (next_distance, queue, next_member))
+    return owners
+
+
+@dataclass(frozen=True, slots=True)
+class _MemberPoints:
+    """Each member's own ring points, sorted: the distance from a queue to one member."""
+
+    by_member: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, continuum: _Continuum) -> "_MemberPoints":
+        by_member: dict[str, list[int]] = {}
+        for position, member in zip(continuum.positions, continuum.members, strict=True):
+            by_member.setdefault(member, []).append(position)  # positions come sorted
+        return cls(by_member)
+
+    def distance(self, key_hash: int, member: str) -> int:
+        """Clockwise distance from ``key_hash`` to ``member``'s first point (as the walk)."""
+        positions = self.by_member[member]
+        index = bisect_right(positions, key_hash) % len(positions)
+        return (positions[index] - key_hash) % _RING_SIZE
+
+
+def _keep_current(
+    hashes: Mapping[str, int], current: Mapping[str, str], points: _MemberPoints, high: int
+) -> dict[str, str]:
+    """Queues that stay put: current owner still a member, up to ``high`` each (nearest)."""
+    held: dict[str, list[tuple[int, str]]] = {}
+    for queue, key_hash in hashes.items():
+        owner = current.get(queue)
+        if owner in points.by_member:
+            held.setdefault(owner, []).append((points.distance(key_hash, owner), queue))
+    kept: dict[str, str] = {}
+    for owner, claims in held.items():
+        for _, queue in sorted(claims)[:high]:
+            kept[queue] = owner
+    return kept
+
+
+def _level_up(
+    owners: dict[str, str],
+    loads: Counter[str],
+    hashes: Mapping[str, int],
+    points: _MemberPoints,
+    low: int,
+) -> None:
+    """Bring members below ``low`` up to it with their nearest queues from members above it."""
+    short = sorted(member for member in points.by_member if loads[member] < low)
+    if not short:
+        return
+    claims = [
+        (points.distance(key_hash, member), queue, member)
+        for member in short
+        for queue, key_hash in hashes.items()
+        if loads[owners[queue]] > low
+    ]
+    heapq.heapify(claims)
+    moved: set[str] = set()
+    while claims:
+        _, queue, member = heapq.heappop(claims)
+        donor = owners[queue]
+        if loads[member] >= low or queue in moved or loads[donor] <= low:
+            continue
+        owners[queue] = member
+        loads[donor] -= 1
+        loads[member] += 1
+        moved.add(queue)
+
+
+def rebalance(
+    queues: Iterable[str],
+    members: Iterable[str],
+    current: Mapping[str, str],
+    *,
+    virtual_nodes: int = 150,
+    load_factor: float = 1.10,
+) -> dict[str, str]:
+    """Move as few queues as balance needs, starting from the ``current`` owners.
+
+    Every member ends with between ``floor(Q/N)`` and ``capacity`` queues. A queue stays
+    with its current owner while that owner is a member with room; the others (new queues,
+    queues of members that left, a member's excess over capacity) go to the nearest members
+    below ``floor(Q/N)`` first, then to the nearest with room. A member still short (a
+    newcomer) takes its nearest queues from members above ``floor(Q/N)``.
+
+    So a join moves about ``floor(Q/(N+1))`` queues and a leave moves the leaver's queues
+    (the stateless `assign` moves about 1.5 times that). The price is history: instances
+    agree because they read the same ownership rows, and the result is a fixed point
+    (applied to its own output it changes nothing).
+    """
+    if virtual_nodes < 1:
+        raise ValueError("virtual_nodes must be at least 1")
+    unique_queues = sorted(set(queues))
+    unique_members = sorted(set(members))
+    if not unique_members or not unique_queues:
+        return {}
+    ring, continuum = _build_ring(unique_members, virtual_nodes)
+    points = _MemberPoints.of(continuum)
+    hashes = {queue: ring.get_key(queue) for queue in unique_queues}
+    low = len(unique_queues) // len(unique_members)
+    high = capacity(
+        queue_count=len(unique_queues),
+        member_count=len(unique_members),
+        load_factor=load_factor,
+    )
+    owners = _keep_current(hashes, current, points, high)
+    loads = Counter({member: 0 for member in unique_members})
+    loads.update(owners.values())
+    orphans = [queue for queue in unique_queues if queue not in owners]
+    for limit in (low, high):
+        room = {member: max(0, limit - loads[member]) for member in unique_members}
+        placed = _place_nearest_first(
+            {queue: _clockwise_members(continuum, hashes[queue]) for queue in orphans}, room
+        )
+        owners.update(placed)
+        loads.update(placed.values())
+        orphans = [queue for queue in orphans if queue not in placed]
+    _level_up(owners, loads, hashes, points, low)
     return owners

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqsbalancerd.coordination.ownership import OwnershipDiff, owned_by, plan
-from sqsbalancerd.coordination.ring import assign
+from sqsbalancerd.coordination.ring import rebalance
 
 MEMBERS = ["instance-a", "instance-b", "instance-c"]
 QUEUES = [f"queue-{index:02d}" for index in range(24)]
@@ -17,20 +17,28 @@ names = st.text(alphabet=string.ascii_lowercase + string.digits + "-", min_size=
 fast = settings(max_examples=60, deadline=None)
 
 
-def plan_for(me: str, currently_owned: frozenset[str] | set[str] = frozenset()) -> OwnershipDiff:
+# The rows once the three have shared the queues out from nothing.
+SETTLED = rebalance(QUEUES, MEMBERS, {}, virtual_nodes=VIRTUAL_NODES, load_factor=LOAD_FACTOR)
+
+
+def plan_for(
+    me: str,
+    currently_owned: frozenset[str] | set[str] = frozenset(),
+    owners: dict[str, str] | None = None,
+) -> OwnershipDiff:
     return plan(
         queues=QUEUES,
         members=MEMBERS,
         me=me,
         currently_owned=currently_owned,
+        owners=SETTLED if owners is None else owners,
         virtual_nodes=VIRTUAL_NODES,
         load_factor=LOAD_FACTOR,
     )
 
 
 def target_of(me: str) -> frozenset[str]:
-    assignment = assign(QUEUES, MEMBERS, virtual_nodes=VIRTUAL_NODES, load_factor=LOAD_FACTOR)
-    return owned_by(assignment, me)
+    return owned_by(SETTLED, me)
 
 
 def test_owned_by_picks_the_members_queues() -> None:
@@ -40,7 +48,7 @@ def test_owned_by_picks_the_members_queues() -> None:
 
 
 def test_a_fresh_instance_acquires_its_whole_share() -> None:
-    diff = plan_for("instance-a")
+    diff = plan_for("instance-a", owners={})
     assert diff.to_acquire == target_of("instance-a")
     assert diff.to_release == diff.keep == frozenset()
     assert diff.has_changes
@@ -68,6 +76,16 @@ def test_an_instance_outside_the_live_set_releases_everything() -> None:
     assert diff.to_acquire == diff.keep == frozenset()
 
 
+def test_a_plan_keeps_what_the_rows_give_each_member_when_balance_allows() -> None:
+    """Rows where a and b traded one queue each are still balanced: nobody moves anything
+    back (a stateless ring would undo the trade)."""
+    queue_a, queue_b = sorted(target_of("instance-a"))[0], sorted(target_of("instance-b"))[0]
+    traded = {**SETTLED, queue_a: "instance-b", queue_b: "instance-a"}
+    diff = plan_for("instance-a", owned_by(traded, "instance-a"), owners=traded)
+    assert not diff.has_changes
+    assert queue_b in diff.keep
+
+
 def test_the_diff_is_frozen() -> None:
     diff = plan_for("instance-a")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -79,9 +97,13 @@ def test_the_diff_is_frozen() -> None:
     queues=st.frozensets(names, max_size=30),
     members=st.frozensets(names, min_size=1, max_size=5),
     currently_owned=st.frozensets(names, max_size=10),
+    rows=st.dictionaries(names, names, max_size=30),
 )
 def test_plans_split_every_queue_between_the_members(
-    queues: frozenset[str], members: frozenset[str], currently_owned: frozenset[str]
+    queues: frozenset[str],
+    members: frozenset[str],
+    currently_owned: frozenset[str],
+    rows: dict[str, str],
 ) -> None:
     diffs = {
         member: plan(
@@ -89,6 +111,7 @@ def test_plans_split_every_queue_between_the_members(
             members=members,
             me=member,
             currently_owned=currently_owned,
+            owners=rows,
             virtual_nodes=20,
             load_factor=LOAD_FACTOR,
         )

@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from uhashring import HashRing
 
-from sqsbalancerd.coordination.ring import assign, capacity
+from sqsbalancerd.coordination.ring import assign, capacity, rebalance
 
 RING_SIZE = 1 << 128
 MEMBERS_ABC = ["instance-a", "instance-b", "instance-c"]
@@ -187,3 +187,100 @@ def test_bounded_loads_caps_12_queues_over_3_members_at_5() -> None:
     queues = [f"jobs-{index}" for index in range(12)]
     assert sorted(loads(assign(queues, MEMBERS_ABC, bounded=False)).values()) == [2, 4, 6]
     assert sorted(loads(assign(queues, MEMBERS_ABC)).values()) == [2, 5, 5]
+
+
+# -- rebalance: bounded loads that keep to the current owners --------------------------------
+
+# Arbitrary history: any queue may be held by anyone, including names that are not members.
+histories = st.dictionaries(names, st.one_of(names, names.map(lambda n: f"member-{n}")))
+
+
+def settled(queues: frozenset[str], members: frozenset[str], virtual_nodes: int) -> dict[str, str]:
+    return rebalance(queues, members, {}, virtual_nodes=virtual_nodes)
+
+
+@fast
+@given(
+    queues=queue_sets,
+    members=member_sets,
+    history=histories,
+    virtual_nodes=virtual_node_counts,
+    load_factor=load_factors,
+)
+def test_rebalance_gives_every_member_between_the_floor_and_the_capacity(
+    queues: frozenset[str],
+    members: frozenset[str],
+    history: dict[str, str],
+    virtual_nodes: int,
+    load_factor: float,
+) -> None:
+    assignment = rebalance(
+        queues, members, history, virtual_nodes=virtual_nodes, load_factor=load_factor
+    )
+    assert set(assignment) == queues
+    assert set(assignment.values()) <= members
+    if queues:
+        limit = capacity(
+            queue_count=len(queues), member_count=len(members), load_factor=load_factor
+        )
+        counts = [loads(assignment)[member] for member in members]
+        assert len(queues) // len(members) <= min(counts) and max(counts) <= limit
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, history=histories, virtual_nodes=virtual_node_counts)
+def test_rebalance_is_a_fixed_point_and_ignores_input_order(
+    queues: frozenset[str], members: frozenset[str], history: dict[str, str], virtual_nodes: int
+) -> None:
+    assignment = rebalance(queues, members, history, virtual_nodes=virtual_nodes)
+    assert rebalance(queues, members, assignment, virtual_nodes=virtual_nodes) == assignment
+    shuffled = random.Random(7).sample(sorted(queues), len(queues))
+    reordered = dict(reversed(list(history.items())))
+    assert (
+        rebalance(shuffled, sorted(members, reverse=True), reordered, virtual_nodes=virtual_nodes)
+        == assignment
+    )
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, newcomer=names, virtual_nodes=virtual_node_counts)
+def test_a_join_moves_queues_only_to_the_newcomer_or_off_a_member_over_capacity(
+    queues: frozenset[str], members: frozenset[str], newcomer: str, virtual_nodes: int
+) -> None:
+    joiner = f"newcomer-{newcomer}"
+    before = settled(queues, members, virtual_nodes)
+    after = rebalance(queues, members | {joiner}, before, virtual_nodes=virtual_nodes)
+    limit = capacity(queue_count=len(queues), member_count=len(members) + 1, load_factor=1.1)
+    over = {member for member, count in loads(before).items() if count > limit}
+    for queue in queues:
+        if after[queue] != before[queue]:
+            assert after[queue] == joiner or before[queue] in over
+    assert loads(after)[joiner] >= len(queues) // (len(members) + 1)
+
+
+@fast
+@given(queues=queue_sets, members=member_sets, virtual_nodes=virtual_node_counts)
+def test_a_leave_moves_the_leavers_queues_and_fills_only_members_below_the_floor(
+    queues: frozenset[str], members: frozenset[str], virtual_nodes: int
+) -> None:
+    assume(len(members) > 1)
+    leaver = min(members)
+    remaining = members - {leaver}
+    before = settled(queues, members, virtual_nodes)
+    after = rebalance(queues, remaining, before, virtual_nodes=virtual_nodes)
+    floor = len(queues) // len(remaining)
+    short = {member for member in remaining if loads(before)[member] < floor}
+    for queue in queues:
+        if after[queue] != before[queue]:
+            assert before[queue] == leaver or after[queue] in short
+
+
+def test_a_join_at_scale_moves_no_more_than_the_newcomers_share() -> None:
+    """500 instances, 10,000 queues: a join moves exactly what the newcomer takes, the
+    floor of Q/(N+1) (the stateless ring moves about 1.5 times that)."""
+    queues = [f"queue-{index:05d}" for index in range(10_000)]
+    members = [f"instance-{index:03d}" for index in range(500)]
+    before = rebalance(queues, members, {})
+    after = rebalance(queues, [*members, "instance-new"], before)
+    moved = sum(1 for queue in queues if after[queue] != before[queue])
+    assert moved == loads(after)["instance-new"] == 10_000 // 501

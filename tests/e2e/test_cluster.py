@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from support import read_events, wait_until
-
-from sqsbalancerd.coordination.ring import assign
+from support import is_fixed_point, read_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -125,13 +123,9 @@ def member_ids(dynamodb: Any) -> set[str]:
     return {item["instance_id"]["S"] for item in items}
 
 
-def ring_for(live: list[str]) -> dict[str, str]:
-    """What every instance computes for this membership (defaults: 150 vnodes, c = 1.1)."""
-    return assign(QUEUES, live, virtual_nodes=150, load_factor=1.10)
-
-
 def is_assigned_to(dynamodb: Any, live: list[str]) -> bool:
-    return owners(dynamodb) == ring_for(live)
+    """Settled: every queue owned by a live instance, nothing left for the ring to move."""
+    return is_fixed_point(owners(dynamodb), QUEUES, live)
 
 
 def handled_ok(events: list[dict[str, Any]]) -> Counter[str]:
@@ -248,8 +242,9 @@ def join(cluster: Cluster, name: str, live: list[str]) -> None:
     moved = [q for q in QUEUES if before[q] != after[q]]
     to_newcomer = [q for q in moved if after[q] == name]
     print(f"join settled after {took_s:.1f}s: {len(moved)} moved, {len(to_newcomer)} to {name}")
-    assert len(to_newcomer) >= 1
-    assert len(moved) <= len(QUEUES) / 4 + 3
+    # The minimum: only the newcomer's share moves, all of it to the newcomer.
+    assert moved == to_newcomer
+    assert len(to_newcomer) >= len(QUEUES) // len(live)
 
 
 def terminate_and_hand_over(cluster: Cluster, name: str, live: list[str]) -> None:
