@@ -339,6 +339,7 @@ def _status_parts(settings: Settings) -> tuple[Any, Callable[[], list[Any]]]:
         clock=clock,
         heartbeat_interval_s=settings.coordination.heartbeat_interval,
         heartbeat_timeout_s=settings.coordination.heartbeat_timeout,
+        load_factor=settings.coordination.load_factor,
     )
     return reader, lambda: list(discovery.discover().matched)
 

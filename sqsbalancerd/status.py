@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -13,6 +12,7 @@ from rich.table import Table
 
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.coordination.membership import LivenessTracker
+from sqsbalancerd.coordination.ring import capacity
 from sqsbalancerd.coordination.table import CoordinationTable, OwnershipRecord
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
 
@@ -105,8 +105,10 @@ class StatusReader:
         clock: Clock,
         heartbeat_interval_s: float,
         heartbeat_timeout_s: float,
+        load_factor: float = 1.10,
     ) -> None:
         self._table = table
+        self._load_factor = load_factor
         self._clock = clock
         self._interval_s = heartbeat_interval_s
         self._first: dict[str, int] = {}
@@ -152,7 +154,7 @@ class StatusReader:
             table=self._table.table_name,
             instances=instances,
             queues=queues,
-            warnings=_warnings(instances, queues),
+            warnings=_warnings(instances, queues, self._load_factor),
         )
 
 
@@ -172,7 +174,7 @@ def _queue_views(
 
 
 def _warnings(
-    instances: tuple[InstanceView, ...], queues: tuple[QueueView, ...]
+    instances: tuple[InstanceView, ...], queues: tuple[QueueView, ...], load_factor: float
 ) -> tuple[str, ...]:
     alive = {i.instance_id for i in instances if i.alive}
     warnings = [f"queue {q.queue} has no owner" for q in queues if q.owner is None]
@@ -187,9 +189,12 @@ def _warnings(
     active = [i for i in instances if i.alive and i.status == "active"]
     if active and queues:
         counts = [len(i.queues) for i in active]
-        ideal = math.ceil(len(queues) / len(active))
-        if max(counts) > ideal + 1:
-            warnings.append(f"imbalance: an instance owns {max(counts)} queues (ideal ≤ {ideal})")
+        limit = capacity(queue_count=len(queues), member_count=len(active), load_factor=load_factor)
+        if max(counts) > limit:
+            warnings.append(
+                f"imbalance: an instance owns {max(counts)} queues (capacity {limit} at "
+                f"load_factor {load_factor:g})"
+            )
     return tuple(warnings)
 
 
