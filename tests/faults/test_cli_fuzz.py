@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from support import queue_depth, read_events, wait_until
 
-from sqsbalancerd.config import ENV_PREFIX, QueueOverride, Settings
+from sqsbalancerd.config import ENV_PREFIX, MIN_LOOP_S, QueueOverride, Settings
 
 pytestmark = pytest.mark.faults
 
@@ -168,13 +168,20 @@ def number_in(leaf: Leaf, *, as_int: bool) -> st.SearchStrategy[Any]:
     return st.floats(low, high, exclude_min=leaf.is_open_low, allow_nan=False, allow_infinity=False)
 
 
+# Loop periods that are 0 (off) or at least MIN_LOOP_S: a validator the schema cannot show.
+OFF_OR_LOOP_KEYS = {("observability", "backlog_interval")}
+
+
 def valid_value(leaf: Leaf) -> st.SearchStrategy[Any]:
     if leaf.kind == "bool":
         return st.booleans()
     if leaf.kind == "int":
         return number_in(leaf, as_int=True)
     if leaf.kind == "float":
-        return number_in(leaf, as_int=False) | number_in(leaf, as_int=True)
+        numbers = number_in(leaf, as_int=False) | number_in(leaf, as_int=True)
+        if leaf.path in OFF_OR_LOOP_KEYS:
+            return numbers.filter(lambda value: not 0 < value < MIN_LOOP_S)
+        return numbers
     if leaf.kind == "literal":
         return st.sampled_from(leaf.choices)
     if leaf.kind == "strs":
@@ -200,6 +207,8 @@ def invalid_numbers(leaf: Leaf) -> list[st.SearchStrategy[Any]]:
         options.append(st.just(leaf.low - 1 if not leaf.is_open_low else leaf.low))
     if leaf.high is not None:
         options.append(st.just(int(leaf.high) + 1))
+    if leaf.path in OFF_OR_LOOP_KEYS:
+        options.append(st.just(MIN_LOOP_S / 2))
     return options
 
 
