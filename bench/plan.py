@@ -19,6 +19,7 @@ ALL_SECTIONS = (
 THROUGHPUT_CONSUMERS = (
     "ceiling",
     "sqsb",
+    "sqsb-boto",
     "sqsb-ddb1",
     "sqsb-ddb3",
     "batched",

@@ -12,12 +12,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqsbalancerd.aws import (
+    THROTTLING_CODES,
     AwsOptions,
     describe_error,
     dynamodb_client,
+    error_code,
     is_transient,
     sqs_client,
 )
@@ -26,6 +28,7 @@ from sqsbalancerd.config import Settings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
 from sqsbalancerd.coordination.standalone import StandaloneCoordinator
 from sqsbalancerd.coordination.table import CoordinationTable
+from sqsbalancerd.dataplane import LeanSqs
 from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult, QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet
 from sqsbalancerd.engine.workers import Tracing
@@ -48,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 MAX_POLL_CONNECTIONS = 1024
 ACK_READ_TIMEOUT_S = 5.0
+ACK_MAX_ATTEMPTS = 1  # the acknowledger retries (engine/acks.py), not botocore
+DISCOVERY_READ_TIMEOUT_S = 10.0
+DISCOVERY_MAX_ATTEMPTS = 3
 
 
 class Coordinator(Protocol):
@@ -80,6 +86,28 @@ def aws_options(settings: Settings, *, pool_connections: int) -> AwsOptions:
         endpoint_url=settings.aws.endpoint_url,
         max_pool_connections=pool_connections,
         read_timeout_s=settings.sqs.wait_time_seconds + 10.0,
+    )
+
+
+def ack_options(settings: Settings) -> AwsOptions:
+    """The acks thread's client: deletes and visibility changes answer at once, so a hung one
+    must not hold every pending ack for a long poll's read timeout (messages would reappear
+    meanwhile). One attempt per call: the acks thread retries failures itself, per queue,
+    with its own backoff; botocore's retries would stall every queue's acks behind one."""
+    return replace(
+        aws_options(settings, pool_connections=4),
+        read_timeout_s=ACK_READ_TIMEOUT_S,
+        max_attempts=ACK_MAX_ATTEMPTS,
+    )
+
+
+def discovery_options(settings: Settings) -> AwsOptions:
+    """ListQueues and GetQueueAttributes answer at once: with the long polls' 30 s read
+    timeout and five attempts, a start against an unreachable SQS said nothing for minutes."""
+    return replace(
+        aws_options(settings, pool_connections=2),
+        read_timeout_s=DISCOVERY_READ_TIMEOUT_S,
+        max_attempts=DISCOVERY_MAX_ATTEMPTS,
     )
 
 
@@ -117,21 +145,14 @@ class Application:
         # One connection per long poll in flight (one per owned queue) plus the workers';
         # urllib3 opens them on demand, so a high cap costs nothing while idle.
         pool = settings.workers.pool_size + MAX_POLL_CONNECTIONS
-        self.sqs = sqs or sqs_client(aws_options(settings, pool_connections=pool), self.stats)
-        # Deletes and visibility changes answer at once: a hung one must not hold every
-        # pending ack for a long poll's read timeout (messages would reappear meanwhile).
+        self.sqs = sqs or self._sqs_client(aws_options(settings, pool_connections=pool))
+        # The acks thread retries by itself: a failure must reach it at once, not be re-sent.
         self.ack_sqs = (
-            sqs
-            if sqs is not None
-            else sqs_client(
-                replace(
-                    aws_options(settings, pool_connections=4), read_timeout_s=ACK_READ_TIMEOUT_S
-                ),
-                self.stats,
-            )
+            sqs if sqs is not None else self._sqs_client(ack_options(settings), resend_errors=False)
         )
         self.dynamodb = dynamodb
-        self.discovery = Discovery(self.sqs, settings.discovery)
+        discovery_sqs = sqs or sqs_client(discovery_options(settings), self.stats)
+        self.discovery = Discovery(discovery_sqs, settings.discovery)
         self._handlers = handlers
         self._loops_stop = threading.Event()
         self._http_stop = threading.Event()
@@ -142,6 +163,13 @@ class Application:
         self.coordinator: Coordinator | None = None
         self._coordinator_factory = coordinator_factory
         self._last_discovery: DiscoveryResult | None = None
+
+    def _sqs_client(self, options: AwsOptions, *, resend_errors: bool = True) -> SQSClient:
+        client = sqs_client(options, self.stats)
+        if not self.settings.sqs.lean_requests:
+            return client
+        lean = LeanSqs(client, options, self.stats, resend_errors=resend_errors)
+        return cast("SQSClient", lean)
 
     # -- Service --------------------------------------------------------------------------
 
@@ -161,14 +189,26 @@ class Application:
         self._run_hook(self.settings.on_startup)
         self.coordinator = self._make_coordinator(spawner, fail)
         self.coordinator.start()
-        loop = DiscoveryLoop(
-            self.discovery,
-            interval_s=self.settings.discovery.interval,
-            on_result=self._on_discovered,
-        )
-        self._first_discovery(loop)
-        spawner.spawn("discovery", loop.run, self._loops_stop)
-        self._spawn_extras(spawner, fail)
+        try:
+            loop = DiscoveryLoop(
+                self.discovery,
+                interval_s=self.settings.discovery.interval,
+                on_result=self._on_discovered,
+            )
+            self._first_discovery(loop)
+            spawner.spawn("discovery", loop.run, self._loops_stop)
+            self._spawn_extras(spawner, fail)
+        except BaseException:
+            # Registered but never consuming: deregister now rather than be judged dead later.
+            self._leave_quietly()
+            raise
+
+    def _leave_quietly(self) -> None:
+        assert self.coordinator is not None
+        try:
+            self.coordinator.leave()
+        except Exception as exc:
+            logger.warning("could not leave the cluster", extra={"error": describe_error(exc)})
 
     def _otel_tracing(self) -> Tracing | None:
         if not self.settings.observability.otel:
@@ -272,9 +312,7 @@ class Application:
         except SqsBalancerError:
             raise
         except Exception as exc:
-            if is_transient(exc):
-                raise AwsUnavailableError(f"SQS unreachable: {describe_error(exc)}") from exc
-            raise AwsUnavailableError(f"SQS refused ListQueues: {describe_error(exc)}") from exc
+            raise _sqs_unavailable(exc) from exc
         self._warn_about(result)
 
     def _warn_about(self, result: DiscoveryResult) -> None:
@@ -367,6 +405,18 @@ class Application:
                 bridge.call(result)
             else:
                 asyncio.run(_await(result))
+
+
+def _sqs_unavailable(exc: Exception) -> AwsUnavailableError:
+    """The first discovery failed after botocore's retries: say how, in one line."""
+    code = error_code(exc) or ""
+    if code in THROTTLING_CODES:
+        return AwsUnavailableError(f"SQS throttled ListQueues: {describe_error(exc)}")
+    if is_transient(exc) and not code:
+        return AwsUnavailableError(f"SQS unreachable: {describe_error(exc)}")
+    if is_transient(exc):
+        return AwsUnavailableError(f"SQS failed ListQueues: {describe_error(exc)}")
+    return AwsUnavailableError(f"SQS refused ListQueues: {describe_error(exc)}")
 
 
 async def _await(awaitable: Any) -> Any:

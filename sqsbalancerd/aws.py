@@ -97,7 +97,8 @@ def _count_calls(client: Any, service: str, stats: Stats) -> None:
 
     def after_call(http_response: Any, model: Any, **_: Any) -> None:
         status = getattr(http_response, "status_code", 0)
-        stats.aws_call(service, model.name, _outcome_for_status(status, http_response))
+        body = getattr(http_response, "content", b"") or b""
+        stats.aws_call(service, model.name, outcome_for_status(status, body))
 
     def after_call_error(exception: Exception, context: Any, **_: Any) -> None:
         action = context.get("operation_name") if isinstance(context, dict) else None
@@ -113,12 +114,12 @@ def _remember_operation(model: Any, context: Any, **_: Any) -> None:
     context["operation_name"] = model.name
 
 
-def _outcome_for_status(status: int, http_response: Any) -> str:
+def outcome_for_status(status: int, body: bytes) -> str:
+    """How a response counts in the call metrics: ok, throttled, server or client error."""
     if status < 300:
         return "ok"
     if status == 429 or status >= 500:
         return "throttled" if status in (429, 503) else "server_error"
-    body = getattr(http_response, "content", b"") or b""
     if any(code.encode() in body for code in THROTTLING_CODES):
         return "throttled"
     return "client_error"

@@ -121,6 +121,9 @@ class SqsSettings(_Section):
     max_messages: int = Field(default=10, ge=1, le=10)
     message_attribute_names: tuple[str, ...] = ("All",)
     max_extension: PositiveSeconds = Field(default=3600.0, le=43_200)
+    # Receive, batch delete and batch visibility change without botocore's per-call work
+    # (dataplane.py); errors still go through boto3.
+    lean_requests: bool = True
 
 
 class WorkersSettings(_Section):

@@ -25,6 +25,7 @@ class ConsumerSpec:
     instances: int = 1
     args: tuple[str, ...] = ()
     is_ceiling: bool = False
+    settings: tuple[tuple[str, str], ...] = ()  # sqsbalancerd: extra SQSBALANCERD_* variables
 
     @property
     def is_python(self) -> bool:
@@ -44,6 +45,12 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         is_ceiling=True,
     ),
     ConsumerSpec("sqsb", "sqsbalancerd standalone", "sqsbalancerd"),
+    ConsumerSpec(
+        "sqsb-boto",
+        "sqsbalancerd standalone, boto3 only (lean_requests off)",
+        "sqsbalancerd",
+        settings=(("SQSBALANCERD_SQS__LEAN_REQUESTS", "false"),),
+    ),
     ConsumerSpec("sqsb-ddb1", "sqsbalancerd dynamodb x1", "sqsbalancerd", mode="dynamodb"),
     ConsumerSpec(
         "sqsb-ddb3", "sqsbalancerd dynamodb x3", "sqsbalancerd", mode="dynamodb", instances=3
@@ -153,4 +160,5 @@ def sqsbalancerd_env(spec: ConsumerSpec, launch: Launch, index: int) -> dict[str
     }
     if spec.mode == "dynamodb" and launch.is_fast_timings:
         env.update({f"SQSBALANCERD_COORDINATION__{k}": v for k, v in FAST_TIMINGS.items()})
+    env.update(dict(spec.settings))
     return env

@@ -2,18 +2,23 @@
 
 All three run on one thread so their order is the order they were decided in: an
 extension is never sent after its message's delete, and a release never overtakes a delete.
+
+Retries are this module's, not botocore's (the acks client makes one attempt per call): a
+failed call or entry goes back into its queue's list with a backoff, so one throttled
+queue never holds up the batches of the others on this single thread.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqsbalancerd.aws import describe_error
+from sqsbalancerd.aws import THROTTLING_CODES, describe_error, error_code, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.state import Delivery
 from sqsbalancerd.stats import Stats
@@ -24,7 +29,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_LIMIT = 10
+# Attempts for any failure; transient ones (throttling, 5xx, network) go on past this while
+# the receipt handle is still ours (see `_should_retry`).
 MAX_ATTEMPTS = 5
+MAX_BACKOFF_S = 5.0
+# flush_all's first pause between rounds, doubling: 3 s in all, well inside Engine.stop's 10 s.
+FLUSH_BACKOFF_S = 0.2
 # Receipt-handle errors that no retry can fix: the message will simply reappear.
 _PERMANENT_CODES = frozenset(
     {
@@ -45,6 +55,12 @@ class PendingOp:
     due_s: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    code: str
+    is_transient: bool
+
+
 class Acknowledger:
     def __init__(
         self,
@@ -63,6 +79,8 @@ class Acknowledger:
         self._cond = threading.Condition()
         self._deletes: dict[str, list[PendingOp]] = defaultdict(list)
         self._changes: dict[str, list[PendingOp]] = defaultdict(list)
+        # Taken for a call not yet answered: still pending for backpressure and draining.
+        self._in_flight: dict[str, int] = defaultdict(int)
         self._extension_source: Callable[[float], list[tuple[Delivery, int]]] | None = None
         self._extension_every_s = 1.0
         self._next_extension_s = 0.0
@@ -98,11 +116,19 @@ class Acknowledger:
 
     def pending_for(self, queue_url: str) -> int:
         with self._cond:
-            return len(self._deletes.get(queue_url, ())) + len(self._changes.get(queue_url, ()))
+            return (
+                len(self._deletes.get(queue_url, ()))
+                + len(self._changes.get(queue_url, ()))
+                + self._in_flight.get(queue_url, 0)
+            )
 
     def pending_total(self) -> int:
         with self._cond:
-            return sum(map(len, self._deletes.values())) + sum(map(len, self._changes.values()))
+            return (
+                sum(map(len, self._deletes.values()))
+                + sum(map(len, self._changes.values()))
+                + sum(self._in_flight.values())
+            )
 
     def retrying_deletes(self) -> list[Delivery]:
         """Messages whose delete failed and awaits a retry: still ours, so still extended.
@@ -135,8 +161,13 @@ class Acknowledger:
             sent += self._extend(now)
         return sent
 
-    def flush_all(self, *, max_rounds: int = MAX_ATTEMPTS + 1) -> None:
-        for _ in range(max_rounds):
+    def flush_all(self, *, max_rounds: int = MAX_ATTEMPTS) -> None:
+        """Send everything now; retry failures after a short pause (bounded: this runs at
+        shutdown), then give up what is left."""
+        for round_ in range(max_rounds):
+            if round_:
+                with self._cond:  # a throttled call retried at once would be throttled again
+                    self._cond.wait(FLUSH_BACKOFF_S * 2 ** (round_ - 1))
             self._flush_due(force=True)
             if self.pending_total() == 0:
                 return
@@ -159,7 +190,7 @@ class Acknowledger:
         for kind, table in (("delete", self._deletes), ("change", self._changes)):
             for url, batch in self._take_due(table, force=force):
                 sent += len(batch)
-                self._send(kind, url, batch)
+                self._send(kind, url, batch, taken=True)
         return sent
 
     def _take_due(
@@ -174,18 +205,23 @@ class Acknowledger:
                     continue
                 taken = {id(op) for op in ready}
                 ops[:] = [op for op in ops if id(op) not in taken]
+                self._in_flight[url] += len(ready)
                 for start in range(0, len(ready), BATCH_LIMIT):
                     batches.append((url, ready[start : start + BATCH_LIMIT]))
         return batches
 
     # -- sending --------------------------------------------------------------------------
 
-    def _send(self, kind: str, url: str, batch: list[PendingOp]) -> None:
+    def _send(self, kind: str, url: str, batch: list[PendingOp], *, taken: bool = False) -> None:
+        """One call, one attempt; failed operations go back into their list to retry later.
+
+        `taken`: the batch came from the lists (counted in flight until it is answered).
+        """
         try:
             failed = self._call(kind, url, batch)
         except Exception as exc:
             logger.warning(
-                "batch call failed; will retry",
+                "batch call failed",
                 extra={
                     "queue": batch[0].delivery.queue.name,
                     "action": kind,
@@ -193,11 +229,22 @@ class Acknowledger:
                     "count": len(batch),
                 },
             )
-            failed = {str(i): "Exception" for i in range(len(batch))}
-        self._account(kind, batch, failed)
+            failure = Failure(error_code(exc) or type(exc).__name__, is_transient(exc))
+            failed = {str(i): failure for i in range(len(batch))}
+        retry = self._account(batch, failed)
+        table = self._deletes if kind == "delete" else self._changes
+        with self._cond:
+            # Back in the list before the in-flight count drops: never seen as not pending.
+            if retry:
+                table[url].extend(retry)
+            if taken:
+                self._in_flight[url] -= len(batch)
+                if not self._in_flight[url]:
+                    del self._in_flight[url]
+        self._notify_settled(batch)
 
-    def _call(self, kind: str, url: str, batch: list[PendingOp]) -> dict[str, str]:
-        """Send one batch; returns {entry id: error code} for the entries that failed."""
+    def _call(self, kind: str, url: str, batch: list[PendingOp]) -> dict[str, Failure]:
+        """Send one batch; returns {entry id: failure} for the entries that failed."""
         response: Any
         if kind == "delete":
             entries = [
@@ -215,25 +262,28 @@ class Acknowledger:
                 for i, op in enumerate(batch)
             ]
             response = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=changes)  # type: ignore[arg-type]
-        return {f["Id"]: f.get("Code", "") for f in response.get("Failed", [])}
+        return {f["Id"]: _entry_failure(f) for f in response.get("Failed", [])}
 
-    def _account(self, kind: str, batch: list[PendingOp], failed: dict[str, str]) -> None:
+    def _account(self, batch: list[PendingOp], failed: dict[str, Failure]) -> list[PendingOp]:
+        """Count what succeeded or was given up; returns what to retry, due after a backoff."""
         retry: list[PendingOp] = []
+        now = self._clock.monotonic()
+        # Jittered (instances throttled together should not retry in lockstep), but once per
+        # batch: what failed together is retried together, not split into smaller calls.
+        jitter = random.uniform(0.5, 1.0)
         for index, op in enumerate(batch):
-            code = failed.get(str(index))
-            queue = op.delivery.queue.name
-            if code is None:
+            failure = failed.get(str(index))
+            if failure is None:
                 self._count_success(op)
                 continue
             op.attempts += 1
-            if code in _PERMANENT_CODES or op.attempts >= MAX_ATTEMPTS or op.reason == "extend":
-                self._count_failure(op, code)
-            else:
-                op.due_s = self._clock.monotonic() + min(5.0, 0.2 * 2**op.attempts)
-                retry.append(op)
-                self._stats.count(queue, "ack_retried")
-        self._requeue(kind, retry)
-        self._notify_settled(batch)
+            if not _should_retry(op, failure, now):
+                self._count_failure(op, failure.code)
+                continue
+            op.due_s = now + min(MAX_BACKOFF_S, 0.2 * 2 ** min(op.attempts, 8)) * jitter
+            retry.append(op)
+            self._stats.count(op.delivery.queue.name, "ack_retried")
+        return retry
 
     def _count_success(self, op: PendingOp) -> None:
         queue = op.delivery.queue.name
@@ -258,14 +308,6 @@ class Acknowledger:
                 "attempts": op.attempts,
             },
         )
-
-    def _requeue(self, kind: str, ops: list[PendingOp]) -> None:
-        if not ops:
-            return
-        table = self._deletes if kind == "delete" else self._changes
-        with self._cond:
-            for op in ops:
-                table[op.delivery.queue.url].append(op)
 
     def _give_up_all(self) -> None:
         with self._cond:
@@ -295,6 +337,24 @@ class Acknowledger:
             for start in range(0, len(ops), BATCH_LIMIT):
                 self._send("change", url, ops[start : start + BATCH_LIMIT])
         return len(due)
+
+
+def _entry_failure(entry: Any) -> Failure:
+    """A failed batch entry: SenderFault false (SQS's side) or throttled is worth retrying."""
+    code = str(entry.get("Code", ""))
+    return Failure(code, not entry.get("SenderFault", False) or code in THROTTLING_CODES)
+
+
+def _should_retry(op: PendingOp, failure: Failure, now_s: float) -> bool:
+    """Retry unless no retry can help: a rejected receipt handle, an extension (the next
+    check recomputes it), a persistent error after MAX_ATTEMPTS, or a transient one once
+    the visibility timeout has lapsed (the message may have been received again since,
+    under a new receipt handle) and MAX_ATTEMPTS are spent."""
+    if failure.code in _PERMANENT_CODES or op.reason == "extend":
+        return False
+    if op.attempts < MAX_ATTEMPTS:
+        return True
+    return failure.is_transient and now_s < op.delivery.visible_until_s
 
 
 def _ready_ops(ops: list[PendingOp], now: float, *, force: bool) -> list[PendingOp]:

@@ -75,20 +75,23 @@ class Dispatcher:
                     self._waiting.pop(queue.name, None)
                     return 0
                 now = self._clock.monotonic()
-                room = min(
-                    want,
-                    self._capacity - self._held_total,
-                    self._per_queue_cap(queue) - queue.held,
-                )
+                queue_cap = self._per_queue_cap(queue)
+                total_room = self._capacity - self._held_total
+                room = min(want, total_room, queue_cap - queue.held)
+                # A receive of a few costs a whole request: where a bound holds two batches
+                # or more, the messages already held keep workers busy while we wait for room
+                # for a full one (requests/message stays at 0.1 receives, not 0.17).
+                enough = min(want, _smallest_batch(self._capacity, want))
+                enough = min(enough, _smallest_batch(queue_cap, want))
                 is_next = self._is_next_in_line(queue, now)
-                if room > 0 and is_next:
+                if room >= enough and room > 0 and is_next:
                     # Only the queue's own share is claimed while the poll is in flight; the
                     # total counts messages actually held (see submit), so idle long polls
                     # on many queues do not lock each other out of the bound.
                     self._waiting.pop(queue.name, None)
                     queue.held += room
                     return room
-                if self._held_total >= self._capacity or not is_next:
+                if total_room < max(1, _smallest_batch(self._capacity, want)) or not is_next:
                     self._wait_in_line(queue, now)
                 remaining = deadline - now
                 if remaining <= 0:
@@ -320,3 +323,8 @@ class Dispatcher:
 
 
 _HELD_STATES = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})
+
+
+def _smallest_batch(limit: int, want: int) -> int:
+    """The smallest grant worth a receive under a bound of `limit` held messages."""
+    return want if limit >= 2 * want else 1

@@ -128,3 +128,16 @@ def test_init_table_creates_the_table(daemons, dynamodb):
     table = dynamodb.describe_table(TableName="sqsbalancer-coordination")["Table"]
     assert table["TableStatus"] == "ACTIVE"
     assert {k["AttributeName"] for k in table["KeySchema"]} == {"pk", "sk"}
+
+
+def test_a_start_that_fails_after_joining_leaves_no_member_row(daemons, dynamodb):
+    """A named queue that does not exist fails the first discovery, after the instance has
+    registered: it must deregister (others would otherwise count it for a heartbeat timeout)."""
+    text = config(0).replace('queue_pattern = "^ops-"', 'queues = ["ops-missing"]')
+    daemon = daemons.start(config=text)
+
+    assert daemon.wait(timeout_s=60) == 2, daemon.log()
+    log = daemon.log()
+    assert "joined the cluster" in log and "ops-missing" in log
+    rows = dynamodb.scan(TableName="sqsbalancer-coordination")["Items"]
+    assert [r["sk"]["S"] for r in rows if r["sk"]["S"].startswith("member#")] == []

@@ -2,7 +2,8 @@
 
 The rig wires one real queue (in moto) to a Dispatcher, an Acknowledger, a Poller and a
 Worker that the test drives step by step (`receive`, `work`, `flush`), with no threads.
-`CallLog` records the SQS calls a client makes; `Faults` answers some in SQS's place.
+`CallLog` records the SQS calls a client makes; `Faults` answers some in SQS's place;
+`Throttle` throttles some queues' requests below botocore's retries.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -168,6 +170,8 @@ class Rig:
         is_async: bool = False,
         capacity: int = 20,
         bridge: AsyncBridge | None = None,
+        acks: Acknowledger | None = None,
+        stats: Stats | None = None,
         **policy: Any,
     ) -> None:
         self.sqs = sqs
@@ -176,7 +180,7 @@ class Rig:
         if name.endswith(".fifo"):
             attributes["FifoQueue"] = "true"
         self.url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        self.stats = Stats()
+        self.stats = stats or Stats()
         self.queue = make_queue(
             name,
             url=self.url,
@@ -188,7 +192,8 @@ class Rig:
         )
         self.dispatcher = Dispatcher(capacity=capacity, clock=self.clock)
         self.dispatcher.add_queue(self.queue)
-        self.acks = Acknowledger(sqs, stats=self.stats, clock=self.clock)
+        # Rigs may share one (as every queue shares the acks thread), with its stats.
+        self.acks = acks or Acknowledger(sqs, stats=self.stats, clock=self.clock)
         self.gate = ReceiveGate()
         self.gone: list[QueueRuntime] = []
         self.poller = Poller(
@@ -243,6 +248,14 @@ class Rig:
     def counters(self) -> dict[str, int]:
         return self.stats.queue_counters().get(self.queue.name, {})
 
+    def handled(self, count: int) -> None:
+        """Receive and handle `count` messages (already sent): their deletes are pending."""
+        done = 0
+        while done < count:
+            assert self.receive() > 0, f"only {done} of {count} messages received"
+            done += self.work_all()
+        assert done == count
+
 
 class Faults:
     """Answers DeleteMessageBatch / ChangeMessageVisibilityBatch in SQS's place.
@@ -287,3 +300,59 @@ def _request_params(request_dict: dict[str, Any]) -> dict[str, Any]:
 
 def _snake(operation: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
+
+
+class Throttle:
+    """Throttles `operation` for the queues in `urls`, one HTTP request at a time: a
+    ThrottlingException answered in SQS's place at `before-send`, beneath botocore's retry
+    layer, so a client that retries makes (and this counts) every attempt. `stop()` ends it.
+    """
+
+    def __init__(self, client: Any, operation: str, urls: Iterable[str]) -> None:
+        self._urls = set(urls)
+        self._cond = threading.Condition()
+        self._is_active = True
+        self.attempts: Counter[str] = Counter()  # throttled requests, by queue URL
+        self.entries: Counter[str] = Counter()  # their batch entries, by queue URL
+        client.meta.events.register_first(f"before-send.sqs.{operation}", self._answer)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._is_active = False
+
+    def wait_for(self, url: str, attempts: int, *, timeout_s: float = 10.0) -> None:
+        """Until `attempts` requests for `url` were throttled; fails after `timeout_s`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.attempts[url] >= attempts, timeout_s):
+                raise AssertionError(
+                    f"only {self.attempts[url]} of {attempts} throttled requests in {timeout_s}s"
+                )
+
+    def _answer(self, request: Any, **_: Any) -> AWSResponse | None:
+        params = json.loads(request.body)
+        url = params["QueueUrl"]
+        with self._cond:
+            if not self._is_active or url not in self._urls:
+                return None  # on to moto
+            self.attempts[url] += 1
+            self.entries[url] += len(params.get("Entries", ()))
+            self._cond.notify_all()
+        # botocore still calls moto's own before-send handler after this one (its answer is
+        # ignored): pointed elsewhere, moto lets the request be instead of applying it.
+        request.url = "https://throttled.invalid/"
+        body = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"})
+        headers = {
+            "x-amzn-query-error": "ThrottlingException;Sender",
+            "Content-Type": "application/x-amz-json-1.0",
+        }
+        return AWSResponse(request.url, 400, headers, _RawBody(body.encode()))
+
+
+class _RawBody:
+    """The `raw` of an AWSResponse: what botocore reads the body from."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Iterable[bytes]:
+        yield self._body

@@ -6,21 +6,27 @@ are simulated with a botocore `before-call` hook that answers in SQS's place (se
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from enginekit import CallLog, Faults, Rig
-from support import FakeClock
+from enginekit import CallLog, Faults, Rig, Throttle, standalone_settings
+from support import FakeClock, wait_until
 
+from sqsbalancerd.app import ack_options
+from sqsbalancerd.aws import sqs_client
 from sqsbalancerd.clock import Clock, SystemClock
-from sqsbalancerd.engine.acks import MAX_ATTEMPTS
+from sqsbalancerd.engine import acks as acks_module
+from sqsbalancerd.engine.acks import MAX_ATTEMPTS, MAX_BACKOFF_S, Acknowledger
+from sqsbalancerd.stats import Stats
 
 
 def handled_rig(moto_sqs: Any, count: int, *, clock: Clock | None = None) -> Rig:
     """A rig whose `count` messages were received and handled: deletes are pending."""
-    rig = Rig(moto_sqs, clock=clock or FakeClock(), capacity=max(10, count))
+    # Room for every message plus one more full receive: reservations are whole batches.
+    rig = Rig(moto_sqs, clock=clock or FakeClock(), capacity=count + 10)
     rig.send(*[f"m{n}" for n in range(count)])
     while rig.dispatcher.depth() < count:
         assert rig.receive() > 0
@@ -102,7 +108,8 @@ def test_a_call_that_raises_is_retried_whole(moto_sqs):
     assert rig.counters()["deleted"] == 4
 
 
-def test_gives_up_after_max_attempts(moto_sqs):
+def test_gives_up_after_max_attempts(moto_sqs, monkeypatch):
+    monkeypatch.setattr(acks_module, "FLUSH_BACKOFF_S", 0.0)  # flush_all's pauses
     rig = handled_rig(moto_sqs, 1)
     Faults(moto_sqs, "DeleteMessageBatch", [{0: "InternalError"}] * (MAX_ATTEMPTS + 5))
     log = CallLog(moto_sqs)
@@ -143,3 +150,162 @@ def test_the_loop_sleeps_while_retries_back_off(moto_sqs):
         rounds += 1
     assert rig.counters()["deleted"] == 10
     assert rounds < 30, f"{rounds} rounds: the loop spun instead of waiting"
+
+
+# -- throttling: the acknowledger retries, not botocore ----------------------------------
+
+
+def ack_client() -> Any:
+    """The daemon's acks client (app.ack_options: one attempt per call), on moto's mock."""
+    return sqs_client(ack_options(standalone_settings()))
+
+
+def shared_rigs(client: Any, moto_sqs: Any, clock: Clock, **policy: Any) -> tuple[Rig, Rig]:
+    """Two queues behind one acknowledger on `client`: "slow" (throttled) and "fast"."""
+    stats = Stats()
+    acks = Acknowledger(client, stats=stats, clock=clock)
+    slow = Rig(moto_sqs, name="work-slow", clock=clock, acks=acks, stats=stats, **policy)
+    fast = Rig(moto_sqs, name="work-fast", clock=clock, acks=acks, stats=stats)
+    return slow, fast
+
+
+def test_a_throttled_queue_does_not_hold_up_another_queues_deletes(moto_sqs):
+    clock = FakeClock()
+    client = ack_client()
+    # Long visibility: the receipt handles stay ours for the whole test.
+    slow, fast = shared_rigs(client, moto_sqs, clock, visibility_timeout_s=600)
+    acks = slow.acks
+    throttle = Throttle(client, "DeleteMessageBatch", [slow.url])
+    log = CallLog(client)
+    slow.send(*[f"s{n}" for n in range(10)])
+    slow.handled(10)
+
+    rounds = MAX_ATTEMPTS + 3  # transient failures are retried past MAX_ATTEMPTS
+    for n in range(1, rounds + 1):
+        fast.send(f"f{n}")
+        fast.handled(1)
+        clock.advance(MAX_BACKOFF_S)  # the slow retry and the fast linger are both due
+        acks.run_once()
+        # The slow queue's batch went first and was throttled; the fast one went out anyway.
+        assert throttle.attempts[slow.url] == n
+        assert fast.counters()["deleted"] == n
+        assert fast.depth() == (0, 0)
+        assert slow.depth() == (0, 10)
+        assert acks.pending_for(slow.url) == 10  # kept for the next round, none given up
+    # One HTTP attempt per call: the retries were the acknowledger's, not botocore's.
+    slow_calls = [p for p in log.of("DeleteMessageBatch") if p["QueueUrl"] == slow.url]
+    assert len(slow_calls) == rounds
+
+    throttle.stop()
+    assert acks.run_once() == 0  # each retry waits out its backoff
+    clock.advance(MAX_BACKOFF_S)
+    assert acks.run_once() == 10
+    assert slow.depth() == (0, 0)
+    assert slow.counters()["deleted"] == 10
+    assert slow.counters()["ack_retried"] == throttle.entries[slow.url] == 10 * rounds
+    assert slow.counters()["delete_failed"] == 0
+    assert acks.pending_total() == 0
+
+
+def test_what_failed_together_is_retried_together(moto_sqs):
+    """One backoff per failed batch: its entries come due at once, in one call, not ten."""
+    clock = FakeClock()
+    client = ack_client()
+    slow, _ = shared_rigs(client, moto_sqs, clock)
+    throttle = Throttle(client, "DeleteMessageBatch", [slow.url])
+    log = CallLog(client)
+    slow.send(*[f"s{n}" for n in range(10)])
+    slow.handled(10)
+    clock.advance(0.1)
+    assert slow.acks.run_once() == 10
+    throttle.stop()
+    for _ in range(1000):  # in small steps, to catch the first retry that comes due
+        clock.advance(0.01)
+        if slow.acks.run_once():
+            break
+    assert [len(p["Entries"]) for p in log.of("DeleteMessageBatch")] == [10, 10]
+    assert slow.counters()["deleted"] == 10
+
+
+def test_a_throttled_delete_is_given_up_once_its_receipt_may_be_stale(moto_sqs):
+    """Past MAX_ATTEMPTS, a transient failure is retried only until the visibility timeout
+    lapses: then the message may have been received again, under another receipt handle."""
+    clock = FakeClock()
+    client = ack_client()
+    slow, _ = shared_rigs(client, moto_sqs, clock, visibility_timeout_s=60)
+    throttle = Throttle(client, "DeleteMessageBatch", [slow.url])
+    slow.send("x")
+    slow.handled(1)
+
+    for _ in range(100):
+        clock.advance(MAX_BACKOFF_S)
+        slow.acks.run_once()
+        if not slow.acks.pending_total():
+            break
+    # Attempts at 5 s, 10 s, ... 60 s: the one at 60 s found the visibility lapsed.
+    assert throttle.attempts[slow.url] == 60 // MAX_BACKOFF_S
+    assert slow.counters()["delete_failed"] == 1
+    assert slow.counters()["ack_retried"] == 60 // MAX_BACKOFF_S - 1
+
+
+def test_a_batch_in_flight_still_counts_as_pending(moto_sqs):
+    """Pollers read pending_for while the acks thread waits for an answer (backpressure)."""
+    clock = FakeClock()
+    rig = handled_rig(moto_sqs, 10, clock=clock)
+    seen: list[int] = []
+
+    def in_flight(**_: Any) -> None:
+        seen.append(rig.acks.pending_for(rig.url))
+
+    moto_sqs.meta.events.register("before-call.sqs.DeleteMessageBatch", in_flight)
+    Faults(moto_sqs, "DeleteMessageBatch", [EndpointConnectionError(endpoint_url="x")])
+    assert rig.acks.run_once() == 10
+    assert rig.acks.pending_for(rig.url) == 10  # failed: back in the list
+    clock.advance(MAX_BACKOFF_S)
+    assert rig.acks.run_once() == 10
+    assert seen == [10, 10]
+    assert rig.acks.pending_for(rig.url) == 0
+    assert rig.acks.pending_total() == 0
+
+
+def test_the_acks_thread_keeps_other_queues_deletes_flowing_while_one_is_throttled(moto_sqs):
+    """The real loop on its own thread, the daemon's acks client, the wall clock."""
+    client = ack_client()
+    slow, fast = shared_rigs(client, moto_sqs, SystemClock())
+    acks = slow.acks
+    throttle = Throttle(client, "DeleteMessageBatch", [slow.url])
+    slow.send(*[f"s{n}" for n in range(10)])
+    fast.send(*[f"f{n}" for n in range(10)])
+    stop = threading.Event()
+    thread = threading.Thread(target=acks.run, args=(stop,), name="test-acks", daemon=True)
+    thread.start()
+    try:
+        slow.handled(10)  # a full batch: sent at once, and throttled
+        throttle.wait_for(slow.url, 1)
+
+        fast.handled(10)
+        # botocore's 5 attempts would hold the thread for seconds (backoff up to 1+2+4+8 s).
+        wait_until(
+            lambda: fast.counters().get("deleted") == 10,
+            timeout_s=2.0,
+            what="the other queue's deletes, sent while the first is throttled",
+        )
+        assert fast.depth() == (0, 0)
+        assert slow.depth() == (0, 10)
+        assert acks.pending_for(slow.url) == 10
+
+        throttle.wait_for(slow.url, 3)  # still retried by the acknowledger
+        throttle.stop()
+        wait_until(
+            lambda: slow.counters().get("deleted") == 10,
+            timeout_s=10.0,
+            what="the throttled deletes, once throttling stops",
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert slow.depth() == (0, 0)
+    assert slow.counters()["ack_retried"] == throttle.entries[slow.url]
+    assert slow.counters()["delete_failed"] == 0
+    assert acks.pending_total() == 0

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from botocore.exceptions import EndpointConnectionError
-from enginekit import CallLog, Rig
-from support import FakeClock
+from enginekit import CallLog, Rig, Throttle, standalone_settings
+from support import FakeClock, wait_until
 
+from sqsbalancerd.app import ack_options
+from sqsbalancerd.aws import sqs_client
 from sqsbalancerd.clock import SystemClock
+from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.poller import MAX_PENDING_ACKS, MAX_PENDING_ACKS_TOTAL
+from sqsbalancerd.stats import Stats
 
 
 def test_asks_for_no_more_than_the_room_it_reserved(moto_sqs):
@@ -178,3 +184,159 @@ def test_gate_waits_for_an_imminent_renewal_instead_of_cutting_the_poll():
     # No budget at all (standalone): the wanted wait.
     gate.set_budget(lambda: None)
     assert gate.wait_time_s(20) == 20
+
+
+# -- backpressure from the acknowledger -------------------------------------------------
+
+
+def test_no_receive_while_this_queues_acks_are_backed_up(moto_sqs):
+    clock = FakeClock()  # standing still: the deletes linger until the test flushes them
+    rig = Rig(moto_sqs, clock=clock, capacity=40)
+    log = CallLog(moto_sqs)
+    rig.send(*[f"m{n}" for n in range(40)])
+    assert rig.receive() == 10
+    assert rig.work_all() == 10
+    assert rig.receive() == 10
+    for _ in range(MAX_PENDING_ACKS - 1 - 10):
+        assert rig.work()
+    assert rig.acks.pending_for(rig.url) == MAX_PENDING_ACKS - 1
+    assert rig.receive() == 10  # one short of the limit: still receiving
+
+    assert rig.work()
+    assert rig.acks.pending_for(rig.url) == MAX_PENDING_ACKS
+    receives = len(log.of("ReceiveMessage"))
+    for _ in range(3):
+        assert rig.poller.run_once() > 0  # backs off instead
+    assert len(log.of("ReceiveMessage")) == receives
+    assert rig.depth() == (10, 30)  # not for want of messages
+    assert rig.dispatcher.depth() == 10  # and nothing reserved for a receive
+
+    clock.advance(0.1)
+    assert rig.acks.run_once() == MAX_PENDING_ACKS  # drained
+    assert rig.receive() == 10
+    assert len(log.of("ReceiveMessage")) == receives + 1
+
+
+def test_no_receive_while_all_queues_acks_add_up_to_the_total_limit(moto_sqs):
+    """One thread sends every queue's acks: others' backlog holds up an idle queue too."""
+    clock = FakeClock()
+    stats = Stats()
+    acks = Acknowledger(moto_sqs, stats=stats, clock=clock)
+    rig = Rig(moto_sqs, name="work-idle", clock=clock, acks=acks, stats=stats)
+    per_queue = 10  # each below MAX_PENDING_ACKS
+    others = [
+        Rig(moto_sqs, name=f"work-busy-{n}", clock=clock, acks=acks, stats=stats)
+        for n in range(MAX_PENDING_ACKS_TOTAL // per_queue)
+    ]
+    for other in others:
+        other.send(*[f"m{n}" for n in range(per_queue)])
+        assert other.receive() == per_queue
+    for other in others[:-1]:
+        assert other.work_all() == per_queue
+    for _ in range(per_queue - 1):
+        assert others[-1].work()
+    assert acks.pending_total() == MAX_PENDING_ACKS_TOTAL - 1
+    rig.send(*[f"i{n}" for n in range(20)])
+    log = CallLog(moto_sqs)
+    assert rig.receive() == 10  # one short of the limit
+
+    assert others[-1].work()
+    assert acks.pending_total() == MAX_PENDING_ACKS_TOTAL
+    assert acks.pending_for(rig.url) == 0
+    assert rig.poller.run_once() > 0
+    assert len(log.of("ReceiveMessage")) == 1
+
+    clock.advance(0.1)
+    assert acks.run_once() == MAX_PENDING_ACKS_TOTAL
+    assert rig.receive() == 10
+    assert len(log.of("ReceiveMessage")) == 2
+
+
+class ReceiveLog:
+    """ReceiveMessage calls a client started and finished (all threads)."""
+
+    def __init__(self, client: Any) -> None:
+        self._lock = threading.Lock()
+        self.started = 0
+        self.ended = 0
+        client.meta.events.register("before-call.sqs.ReceiveMessage", self._start)
+        client.meta.events.register("after-call.sqs.ReceiveMessage", self._end)
+
+    def _start(self, **_: Any) -> None:
+        with self._lock:
+            self.started += 1
+
+    def _end(self, **_: Any) -> None:
+        with self._lock:
+            self.ended += 1
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.started, self.ended
+
+
+def test_a_running_poller_stops_receiving_while_deletes_are_throttled_and_resumes(moto_sqs):
+    """Poller, worker and acks loops on their own threads; the daemon's acks client with
+    every delete throttled. Waits are bounded polls or the throttle's own counter."""
+    clock = SystemClock()
+    client = sqs_client(ack_options(standalone_settings()))
+    stats = Stats()
+    acks = Acknowledger(client, stats=stats, clock=clock)
+    rig = Rig(moto_sqs, clock=clock, acks=acks, stats=stats, capacity=20, wait_time_s=1)
+    throttle = Throttle(client, "DeleteMessageBatch", [rig.url])
+    receives = ReceiveLog(moto_sqs)
+    total = 60
+    rig.send(*[f"m{n}" for n in range(total)])
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=loop, args=(stop,), name=f"test-{name}", daemon=True)
+        for name, loop in (
+            ("acks", acks.run),
+            ("worker", rig.worker.run),
+            ("poller", rig.poller.run),
+        )
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        # Backed up: enough deletes pending, everything received handled, no receive running.
+        def backed_up() -> bool:
+            started, ended = receives.counts()
+            return (
+                acks.pending_for(rig.url) >= MAX_PENDING_ACKS
+                and rig.dispatcher.is_queue_idle(rig.queue)
+                and started == ended
+            )
+
+        wait_until(backed_up, timeout_s=10, what="the deletes to back up")
+        # A poller round begun after that saw the backlog; any round before it is over.
+        since = clock.monotonic()
+        wait_until(lambda: rig.poller.last_tick_s > since, timeout_s=5, what="a poller round")
+        started, _ = receives.counts()
+        pending = acks.pending_for(rig.url)
+        # Bounded: at most one dispatcher's worth past the limit.
+        assert pending < MAX_PENDING_ACKS + 20
+        # The acks thread retries twice more, the poller goes round again: still no receive.
+        attempts = throttle.attempts[rig.url]
+        throttle.wait_for(rig.url, attempts + 2)
+        since = clock.monotonic()
+        wait_until(lambda: rig.poller.last_tick_s > since, timeout_s=5, what="a poller round")
+        assert receives.counts()[0] == started
+        assert rig.depth()[0] == total - pending  # the rest wait in SQS, visible
+        assert acks.pending_for(rig.url) == pending  # retried, none given up
+
+        throttle.stop()
+        wait_until(lambda: receives.counts()[0] > started, timeout_s=10, what="receiving to resume")
+        wait_until(
+            lambda: rig.counters().get("deleted") == total,
+            timeout_s=20,
+            what="every message deleted",
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert rig.depth() == (0, 0)
+    assert rig.counters()["delete_failed"] == 0
+    assert rig.counters()["ack_retried"] == throttle.entries[rig.url]

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from proxy import (
+    Blackhole,
     Drop,
     FailEntries,
     FaultProxy,
@@ -68,18 +69,21 @@ def given_up(log: str) -> list[dict[str, Any]]:
 
 
 def calls(records: list[Record]) -> dict[str, list[Record]]:
-    """Attempts grouped by botocore invocation id (one logical call), in order."""
+    """Attempts grouped by botocore invocation id (one logical call), in order. A request
+    without one (sent without botocore) is a call of its own."""
     grouped: dict[str, list[Record]] = defaultdict(list)
-    for record in sorted(records, key=lambda r: r.started):
-        grouped[record.invocation].append(record)
+    for n, record in enumerate(sorted(records, key=lambda r: r.started)):
+        grouped[record.invocation or f"no-invocation-{n}"].append(record)
     return grouped
 
 
 def retry_figures(proxy: FaultProxy, action: str) -> dict[str, Any]:
     """How botocore retried the calls that met a failure (an error status or no answer; not
-    mere latency): recovered, exhausted, and the backoff between attempts."""
+    mere latency): recovered, exhausted, and the backoff between attempts. Only botocore's
+    requests (a request sent without botocore that fails is sent again through it)."""
     recovered, exhausted, gaps = [], [], []
-    for attempts in calls(proxy.records("sqs", action)).values():
+    records = [r for r in proxy.records("sqs", action) if r.invocation]
+    for attempts in calls(records).values():
         if all(a.status == 200 for a in attempts):
             continue
         gaps += [b.started - a.ended for a, b in itertools.pairwise(attempts)]
@@ -92,6 +96,40 @@ def retry_figures(proxy: FaultProxy, action: str) -> dict[str, Any]:
         "max_attempts": max((len(a) for a in recovered + exhausted), default=0),
         "backoff_max_s": round(max(gaps, default=0.0), 2),
         "backoff_mean_s": round(sum(gaps) / max(1, len(gaps)), 2),
+    }
+
+
+def ack_retries(proxy: FaultProxy, action: str) -> dict[str, Any]:
+    """How the daemon's acks thread retried `action` (its client makes one attempt per call,
+    so a retry is a new call): calls that failed (an error status or no answer), their
+    entries, later calls carrying a message of a failed one, and the messages of failed
+    calls that no later call got done.
+
+    The acks client's lean requests are not re-sent through botocore on failure (the acks
+    thread retries), so every request counts, with or without `sqs.lean_requests`.
+    """
+    records = sorted(proxy.records("sqs", action), key=lambda r: r.started)
+    botocore_records = [r for r in records if r.invocation]
+    failed_at: dict[str, float] = {}  # message id -> when its first failed call ended
+    done: set[str] = set()
+    failed_calls = failed_entries = retried_calls = 0
+    for record in records:
+        ids = set(record.message_ids) - {"?"}
+        if any(failed_at.get(m, math.inf) <= record.started for m in ids):
+            retried_calls += 1
+        if record.status == 200:
+            done |= ids - set(record.failed_ids)
+            continue
+        failed_calls += 1
+        failed_entries += record.entries
+        for message_id in ids:
+            failed_at.setdefault(message_id, record.ended)
+    return {
+        "failed_calls": failed_calls,
+        "failed_entries": failed_entries,
+        "retried_calls": retried_calls,
+        "unrecovered": sorted(set(failed_at) - done),
+        "attempts_per_call": max((len(a) for a in calls(botocore_records).values()), default=0),
     }
 
 
@@ -146,21 +184,25 @@ def test_sqs_throttling_and_5xx_bursts_are_retried_and_nothing_is_dropped(
     sqs, endpoint, daemons, proxies, fault_config, totals
 ):
     """Simulated: RequestThrottled / ThrottlingException (400), 500 and 503 bursts on
-    ReceiveMessage and DeleteMessageBatch, one burst per action long enough to exhaust
-    botocore's 5 attempts (the daemon's own retry takes over), 0.3 s of added latency on
-    some receives, and ReceiveMessage replies lost after moto handed the messages out.
-    Real: those messages come back after their visibility timeout (receive count 2) and
-    are handled then. Duplicates are counted and explained (a delete given up, or sent
-    after the visibility timeout); none in short mode."""
+    ReceiveMessage and DeleteMessageBatch, 0.3 s of added latency on some receives, and
+    ReceiveMessage replies lost after moto handed the messages out. Receives: botocore
+    retries, and one burst exhausts its 5 attempts (the poller's backoff takes over).
+    Deletes: the acks client makes one attempt per call, so the acks thread retries (a
+    new call, after its own backoff) and other queues' deletes are not held up meanwhile.
+    Real: messages whose reply was lost come back after their visibility timeout (receive
+    count 2) and are handled then. Duplicates are counted and explained (a delete given
+    up, or sent after the visibility timeout); none in short mode."""
     urls = make_queues(sqs, totals.sqs_queues)
     proxy = proxies.start("sqs")
     lost_replies = proxy.add(Rule("sqs", "ReceiveMessage", LostReply(500), times=3, period=10))
-    # Five 503s in a row: one call (a poller is serial, so is the acks thread) exhausts
-    # botocore's 5 attempts.
+    # Six 503s in a row: one receive (a poller is serial) spends its lean attempt and
+    # botocore's 5; the acks thread meets five as five failed calls, retried by itself.
+    receive_burst = {"times": 6, "period": 10**9, "burst": 6}
     burst = {"times": 5, "period": 10**9, "burst": 5}
-    proxy.add(Rule("sqs", "ReceiveMessage", server_error(503), queue="faults-0", **burst))
+    proxy.add(Rule("sqs", "ReceiveMessage", server_error(503), queue="faults-0", **receive_burst))
     proxy.add(Rule("sqs", "DeleteMessageBatch", server_error(503), **burst))
-    # Bursts, not a storm: botocore's retry quota (500, a 5xx retry costs 14) would run dry.
+    # Bursts, not a storm: botocore's retry quota (500, a 5xx retry costs 14) would run dry
+    # for the pollers' client.
     proxy.add(Rule("sqs", "ReceiveMessage", throttle("sqs"), period=10, burst=2))
     proxy.add(Rule("sqs", "ReceiveMessage", server_error(500), period=29, burst=2))
     proxy.add(Rule("sqs", "DeleteMessageBatch", throttling_exception(), period=8, burst=1))
@@ -195,13 +237,16 @@ def test_sqs_throttling_and_5xx_bursts_are_retried_and_nothing_is_dropped(
     tally = Tally(sent, events)
     receive, delete = (
         retry_figures(proxy, "ReceiveMessage"),
-        retry_figures(proxy, "DeleteMessageBatch"),
+        ack_retries(proxy, "DeleteMessageBatch"),
     )
     summary = stop_summary(log)
     backed_off = [line for line in json_log(log) if line["msg"] == "receive failed; backing off"]
     injected = {k: n for k, n in proxy.counts().items() if k[2] != "ok"}
     print(f"\nSQS throttling/5xx: {tally.figures()}; injected {sum(injected.values())}: {injected}")
-    print(f"ReceiveMessage calls: {receive}; DeleteMessageBatch calls: {delete}")
+    print(
+        f"ReceiveMessage calls: {receive}; DeleteMessageBatch calls: "
+        f"{ {k: v for k, v in delete.items() if k != 'unrecovered'} }"
+    )
     print(
         f"daemon: ack_retried={summary['ack_retried']} delete_failed={summary['delete_failed']} "
         f"receive backoffs={len(backed_off)}; replies lost after moto handed out "
@@ -212,17 +257,23 @@ def test_sqs_throttling_and_5xx_bursts_are_retried_and_nothing_is_dropped(
     assert not tally.lost and not tally.unknown
     assert tally.handled == tally.sent == totals.sqs_messages
     assert not causes["unexplained"], timeline(proxy, causes["unexplained"])
-    # botocore retried with (jittered) backoff; calls past its 5 attempts were retried by the
-    # daemon: receives after a backoff, each delete entry once more (counted as ack_retried).
-    assert receive["recovered"] > 0 and delete["recovered"] > 0
-    assert receive["exhausted"] >= 1 and delete["exhausted"] >= 1
+    # Receives: botocore retried with (jittered) backoff; calls past its 5 attempts were
+    # retried by the poller after a backoff.
+    assert receive["recovered"] > 0
+    assert receive["exhausted"] >= 1
     assert len(backed_off) == receive["exhausted"]
     assert {line["error"].split(":")[0] for line in backed_off} <= {
         "ServiceUnavailable",
         "RequestThrottled",
         "InternalFailure",
     }
-    assert summary["ack_retried"] == delete["exhausted_entries"]
+    # Deletes: one attempt per call (no botocore retry holding up the acks thread); the acks
+    # thread retried every entry of every failed call (ack_retried) until it got through.
+    assert delete["attempts_per_call"] <= 1  # botocore's, if any: 0 when every call is lean
+    assert delete["failed_calls"] > 0 and delete["retried_calls"] > 0
+    assert not delete["unrecovered"], delete["unrecovered"][:5]
+    assert summary["ack_retried"] == delete["failed_entries"]
+    assert summary["delete_failed"] == 0 and not given_up(log)
     # Replies lost after the receive happened: those messages came back and were handled.
     came_back = {e["id"]: e["receive_count"] for e in events if e["event"] == "start"}
     assert lost_replies.injected == 3 and lost_replies.message_ids
@@ -408,14 +459,21 @@ def fatal_lines(output: str) -> list[str]:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "case",
-    ["closed port (both)", "closed port (SQS)", "dropped (DynamoDB)", "throttled (SQS)"],
+    [
+        "closed port (both)",
+        "closed port (SQS)",
+        "dropped (DynamoDB)",
+        "blackholed (SQS)",
+        "throttled (SQS)",
+    ],
 )
 def test_start_with_aws_unreachable_exits_1_with_one_clear_line(
     case, daemons, proxies, fault_config, sqs
 ):
     """Real: nothing listens on the port (connection refused). Simulated: the proxy drops
-    every DynamoDB connection, or throttles every SQS call. Bounded retries (botocore's
-    attempts), then one line naming the service, exit 1, no traceback, well within 60 s."""
+    every DynamoDB connection, holds every SQS connection unanswered, or throttles every SQS
+    call. Bounded retries (botocore's attempts), then one line naming the service and what
+    went wrong, exit 1, no traceback, well within 60 s."""
     sqs.create_queue(QueueName="faults-0")
     closed = f"http://127.0.0.1:{free_port()}"
     proxy = proxies.start("start")
@@ -427,6 +485,9 @@ def test_start_with_aws_unreachable_exits_1_with_one_clear_line(
     elif case == "dropped (DynamoDB)":
         proxy.add(Rule("dynamodb", None, Drop()))
         env = proxy.env()
+    elif case == "blackholed (SQS)":  # connections accepted, never answered
+        proxy.add(Rule("sqs", None, Blackhole(hold_s=60)))
+        mode, env, service = "standalone", proxy.env(("sqs",)), "SQS"
     else:
         proxy.add(Rule("sqs", None, throttle("sqs")))
         mode, env, service = "standalone", proxy.env(("sqs",)), "SQS"
@@ -444,10 +505,13 @@ def test_start_with_aws_unreachable_exits_1_with_one_clear_line(
     assert code == 1, output
     assert elapsed_s < 60
     assert len(lines) == 1, output
-    assert service in lines[0] and "unreachable" in lines[0], lines[0]
+    how = "throttled" if case == "throttled (SQS)" else "unreachable"
+    assert service in lines[0] and how in lines[0], lines[0]
     assert "Traceback" not in output, output
     if case == "dropped (DynamoDB)":
         assert attempts == 2  # dynamodb_options: max_attempts = 2
     elif case == "throttled (SQS)":
-        assert attempts == 5  # the SQS client's 5 attempts
+        assert attempts == 3  # discovery_options: 3 attempts
+    elif case == "blackholed (SQS)":  # unanswered requests are not recorded: time them
+        assert 3 * 10 <= elapsed_s < 45  # 3 attempts, 10 s read timeout each (was minutes)
     assert "unexpected" not in lines[0]

@@ -1,0 +1,198 @@
+"""The lean SQS path: same answers as boto3, errors through boto3, calls counted.
+
+Real: a moto server on loopback (the path is HTTP, so in-process mocks cannot see it).
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from sqsbalancerd.aws import AwsOptions, error_code, is_transient, sqs_client
+from sqsbalancerd.dataplane import LeanSqs
+from sqsbalancerd.local import free_port
+from sqsbalancerd.stats import Stats
+
+
+def lean_client(endpoint: str, stats: Stats | None = None, *, resend: bool = True) -> LeanSqs:
+    options = AwsOptions(region="us-east-1", endpoint_url=endpoint, max_attempts=2)
+    return LeanSqs(sqs_client(options), options, stats, resend_errors=resend)
+
+
+def counted(stats: Stats) -> dict[tuple[str, str, str], int]:
+    return {key: n for key, n in stats.aws_calls().items() if n}
+
+
+def test_receive_gives_what_boto3_gives_including_binary_attributes(sqs, endpoint):
+    url = sqs.create_queue(QueueName="lean-recv")["QueueUrl"]
+    sqs.send_message(
+        QueueUrl=url,
+        MessageBody='{"n": 1}',
+        MessageAttributes={
+            "blob": {"DataType": "Binary", "BinaryValue": b"\x00\xffraw"},
+            "tag": {"DataType": "String", "StringValue": "café"},
+        },
+    )
+    lean = lean_client(endpoint)
+
+    response = lean.receive_message(
+        QueueUrl=url,
+        MaxNumberOfMessages=10,
+        WaitTimeSeconds=0,
+        VisibilityTimeout=0,  # visible again at once: boto3 receives the same message below
+        MessageSystemAttributeNames=["All"],
+        MessageAttributeNames=["All"],
+    )
+    reference = sqs.receive_message(
+        QueueUrl=url,
+        MaxNumberOfMessages=10,
+        MessageSystemAttributeNames=["All"],
+        MessageAttributeNames=["All"],
+    )
+
+    [message] = response["Messages"]
+    [expected] = reference["Messages"]
+    for key in ("MessageId", "Body", "MD5OfBody", "MD5OfMessageAttributes", "MessageAttributes"):
+        assert message[key] == expected[key], key
+    assert message["MessageAttributes"]["blob"]["BinaryValue"] == b"\x00\xffraw"
+    assert set(message["Attributes"]) == set(expected["Attributes"])
+
+
+def test_batch_delete_and_visibility_change_act_and_report_per_entry(sqs, endpoint):
+    url = sqs.create_queue(QueueName="lean-batch")["QueueUrl"]
+    for n in range(3):
+        sqs.send_message(QueueUrl=url, MessageBody=str(n))
+    stats = Stats()
+    lean = lean_client(endpoint, stats)
+    messages = lean.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0)[
+        "Messages"
+    ]
+    assert len(messages) == 3
+
+    deleted = lean.delete_message_batch(
+        QueueUrl=url,
+        Entries=[
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages[:2])
+        ],
+    )
+    changed = lean.change_message_visibility_batch(
+        QueueUrl=url,
+        Entries=[
+            {"Id": "back", "ReceiptHandle": messages[2]["ReceiptHandle"], "VisibilityTimeout": 0}
+        ],
+    )
+
+    assert sorted(e["Id"] for e in deleted["Successful"]) == ["0", "1"]
+    assert [e["Id"] for e in changed["Successful"]] == ["back"]
+    again = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    assert [m["Body"] for m in again] == [messages[2]["Body"]]  # deleted two, released one
+    assert counted(stats) == {
+        ("sqs", "ReceiveMessage", "ok"): 1,
+        ("sqs", "DeleteMessageBatch", "ok"): 1,
+        ("sqs", "ChangeMessageVisibilityBatch", "ok"): 1,
+    }
+
+
+def test_an_error_goes_through_boto3_and_raises_its_client_error(endpoint):
+    stats = Stats()
+    lean = lean_client(endpoint, stats)
+    missing = f"{endpoint}/123456789012/no-such-queue"
+
+    with pytest.raises(ClientError) as raised:
+        lean.receive_message(QueueUrl=missing, WaitTimeSeconds=0)
+
+    assert "NonExistentQueue" in str(raised.value) or "QueueDoesNotExist" in str(raised.value)
+    calls = counted(stats)
+    assert calls[("sqs", "ReceiveMessage", "client_error")] == 1  # the lean attempt
+
+
+class Flaky(BaseHTTPRequestHandler):
+    """Answers every request 503 and records its X-Amz-Target."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        self.rfile.read(length)
+        type(self).seen.append(self.headers.get("X-Amz-Target", ""))
+        body = b'{"__type":"ServiceUnavailable","message":"try later"}'
+        self.send_response(503)
+        self.send_header("Content-Type", "application/x-amz-json-1.0")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_server_error_is_retried_by_boto3_with_its_own_attempts():
+    Flaky.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=server.serve_forever, name="flaky-sqs", daemon=True)
+    thread.start()
+    try:
+        stats = Stats()
+        lean = lean_client(f"http://127.0.0.1:{server.server_address[1]}", stats)
+        with pytest.raises(ClientError):
+            lean.delete_message_batch(
+                QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}]
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    # One lean attempt, then boto3's two (max_attempts=2): nothing swallowed, nothing looped.
+    assert Flaky.seen == ["AmazonSQS.DeleteMessageBatch"] * 3
+    assert counted(stats)[("sqs", "DeleteMessageBatch", "throttled")] == 1  # 503: slow down
+
+
+def test_without_resending_a_server_error_is_raised_at_once_as_boto3_would(endpoint):
+    Flaky.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=server.serve_forever, name="flaky-sqs", daemon=True)
+    thread.start()
+    try:
+        lean = lean_client(f"http://127.0.0.1:{server.server_address[1]}", resend=False)
+        with pytest.raises(ClientError) as raised:
+            lean.delete_message_batch(
+                QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}]
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert Flaky.seen == ["AmazonSQS.DeleteMessageBatch"]  # one request: the caller retries
+    assert raised.value.response["Error"]["Code"] == "ServiceUnavailable"
+    assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert is_transient(raised.value)
+
+
+def test_without_resending_errors_carry_the_codes_boto3_gives(sqs, endpoint):
+    missing = f"{endpoint}/123456789012/no-such-queue"
+    lean = lean_client(endpoint, resend=False)
+    with pytest.raises(ClientError) as lean_raised:
+        lean.delete_message_batch(QueueUrl=missing, Entries=[{"Id": "1", "ReceiptHandle": "r"}])
+    with pytest.raises(ClientError) as boto_raised:
+        sqs.delete_message_batch(QueueUrl=missing, Entries=[{"Id": "1", "ReceiptHandle": "r"}])
+    assert error_code(lean_raised.value) == error_code(boto_raised.value)
+
+
+def test_without_resending_a_refused_connection_is_a_transient_botocore_error():
+    lean = lean_client(f"http://127.0.0.1:{free_port()}", resend=False)
+    with pytest.raises(EndpointConnectionError) as raised:
+        lean.receive_message(QueueUrl="http://q", WaitTimeSeconds=0)
+    assert is_transient(raised.value)
+
+
+def test_other_attributes_are_the_boto3_clients(sqs, endpoint):
+    lean = lean_client(endpoint)
+    url = lean.create_queue(QueueName="lean-other")["QueueUrl"]
+    assert lean.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ].endswith("lean-other")
+    assert lean.exceptions.QueueDoesNotExist is not None
