@@ -6,6 +6,7 @@ Real: a moto server on loopback (the path is HTTP, so in-process mocks cannot se
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -130,42 +131,33 @@ class Flaky(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_server_error_is_retried_by_boto3_with_its_own_attempts():
+@pytest.fixture
+def failing_sqs() -> Iterator[str]:
+    """An endpoint answering every request 503 (Flaky.seen lists them)."""
     Flaky.seen = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     thread = threading.Thread(target=server.serve_forever, name="flaky-sqs", daemon=True)
     thread.start()
-    try:
-        stats = Stats()
-        lean = lean_client(f"http://127.0.0.1:{server.server_address[1]}", stats)
-        with pytest.raises(ClientError):
-            lean.delete_message_batch(
-                QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}]
-            )
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_a_server_error_is_retried_by_boto3_with_its_own_attempts(failing_sqs):
+    stats = Stats()
+    lean = lean_client(failing_sqs, stats)
+    with pytest.raises(ClientError):
+        lean.delete_message_batch(QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}])
     # One lean attempt, then boto3's two (max_attempts=2): nothing swallowed, nothing looped.
     assert Flaky.seen == ["AmazonSQS.DeleteMessageBatch"] * 3
     assert counted(stats)[("sqs", "DeleteMessageBatch", "throttled")] == 1  # 503: slow down
 
 
-def test_without_resending_a_server_error_is_raised_at_once_as_boto3_would(endpoint):
-    Flaky.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    thread = threading.Thread(target=server.serve_forever, name="flaky-sqs", daemon=True)
-    thread.start()
-    try:
-        lean = lean_client(f"http://127.0.0.1:{server.server_address[1]}", resend=False)
-        with pytest.raises(ClientError) as raised:
-            lean.delete_message_batch(
-                QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}]
-            )
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def test_without_resending_a_server_error_is_raised_at_once_as_boto3_would(failing_sqs):
+    lean = lean_client(failing_sqs, resend=False)
+    with pytest.raises(ClientError) as raised:
+        lean.delete_message_batch(QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}])
     assert Flaky.seen == ["AmazonSQS.DeleteMessageBatch"]  # one request: the caller retries
     assert raised.value.response["Error"]["Code"] == "ServiceUnavailable"
     assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503

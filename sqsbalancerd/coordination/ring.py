@@ -64,22 +64,50 @@ def assign(
     With ``bounded=False`` each queue goes to its plain uhashring owner (``get_node``), which
     the simulation uses as the baseline.
     """
+    layout = _layout(queues, members, virtual_nodes=virtual_nodes, load_factor=load_factor)
+    if layout is None:
+        return {}
+    walks = {
+        queue: _clockwise_members(layout.continuum, key_hash)
+        for queue, key_hash in layout.hashes.items()
+    }
+    if not bounded:
+        return {queue: next(walk)[1] for queue, walk in walks.items()}
+    return _place_nearest_first(walks, dict.fromkeys(layout.members, layout.limit))
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The sorted, de-duplicated inputs with their ring: what both assignments start from."""
+
+    members: list[str]
+    hashes: dict[str, int]  # queue -> its point on the ring, in queue order
+    continuum: _Continuum
+    low: int  # floor(Q/N)
+    limit: int  # capacity
+
+
+def _layout(
+    queues: Iterable[str], members: Iterable[str], *, virtual_nodes: int, load_factor: float
+) -> _Layout | None:
     if virtual_nodes < 1:
         raise ValueError("virtual_nodes must be at least 1")
     unique_queues = sorted(set(queues))
     unique_members = sorted(set(members))
     if not unique_members or not unique_queues:
-        return {}
+        return None
     ring, continuum = _build_ring(unique_members, virtual_nodes)
-    walks = {queue: _clockwise_members(continuum, ring.get_key(queue)) for queue in unique_queues}
-    if not bounded:
-        return {queue: next(walk)[1] for queue, walk in walks.items()}
-    limit = capacity(
-        queue_count=len(unique_queues),
-        member_count=len(unique_members),
-        load_factor=load_factor,
+    return _Layout(
+        members=unique_members,
+        hashes={queue: ring.get_key(queue) for queue in unique_queues},
+        continuum=continuum,
+        low=len(unique_queues) // len(unique_members),
+        limit=capacity(
+            queue_count=len(unique_queues),
+            member_count=len(unique_members),
+            load_factor=load_factor,
+        ),
     )
-    return _place_nearest_first(walks, dict.fromkeys(unique_members, limit))
 
 
 def _build_ring(members: list[str], virtual_nodes: int) -> tuple[HashRing, _Continuum]:
@@ -233,32 +261,20 @@ def rebalance(
     agree because they read the same ownership rows, and the result is a fixed point
     (applied to its own output it changes nothing).
     """
-    if virtual_nodes < 1:
-        raise ValueError("virtual_nodes must be at least 1")
-    unique_queues = sorted(set(queues))
-    unique_members = sorted(set(members))
-    if not unique_members or not unique_queues:
+    layout = _layout(queues, members, virtual_nodes=virtual_nodes, load_factor=load_factor)
+    if layout is None:
         return {}
-    ring, continuum = _build_ring(unique_members, virtual_nodes)
-    points = _MemberPoints.of(continuum)
-    hashes = {queue: ring.get_key(queue) for queue in unique_queues}
-    low = len(unique_queues) // len(unique_members)
-    high = capacity(
-        queue_count=len(unique_queues),
-        member_count=len(unique_members),
-        load_factor=load_factor,
-    )
-    owners = _keep_current(hashes, current, points, high)
-    loads = Counter({member: 0 for member in unique_members})
+    points = _MemberPoints.of(layout.continuum)
+    owners = _keep_current(layout.hashes, current, points, layout.limit)
+    loads = Counter(dict.fromkeys(layout.members, 0))
     loads.update(owners.values())
-    orphans = [queue for queue in unique_queues if queue not in owners]
-    for limit in (low, high):
-        room = {member: max(0, limit - loads[member]) for member in unique_members}
-        placed = _place_nearest_first(
-            {queue: _clockwise_members(continuum, hashes[queue]) for queue in orphans}, room
-        )
+    orphans = [queue for queue in layout.hashes if queue not in owners]
+    for limit in (layout.low, layout.limit):
+        room = {member: max(0, limit - loads[member]) for member in layout.members}
+        walks = {q: _clockwise_members(layout.continuum, layout.hashes[q]) for q in orphans}
+        placed = _place_nearest_first(walks, room)
         owners.update(placed)
         loads.update(placed.values())
         orphans = [queue for queue in orphans if queue not in placed]
-    _level_up(owners, loads, hashes, points, low)
+    _level_up(owners, loads, layout.hashes, points, layout.low)
     return owners

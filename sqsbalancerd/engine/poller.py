@@ -80,12 +80,17 @@ class ReceiveGate:
         with self._renewed:
             self._renewed.notify_all()
 
-    def wait_time_s(self, wanted_s: int) -> int | None:
-        """The WaitTimeSeconds to use now; None when no receive may start."""
+    def wait_time_s(self, wanted_s: int, *, is_idle: bool = True) -> int | None:
+        """The WaitTimeSeconds to use now; None when no receive may start.
+
+        Only an idle queue's poller waits for an imminent renewal: its poll would sit out
+        the whole wait, so a cut one costs an extra request. A busy queue's receive returns
+        at once whatever its WaitTimeSeconds, and waiting would only stall it.
+        """
         budget = self._budget_s()
         if budget is None:
             return wanted_s
-        if int(budget) - 1 < wanted_s:
+        if is_idle and int(budget) - 1 < wanted_s:
             budget = self._after_imminent_renewal(budget)
         allowed = int(budget) - 1  # a second's slack for the request's own round trip
         return None if allowed < 0 else min(wanted_s, allowed)
@@ -124,6 +129,7 @@ class Poller:
         self._clock = clock
         self._on_gone = on_gone
         self._failures = 0
+        self._is_idle = True  # the last receive returned nothing
         self.last_tick_s = clock.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -148,7 +154,7 @@ class Poller:
         granted = self._dispatcher.reserve(self.queue, self.queue.policy.max_messages)
         if granted == 0:
             return 0.0
-        wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s)
+        wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=self._is_idle)
         if wait_s is None:
             self._dispatcher.unreserve(self.queue, granted)
             return 0.2
@@ -158,6 +164,7 @@ class Poller:
             self._dispatcher.unreserve(self.queue, granted)
             return self._on_error(exc)
         self._failures = 0
+        self._is_idle = not raw
         self._dispatcher.unreserve(self.queue, granted - len(raw))
         if raw:
             self._hand_over(raw)
