@@ -168,7 +168,7 @@ class Application:
         client = sqs_client(options, self.stats)
         if not self.settings.sqs.lean_requests:
             return client
-        lean = LeanSqs(client, options, self.stats, resend_errors=resend_errors)
+        lean = LeanSqs(client, self.stats, resend_errors=resend_errors)
         return cast("SQSClient", lean)
 
     # -- Service --------------------------------------------------------------------------
@@ -188,14 +188,16 @@ class Application:
         self.engine.start()
         self._run_hook(self.settings.on_startup)
         self.coordinator = self._make_coordinator(spawner, fail)
+        loop = DiscoveryLoop(
+            self.discovery,
+            interval_s=self.settings.discovery.interval,
+            on_result=self._on_discovered,
+        )
+        # Discover before joining: peers plan with us as soon as our row is there, and the
+        # first discovery (one GetQueueAttributes per queue) can take minutes at scale.
+        self._first_discovery(loop)
         self.coordinator.start()
         try:
-            loop = DiscoveryLoop(
-                self.discovery,
-                interval_s=self.settings.discovery.interval,
-                on_result=self._on_discovered,
-            )
-            self._first_discovery(loop)
             spawner.spawn("discovery", loop.run, self._loops_stop)
             self._spawn_extras(spawner, fail)
         except BaseException:

@@ -6,7 +6,8 @@ idle queues that alone is 5 % of a core, and under load it is most of the daemon
 engine's hot calls — ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibilityBatch — have
 fixed, simple shapes, so `LeanSqs` sends them itself: the JSON protocol body, signed by
 botocore's SigV4 signer with the boto3 client's own credentials (refreshed as they expire),
-to the client's resolved endpoint, over one urllib3 pool with the client's timeouts.
+to the client's resolved endpoint, through the client's own HTTP session (so its proxies,
+CA bundle, timeouts and connection pool apply).
 
 Anything that is not a plain 200 — an error response, a timeout, a dropped connection — is
 sent again through the boto3 client, which retries with its configured mode and raises the
@@ -22,54 +23,45 @@ import base64
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
-import urllib3
 from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.exceptions import (
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    ReadTimeoutError,
-)
+from botocore.awsrequest import AWSRequest, AWSResponse
+from botocore.exceptions import BotoCoreError, ClientError
 
-from sqsbalancerd.aws import AwsOptions, outcome_for_status
+from sqsbalancerd.aws import outcome_for_status
 from sqsbalancerd.stats import Stats
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 _TARGET_PREFIX = "AmazonSQS."
-_CONTENT_TYPE = "application/x-amz-json-1.0"
+_HEADERS = {
+    "Content-Type": "application/x-amz-json-1.0",
+    # As botocore sends for SQS (awsQueryCompatible): errors carry the query-API codes.
+    "x-amzn-query-mode": "true",
+}
 _BLOB_FIELDS = ("BinaryValue",)
 _BLOB_LIST_FIELDS = ("BinaryListValues",)
 
 
 class LeanSqs:
-    """The boto3 SQS client, with receive and the two batch calls sent without botocore."""
+    """The boto3 SQS client, with receive and the two batch calls sent without botocore's
+    per-call machinery, through the client's own HTTP session (its proxies, CA bundle,
+    timeouts and connection pool)."""
 
     def __init__(
-        self,
-        client: SQSClient,
-        options: AwsOptions,
-        stats: Stats | None = None,
-        *,
-        resend_errors: bool = True,
+        self, client: SQSClient, stats: Stats | None = None, *, resend_errors: bool = True
     ) -> None:
         self._client = client
         self._stats = stats
         self._resend_errors = resend_errors
-        self._endpoint = client.meta.endpoint_url.rstrip("/") + "/"
+        self._url = _request_url(client.meta.endpoint_url)
         self._region = client.meta.region_name
-        # The client's own credentials object: refreshable ones renew on get_frozen_credentials.
+        # botocore internals, stable for years: the credentials the client signs with
+        # (refreshable ones renew in get_frozen_credentials) and its HTTP session.
         self._credentials = client._request_signer._credentials  # type: ignore[attr-defined]
-        self._pool = urllib3.PoolManager(
-            maxsize=options.max_pool_connections,
-            block=False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=options.connect_timeout_s, read=options.read_timeout_s),
-        )
+        self._http = client._endpoint.http_session  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -88,70 +80,59 @@ class LeanSqs:
             "ChangeMessageVisibilityBatch", params, self._client.change_message_visibility_batch
         )
 
-    def close(self) -> None:
-        self._pool.clear()
-
     def _call(
         self, action: str, params: dict[str, Any], fallback: Callable[..., Any]
     ) -> dict[str, Any]:
+        if self._credentials is None:  # boto3 raises NoCredentialsError, as users expect
+            return dict(fallback(**params))
         try:
             response = self._send(action, params)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except BotoCoreError:  # the session maps network failures to botocore's errors
             self._record(action, "network_error")
             if not self._resend_errors:
-                raise self._connection_error(exc) from exc
+                raise
             return dict(fallback(**params))  # boto3 retries and raises as usual
-        if response.status != 200:
-            self._record(action, outcome_for_status(response.status, response.data or b""))
+        if response.status_code != 200:
+            self._record(action, outcome_for_status(response.status_code, response.content))
             if not self._resend_errors:
                 raise _client_error(action, response)
             return dict(fallback(**params))
         self._record(action, "ok")
-        parsed: dict[str, Any] = json.loads(response.data) if response.data else {}
+        parsed: dict[str, Any] = json.loads(response.content) if response.content else {}
         return parsed
 
-    def _send(self, action: str, params: dict[str, Any]) -> urllib3.BaseHTTPResponse:
+    def _send(self, action: str, params: dict[str, Any]) -> AWSResponse:
         body = json.dumps(params, separators=(",", ":")).encode()
-        request = AWSRequest(
-            method="POST",
-            url=self._endpoint,
-            data=body,
-            headers={"Content-Type": _CONTENT_TYPE, "X-Amz-Target": _TARGET_PREFIX + action},
-        )
+        headers = {**_HEADERS, "X-Amz-Target": _TARGET_PREFIX + action}
+        request = AWSRequest(method="POST", url=self._url, data=body, headers=headers)
         credentials = self._credentials.get_frozen_credentials()
         SigV4Auth(credentials, "sqs", self._region).add_auth(request)
-        return self._pool.request(
-            "POST", self._endpoint, body=body, headers=dict(request.headers.items())
-        )
-
-    def _connection_error(self, exc: Exception) -> Exception:
-        """The botocore exception boto3 raises for the same network failure."""
-        # NewConnectionError subclasses urllib3's ConnectTimeoutError: test it first.
-        if isinstance(exc, urllib3.exceptions.NewConnectionError | ConnectionRefusedError):
-            return EndpointConnectionError(endpoint_url=self._endpoint, error=exc)
-        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-            return ConnectTimeoutError(endpoint_url=self._endpoint, error=exc)
-        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-            return ReadTimeoutError(endpoint_url=self._endpoint, error=exc)
-        return HTTPClientError(error=exc)
+        response: AWSResponse = self._http.send(request.prepare())
+        return response
 
     def _record(self, action: str, outcome: str) -> None:
         if self._stats is not None:
             self._stats.aws_call("sqs", action, outcome)
 
 
-def _client_error(action: str, response: urllib3.BaseHTTPResponse) -> ClientError:
+def _request_url(endpoint_url: str) -> str:
+    """Where botocore posts a JSON-protocol call: the endpoint, with "/" when it has no path."""
+    parts = urlsplit(endpoint_url)
+    return urlunsplit(parts._replace(path=parts.path or "/"))
+
+
+def _client_error(action: str, response: AWSResponse) -> ClientError:
     """The ClientError boto3 would raise: SQS's query-compatible code when it sends one."""
     try:
-        body = json.loads(response.data or b"{}")
+        body = json.loads(response.content or b"{}")
     except ValueError:
         body = {}
     query_error = response.headers.get("x-amzn-query-error", "")
     code = query_error.split(";")[0] or str(body.get("__type", "")).rsplit("#", 1)[-1]
     message = body.get("message") or body.get("Message") or ""
     parsed: Any = {
-        "Error": {"Code": code or str(response.status), "Message": message},
-        "ResponseMetadata": {"HTTPStatusCode": response.status},
+        "Error": {"Code": code or str(response.status_code), "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": response.status_code},
     }
     return ClientError(parsed, action)
 

@@ -21,7 +21,7 @@ from sqsbalancerd.stats import Stats
 
 def lean_client(endpoint: str, stats: Stats | None = None, *, resend: bool = True) -> LeanSqs:
     options = AwsOptions(region="us-east-1", endpoint_url=endpoint, max_attempts=2)
-    return LeanSqs(sqs_client(options), options, stats, resend_errors=resend)
+    return LeanSqs(sqs_client(options), stats, resend_errors=resend)
 
 
 def counted(stats: Stats) -> dict[tuple[str, str, str], int]:

@@ -12,8 +12,10 @@ Plans agree because every instance reads the same rows: all see a view change wi
 round of each other and plan after the same delay, and nobody releases a queue until
 RELEASE_DELAY_ROUNDS after planning, so each plan is made before any move. After a plan we
 follow the handoff (reading the rows each round, which steady state never does) until the
-rows are the assignment's fixed point; a handoff that stops moving is planned again from
-the rows as they are, so a disagreement cannot leave a queue unowned.
+rows are the assignment's fixed point, and then keep exactly what they give us. A handoff
+that stops moving is planned again from the rows as they are, and a row left free for
+ORPHAN_ROUNDS (plans made from different views, say a queue only some have discovered) is
+taken by a following instance with room, so a disagreement cannot leave a queue unowned.
 
 Self-fencing: receiving stops `heartbeat_timeout - fence_margin` after the start of our
 last successful renewal, and long polls are cut to end before then. Others judge us dead
@@ -35,7 +37,7 @@ from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
-from sqsbalancerd.coordination.ring import rebalance
+from sqsbalancerd.coordination.ring import capacity, rebalance
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
     ConditionFailed,
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 RELEASE_DELAY_ROUNDS = 2
 # A handoff whose rows have not changed for this many rounds is planned again from them.
 STALL_ROUNDS = 3
+# A row left free this many rounds (plans disagreed) is taken by a following instance with
+# room, whatever its plan says: a queue must not wait for the next view change.
+ORPHAN_ROUNDS = 2 * STALL_ROUNDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +82,10 @@ class _View:
 class _Handoff:
     """Following the moves of the last plan until the rows settle."""
 
+    planned_at_s: float
     last_owners: dict[str, str] | None = None
     unchanged_since_s: float = 0.0
+    free_since_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -301,7 +308,7 @@ class DynamoCoordinator:
             self._release_at_s = self._round_started_s
             return
         self._plan(self._owners())
-        self._handoff = _Handoff()
+        self._handoff = _Handoff(planned_at_s=self._round_started_s)
 
     def _plan(self, owners: dict[str, str]) -> None:
         diff = plan(
@@ -351,6 +358,8 @@ class DynamoCoordinator:
             self._check_handoff(self._handoff, self._owners())
 
     def _check_handoff(self, handoff: _Handoff, owners: dict[str, str]) -> None:
+        if handoff.planned_at_s == self._round_started_s:
+            return  # planned from these very rows this round
         members, queues = self._view.members, self._view.queues
         current = {queue: owners.get(queue) for queue in queues}
         settled = all(owner in members for owner in current.values()) and current == rebalance(
@@ -361,9 +370,13 @@ class DynamoCoordinator:
             load_factor=self._settings.load_factor,
         )
         if settled:
+            # What the rows say is what everyone keeps now; a plan of ours made from other
+            # rows or another view must not release anything later.
+            self._target = frozenset(q for q, owner in current.items() if owner == self.instance_id)
             self._handoff = None
-            logger.info("handoff complete", extra={"mine": len(self._holdings.leases)})
+            logger.info("handoff complete", extra={"mine": len(self._target)})
             return
+        self._take_orphans(handoff, current)
         if owners != handoff.last_owners:
             handoff.last_owners = owners
             handoff.unchanged_since_s = self._round_started_s
@@ -374,6 +387,25 @@ class DynamoCoordinator:
             logger.warning("handoff stalled; planning again from the ownership rows")
             self._plan(owners)
             handoff.unchanged_since_s = self._round_started_s
+
+    def _take_orphans(self, handoff: _Handoff, current: dict[str, str | None]) -> None:
+        """Rows free for ORPHAN_ROUNDS: plans disagreed on who takes them; take them if we
+        have room (several may try: the conditional acquire lets one win)."""
+        now = self._round_started_s
+        handoff.free_since_s = {
+            q: handoff.free_since_s.get(q, now) for q, owner in current.items() if owner is None
+        }
+        limit_s = ORPHAN_ROUNDS * self._settings.heartbeat_interval
+        orphans = sorted(q for q, since in handoff.free_since_s.items() if now - since >= limit_s)
+        room = capacity(
+            queue_count=len(current),
+            member_count=max(1, len(self._view.members)),
+            load_factor=self._settings.load_factor,
+        ) - len(self._target)
+        taken = [q for q in orphans if q not in self._target][: max(0, room)]
+        if taken:
+            logger.warning("taking queues no one took", extra={"queues": len(taken)})
+            self._target |= frozenset(taken)
 
     def _give_up_untargeted(self) -> None:
         if self._round_started_s < self._release_at_s:

@@ -217,27 +217,35 @@ def _level_up(
     points: _MemberPoints,
     low: int,
 ) -> None:
-    """Bring members below ``low`` up to it with their nearest queues from members above it."""
+    """Bring members below ``low`` up to it with their nearest queues from members above it.
+
+    Nearest claims first across all short members; each short member brings only its few
+    nearest candidates to a round (not one per queue: doubling a fleet of 250 over 10,000
+    queues would hold millions), and a member still short after them starts another round.
+    """
     short = sorted(member for member in points.by_member if loads[member] < low)
-    if not short:
-        return
-    claims = [
-        (points.distance(key_hash, member), queue, member)
-        for member in short
-        for queue, key_hash in hashes.items()
-        if loads[owners[queue]] > low
-    ]
-    heapq.heapify(claims)
     moved: set[str] = set()
-    while claims:
-        _, queue, member = heapq.heappop(claims)
-        donor = owners[queue]
-        if loads[member] >= low or queue in moved or loads[donor] <= low:
-            continue
-        owners[queue] = member
-        loads[donor] -= 1
-        loads[member] += 1
-        moved.add(queue)
+    while short:
+        claims: list[tuple[int, str, str]] = []
+        for member in short:
+            candidates = (
+                (points.distance(key_hash, member), queue, member)
+                for queue, key_hash in hashes.items()
+                if queue not in moved and loads[owners[queue]] > low
+            )
+            claims += heapq.nsmallest(2 * (low - loads[member]) + 8, candidates)
+        heapq.heapify(claims)
+        while claims:
+            _, queue, member = heapq.heappop(claims)
+            donor = owners[queue]
+            if loads[member] >= low or queue in moved or loads[donor] <= low:
+                continue
+            owners[queue] = member
+            loads[donor] -= 1
+            loads[member] += 1
+            moved.add(queue)
+        # Each round moves at least its nearest claim (valid when built), so this ends.
+        short = [member for member in short if loads[member] < low]
 
 
 def rebalance(

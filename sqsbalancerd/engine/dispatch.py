@@ -27,6 +27,7 @@ _STALE_WAITER_S = 4 * _RECHECK_S
 class _Waiter:
     queue: QueueRuntime
     seen_s: float
+    want: int
 
 
 class Dispatcher:
@@ -81,8 +82,7 @@ class Dispatcher:
                 # A receive of a few costs a whole request: where a bound holds two batches
                 # or more, the messages already held keep workers busy while we wait for room
                 # for a full one (requests/message stays at 0.1 receives, not 0.17).
-                enough = min(want, _smallest_batch(self._capacity, want))
-                enough = min(enough, _smallest_batch(queue_cap, want))
+                enough = self._smallest_grant(queue_cap, want)
                 is_next = self._is_next_in_line(queue, now)
                 if room >= enough and room > 0 and is_next:
                     # Only the queue's own share is claimed while the poll is in flight; the
@@ -92,18 +92,22 @@ class Dispatcher:
                     queue.held += room
                     return room
                 if total_room < max(1, _smallest_batch(self._capacity, want)) or not is_next:
-                    self._wait_in_line(queue, now)
+                    self._wait_in_line(queue, now, want)
                 remaining = deadline - now
                 if remaining <= 0:
                     return 0  # it keeps its place in line for its next call
                 self._cond.wait(min(remaining, _RECHECK_S))
 
-    def _wait_in_line(self, queue: QueueRuntime, now: float) -> None:
+    def _smallest_grant(self, queue_cap: int, want: int) -> int:
+        return min(want, _smallest_batch(self._capacity, want), _smallest_batch(queue_cap, want))
+
+    def _wait_in_line(self, queue: QueueRuntime, now: float, want: int) -> None:
         waiter = self._waiting.get(queue.name)
         if waiter is None:
-            self._waiting[queue.name] = _Waiter(queue, seen_s=now)
+            self._waiting[queue.name] = _Waiter(queue, seen_s=now, want=want)
         else:
             waiter.seen_s = now
+            waiter.want = want
 
     def _is_next_in_line(self, queue: QueueRuntime, now: float) -> bool:
         """When the total room is contended, queues get it in the order they started waiting.
@@ -111,17 +115,18 @@ class Dispatcher:
         Without this, a poller whose empty long poll just ended returns its reservation and at
         once takes it back (it still holds the GIL), and a queue that found no room can starve
         for as long as others keep polling. A waiter that cannot use room now (its own share
-        is full, it is stopping) or that stopped asking (its poller ended or is paused) does
-        not hold up the line.
+        has less free than the grant it waits for, it is stopping) or that stopped asking (its
+        poller ended or is paused) does not hold up the line.
         """
         for name, waiter in self._waiting.items():
             if name == queue.name:
                 return True
             other = waiter.queue
+            other_cap = self._per_queue_cap(other)
             if (
                 now - waiter.seen_s <= _STALE_WAITER_S
                 and not other.is_stopping
-                and self._per_queue_cap(other) - other.held > 0
+                and other_cap - other.held >= max(1, self._smallest_grant(other_cap, waiter.want))
             ):
                 return False
         return True

@@ -21,7 +21,12 @@ from moto import mock_aws
 from support import FakeClock, is_fixed_point
 
 from sqsbalancerd.config import CoordinationSettings
-from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
+from sqsbalancerd.coordination.coordinator import (
+    ORPHAN_ROUNDS,
+    DynamoCoordinator,
+    ReceiveControl,
+)
+from sqsbalancerd.coordination.ring import rebalance
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
     CoordinationTable,
@@ -246,7 +251,12 @@ def cluster(aws: None, clock: FakeClock) -> Cluster:
 
 
 def settle(cluster: Cluster) -> float:
-    return cluster.step_until(cluster.is_settled, limit_s=6 * (DELAY_S + INTERVAL_S))
+    """Until the rows settle and every instance has seen it (and stopped reading them)."""
+    return cluster.step_until(
+        lambda: cluster.is_settled()
+        and not any(n.coordinator.is_following_handoff for n in cluster.running()),
+        limit_s=6 * (DELAY_S + INTERVAL_S),
+    )
 
 
 # -- one instance ---------------------------------------------------------------------------
@@ -381,6 +391,28 @@ def test_plans_made_from_different_rows_still_settle_with_every_queue_owned(clus
     assert set(cluster.owners()) == set(QUEUES)
     assert sorted(cluster.owned_counts().values()) == [3, 3, 3, 3]
     print(f"settled {took_s:g} s after d joined")
+
+
+def test_a_queue_only_one_instance_can_see_is_taken_after_its_plan_gives_it_away(cluster):
+    """ListQueues is eventually consistent: a sees a new queue, b does not yet. a's plan
+    gives it to b, which cannot take it (not in its view), so the row stays free: after
+    ORPHAN_ROUNDS a takes it itself, rather than leave it unconsumed until b's discovery."""
+    a = cluster.add("a")
+    cluster.add("b")
+    settle(cluster)
+    owners = cluster.owners()
+    new = next(
+        name
+        for name in (f"late-{n}" for n in range(100))
+        if rebalance([*QUEUES, name], ["a", "b"], owners, virtual_nodes=150)[name] == "b"
+    )
+    a.coordinator.on_discovered(discovered([*QUEUES, new]))
+
+    took_s = cluster.step_until(lambda: cluster.owners().get(new) == "a", limit_s=60)
+
+    assert "a" in {n.instance_id for n in cluster.running() if new in n.consuming}
+    assert took_s >= (ORPHAN_ROUNDS - 1) * INTERVAL_S  # it waited for b first
+    print(f"queue b could not see taken by a after {took_s:g} s")
 
 
 def test_discovered_queues_are_shared_after_the_delay(cluster):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -130,14 +131,25 @@ def test_init_table_creates_the_table(daemons, dynamodb):
     assert {k["AttributeName"] for k in table["KeySchema"]} == {"pk", "sk"}
 
 
-def test_a_start_that_fails_after_joining_leaves_no_member_row(daemons, dynamodb):
-    """A named queue that does not exist fails the first discovery, after the instance has
-    registered: it must deregister (others would otherwise count it for a heartbeat timeout)."""
+def test_a_start_that_fails_after_joining_leaves_no_member_row(daemons, dynamodb, sqs):
+    """The HTTP port is taken: the start fails after the instance registered (discovery
+    comes first, then the join, then the endpoint). It must deregister, not leave a row the
+    others count until its heartbeat times out."""
+    create_queues(sqs, ["ops-a"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon = daemons.start(config=config(taken.getsockname()[1]))
+        assert daemon.wait(timeout_s=60) == 2, daemon.log()
+    log = daemon.log()
+    assert "joined the cluster" in log and "http_port" in log
+    rows = dynamodb.scan(TableName="sqsbalancer-coordination")["Items"]
+    assert [r["sk"]["S"] for r in rows if r["sk"]["S"].startswith("member#")] == []
+
+
+def test_a_missing_named_queue_fails_the_start_before_joining(daemons, dynamodb):
     text = config(0).replace('queue_pattern = "^ops-"', 'queues = ["ops-missing"]')
     daemon = daemons.start(config=text)
 
     assert daemon.wait(timeout_s=60) == 2, daemon.log()
-    log = daemon.log()
-    assert "joined the cluster" in log and "ops-missing" in log
-    rows = dynamodb.scan(TableName="sqsbalancer-coordination")["Items"]
-    assert [r["sk"]["S"] for r in rows if r["sk"]["S"].startswith("member#")] == []
+    assert "ops-missing" in daemon.log() and "joined the cluster" not in daemon.log()

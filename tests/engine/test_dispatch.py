@@ -62,6 +62,26 @@ def test_a_roomy_bound_grants_whole_batches_only():
     assert dispatcher.reserve(queue, 1, timeout_s=0) == 1  # a batch of one is whole at once
 
 
+def test_a_waiter_that_cannot_take_a_whole_batch_does_not_hold_up_the_line():
+    """w waits for room for ten but its own share has only five free: when the total room
+    comes back, y (whose share has ten free) must not queue behind it."""
+    dispatcher = new_dispatcher(capacity=60)  # three queues: a share of 20 each
+    w, x, y = make_queue("w"), make_queue("x"), make_queue("y")
+    for queue in (w, x, y):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, w, [make_item(w) for _ in range(15)])
+    fill(dispatcher, x, [make_item(x) for _ in range(20)])
+    while take_now(dispatcher) is not None:  # w's and x's items run
+        pass
+    fill(dispatcher, y, [make_item(y) for _ in range(20)])  # 55 of 60 held
+    assert dispatcher.reserve(w, 10, timeout_s=0) == 0  # 5 free in total: w waits in line
+
+    for _ in range(10):  # ten of y's finish: 15 free in total, 10 in y's share
+        dispatcher.finish(take_now(dispatcher))
+
+    assert dispatcher.reserve(y, 10, timeout_s=0) == 10
+
+
 def test_unused_reservation_is_returned():
     dispatcher = new_dispatcher(capacity=10)
     queue = make_queue("a")
