@@ -253,8 +253,10 @@ def cluster(aws: None, clock: FakeClock) -> Cluster:
 def settle(cluster: Cluster) -> float:
     """Until the rows settle and every instance has seen it (and stopped reading them)."""
     return cluster.step_until(
-        lambda: cluster.is_settled()
-        and not any(n.coordinator.is_following_handoff for n in cluster.running()),
+        lambda: (
+            cluster.is_settled()
+            and not any(n.coordinator.is_following_handoff for n in cluster.running())
+        ),
         limit_s=6 * (DELAY_S + INTERVAL_S),
     )
 
