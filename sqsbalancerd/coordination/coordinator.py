@@ -369,7 +369,8 @@ class DynamoCoordinator:
             virtual_nodes=self._settings.virtual_nodes,
             load_factor=self._settings.load_factor,
         )
-        if settled:
+        # A queue we are still draining frees its row later: keep following until it has.
+        if settled and not self._holdings.releasing & set(queues):
             # What the rows say is what everyone keeps now; a plan of ours made from other
             # rows or another view must not release anything later.
             self._target = frozenset(q for q, owner in current.items() if owner == self.instance_id)
