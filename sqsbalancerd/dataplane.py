@@ -41,8 +41,6 @@ _HEADERS = {
     # As botocore sends for SQS (awsQueryCompatible): errors carry the query-API codes.
     "x-amzn-query-mode": "true",
 }
-_BLOB_FIELDS = ("BinaryValue",)
-_BLOB_LIST_FIELDS = ("BinaryListValues",)
 
 
 class LeanSqs:
@@ -140,9 +138,7 @@ def _client_error(action: str, response: AWSResponse) -> ClientError:
 def _decode_blobs(attributes: dict[str, Any] | None) -> None:
     """As botocore does: binary attribute values arrive base64-encoded, callers get bytes."""
     for value in (attributes or {}).values():
-        for field in _BLOB_FIELDS:
-            if field in value:
-                value[field] = base64.b64decode(value[field])
-        for field in _BLOB_LIST_FIELDS:
-            if field in value:
-                value[field] = [base64.b64decode(item) for item in value[field]]
+        if "BinaryValue" in value:
+            value["BinaryValue"] = base64.b64decode(value["BinaryValue"])
+        if "BinaryListValues" in value:
+            value["BinaryListValues"] = [base64.b64decode(v) for v in value["BinaryListValues"]]

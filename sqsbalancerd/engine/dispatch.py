@@ -84,7 +84,7 @@ class Dispatcher:
                 # for a full one (requests/message stays at 0.1 receives, not 0.17).
                 enough = self._smallest_grant(queue_cap, want)
                 is_next = self._is_next_in_line(queue, now)
-                if room >= enough and room > 0 and is_next:
+                if room >= enough and is_next:  # enough is at least 1
                     # Only the queue's own share is claimed while the poll is in flight; the
                     # total counts messages actually held (see submit), so idle long polls
                     # on many queues do not lock each other out of the bound.

@@ -17,6 +17,7 @@ import re
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -57,6 +58,35 @@ def handled_ok(path: Any) -> set[str]:
 
 def stop_summary(log: str) -> dict[str, Any]:
     return [line for line in json_log(log) if line["msg"].startswith("stopped")][-1]
+
+
+def drain_fed(
+    feeder: Feeder,
+    sqs: Any,
+    urls: dict[str, str],
+    totals: Any,
+    *,
+    is_handled: Callable[[list[str]], bool],
+    what: str,
+) -> list[str]:
+    """Wait (bounded) until the feeder sent everything, `is_handled(sent)`, and every queue
+    is empty; the feeder is stopped whatever happens. Returns the sent message ids."""
+    try:
+        wait_until(
+            feeder.done.is_set,
+            timeout_s=60 * totals.timeout_scale,
+            every_s=0.2,
+            what="everything sent",
+        )
+        sent = feeder.sent_ids()
+        wait_until(
+            lambda: is_handled(sent), timeout_s=60 * totals.timeout_scale, every_s=0.2, what=what
+        )
+        for url in urls.values():
+            wait_until(lambda u=url: queue_depth(sqs, u) == (0, 0), what="every message deleted")
+    finally:
+        feeder.stop()
+    return sent
 
 
 def given_up(log: str) -> list[dict[str, Any]]:
@@ -211,24 +241,14 @@ def test_sqs_throttling_and_5xx_bursts_are_retried_and_nothing_is_dropped(
     feeder = Feeder(endpoint, urls, total=totals.sqs_messages, depth=totals.queue_depth)
     feeder.start()
     daemon = daemons.start(config=standalone(fault_config), env=proxy.env(("sqs",)))
-    try:
-        wait_until(
-            feeder.done.is_set,
-            timeout_s=60 * totals.timeout_scale,
-            every_s=0.2,
-            what="everything sent",
-        )
-        sent = feeder.sent_ids()
-        wait_until(
-            lambda: set(sent) <= handled_ok(daemons.events_path),
-            timeout_s=60 * totals.timeout_scale,
-            every_s=0.2,
-            what="every message handled",
-        )
-        for url in urls.values():
-            wait_until(lambda u=url: queue_depth(sqs, u) == (0, 0), what="every message deleted")
-    finally:
-        feeder.stop()
+    sent = drain_fed(
+        feeder,
+        sqs,
+        urls,
+        totals,
+        is_handled=lambda ids: set(ids) <= handled_ok(daemons.events_path),
+        what="every message handled",
+    )
     daemon.terminate()
     assert daemon.wait(timeout_s=30) == 0, daemon.log()
 
@@ -295,24 +315,14 @@ def test_partial_delete_batch_failure_is_retried_and_counted(
     feeder = Feeder(endpoint, urls, total=totals.sqs_messages, depth=totals.queue_depth)
     feeder.start()
     daemon = daemons.start(config=standalone(fault_config, http_port=port), env=proxy.env(("sqs",)))
-    try:
-        wait_until(
-            feeder.done.is_set,
-            timeout_s=60 * totals.timeout_scale,
-            every_s=0.2,
-            what="everything sent",
-        )
-        sent = feeder.sent_ids()
-        wait_until(
-            lambda: set(sent) <= handled_ok(daemons.events_path),
-            timeout_s=60 * totals.timeout_scale,
-            every_s=0.2,
-            what="every message handled",
-        )
-        for url in urls.values():
-            wait_until(lambda u=url: queue_depth(sqs, u) == (0, 0), what="every message deleted")
-    finally:
-        feeder.stop()
+    sent = drain_fed(
+        feeder,
+        sqs,
+        urls,
+        totals,
+        is_handled=lambda ids: set(ids) <= handled_ok(daemons.events_path),
+        what="every message handled",
+    )
     metrics = metric_totals(port)
     daemon.terminate()
     assert daemon.wait(timeout_s=30) == 0, daemon.log()
@@ -384,36 +394,18 @@ def test_rejected_receipt_handle_message_comes_back_and_is_not_lost(
     feeder = Feeder(endpoint, urls, total=totals.sqs_messages, depth=totals.queue_depth)
     feeder.start()
     daemon = daemons.start(config=standalone(fault_config), env=proxy.env(("sqs",)))
-    try:
-        wait_until(
-            feeder.done.is_set,
-            timeout_s=60 * totals.timeout_scale,
-            every_s=0.2,
-            what="everything sent",
-        )
-        sent = feeder.sent_ids()
-        wait_until(
-            lambda: rule.injected == rejected,
-            timeout_s=60 * totals.timeout_scale,
-            what="every rejection",
-        )
-        expected_handlings = len(sent) + rejected
 
-        def handled_all() -> bool:
-            events = read_events(daemons.events_path)
-            ok = [e for e in events if e["event"] == "end" and e["outcome"] == "ok"]
-            return set(sent) <= {e["id"] for e in ok} and len(ok) >= expected_handlings
+    def handled_all(ids: list[str]) -> bool:
+        # Every rejection injected, and each rejected message handled a second time.
+        if rule.injected != rejected:
+            return False
+        events = read_events(daemons.events_path)
+        ok = [e for e in events if e["event"] == "end" and e["outcome"] == "ok"]
+        return set(ids) <= {e["id"] for e in ok} and len(ok) >= len(ids) + rejected
 
-        wait_until(
-            handled_all,
-            timeout_s=60 * totals.timeout_scale,
-            every_s=0.2,
-            what="rejected messages handled again",
-        )
-        for url in urls.values():
-            wait_until(lambda u=url: queue_depth(sqs, u) == (0, 0), what="every message deleted")
-    finally:
-        feeder.stop()
+    sent = drain_fed(
+        feeder, sqs, urls, totals, is_handled=handled_all, what="rejected messages handled again"
+    )
     daemon.terminate()
     assert daemon.wait(timeout_s=30) == 0, daemon.log()
 
