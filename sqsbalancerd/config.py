@@ -129,6 +129,8 @@ class SqsSettings(_Section):
 class WorkersSettings(_Section):
     pool_size: int = Field(default=10, ge=1, le=1_000)
     queue_size: int = Field(default=100, ge=0, le=100_000)
+    # Seconds a handler call may take (None: no limit). See README "Time limits".
+    handler_timeout: PositiveSeconds | None = None
 
 
 class ShutdownSettings(_Section):
@@ -170,6 +172,7 @@ class QueueOverride(_Section):
     visibility_timeout: int | None = Field(default=None, ge=1, le=43_200)
     max_messages: int | None = Field(default=None, ge=1, le=10)
     wait_time_seconds: int | None = Field(default=None, ge=0, le=20)
+    handler_timeout: PositiveSeconds | None = None
     retry: RetrySettings | None = None
 
     @field_validator("match")

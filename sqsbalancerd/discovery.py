@@ -38,6 +38,7 @@ class QueueInfo:
     is_fifo: bool = False
     visibility_timeout_s: int = 30
     dead_letter_target_arn: str | None = None
+    max_receive_count: int | None = None  # the redrive policy's, when it has one
 
     @property
     def has_redrive_policy(self) -> bool:
@@ -182,14 +183,18 @@ def _named_queue_missing(entry: str, *, strict: bool) -> None:
     logger.warning("named queue missing", extra={"queue": entry})
 
 
+def _redrive(attributes: Mapping[str, str]) -> tuple[str | None, int | None]:
+    """(dead-letter target ARN, maxReceiveCount) of the queue's redrive policy, if any."""
+    try:
+        policy = json.loads(attributes.get("RedrivePolicy") or "{}")
+        count = policy.get("maxReceiveCount")
+        return policy.get("deadLetterTargetArn"), int(count) if count is not None else None
+    except (ValueError, AttributeError, TypeError):
+        return None, None
+
+
 def _info_from_attributes(url: str, attributes: Mapping[str, str]) -> QueueInfo:
-    target = None
-    redrive = attributes.get("RedrivePolicy")
-    if redrive:
-        try:
-            target = json.loads(redrive).get("deadLetterTargetArn")
-        except (ValueError, AttributeError):
-            target = None
+    target, max_receive_count = _redrive(attributes)
     name = queue_name_from_url(url)
     return QueueInfo(
         name=name,
@@ -198,6 +203,7 @@ def _info_from_attributes(url: str, attributes: Mapping[str, str]) -> QueueInfo:
         is_fifo=attributes.get("FifoQueue") == "true" or name.endswith(".fifo"),
         visibility_timeout_s=int(attributes.get("VisibilityTimeout", "30")),
         dead_letter_target_arn=target,
+        max_receive_count=max_receive_count,
     )
 
 

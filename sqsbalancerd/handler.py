@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqsbalancerd.errors import HandlerImportError
+from sqsbalancerd.message import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +89,94 @@ def resolve_hook(path: str | None) -> Callable[[], Any] | None:
 class BatchResult:
     """What a batch handler may return: the ids of the messages that failed."""
 
-    def __init__(self, failed_message_ids: set[str] | None = None) -> None:
+    def __init__(self, failed_message_ids: Iterable[str] | None = None) -> None:
         self.failed_message_ids = frozenset(failed_message_ids or ())
+
+    def __repr__(self) -> str:
+        return f"BatchResult(failed_message_ids={sorted(self.failed_message_ids)!r})"
 
 
 def batch(function: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a handler as taking the whole received batch (a list of Message).
 
-    It returns None (all succeeded), a BatchResult, or an iterable of failed message ids.
-    Raising fails the whole batch.
+    It returns None (all succeeded), a BatchResult, an iterable of failed message ids or
+    Message objects, or Lambda's {"batchItemFailures": [{"itemIdentifier": id}, ...]}.
+    Raising, or any other answer, fails the whole batch.
     """
     function.__sqsbalancerd_batch__ = True  # type: ignore[attr-defined]
     return function
+
+
+class UnreadableBatchAnswer(ValueError):
+    """A batch handler's answer that does not say exactly which messages failed."""
+
+
+def read_batch_answer(answer: Any, messages: Sequence[Message]) -> frozenset[str]:
+    """The ids of the failed messages; raises UnreadableBatchAnswer for anything that is not
+    one of the documented answers, naming what came back. Nothing is deleted on a guess."""
+    ids = {m.message_id for m in messages}
+    if answer is None:
+        return frozenset()
+    if isinstance(answer, BatchResult):
+        return _known(answer.failed_message_ids, ids, "BatchResult id")
+    if isinstance(answer, Mapping):
+        return _lambda_failures(answer, ids)
+    if isinstance(answer, str | bytes | bool | int | float) or not isinstance(answer, Iterable):
+        raise UnreadableBatchAnswer(
+            f"{_describe(answer)} (expected None, a BatchResult, failed ids or Messages, "
+            'or {"batchItemFailures": [...]})'
+        )
+    try:
+        items = list(answer)
+    except Exception as exc:
+        raise UnreadableBatchAnswer(
+            f"{type(answer).__name__} raised {type(exc).__name__} while iterated: {exc}"
+        ) from exc
+    return _known((_item_id(item, messages) for item in items), ids, "failed id")
+
+
+def _item_id(item: Any, messages: Sequence[Message]) -> str:
+    if isinstance(item, Message):
+        if item not in messages:  # equal by (queue_url, message_id)
+            raise UnreadableBatchAnswer(f"Message {item.message_id!r} is not in this batch")
+        return item.message_id
+    if isinstance(item, str):
+        return item
+    raise UnreadableBatchAnswer(
+        f"an iterable holding {_describe(item)} (expected message ids or Messages)"
+    )
+
+
+def _lambda_failures(answer: Mapping[Any, Any], ids: set[str]) -> frozenset[str]:
+    """AWS Lambda's partial-batch response, with Lambda's rule: an empty or unknown
+    itemIdentifier fails the whole batch."""
+    if "batchItemFailures" not in answer:
+        keys = ", ".join(repr(k) for k in list(answer)[:5]) or "no keys"
+        raise UnreadableBatchAnswer(f"a mapping without batchItemFailures ({keys})")
+    failures = answer["batchItemFailures"]
+    if failures is None:
+        return frozenset()
+    if isinstance(failures, str | bytes | Mapping) or not isinstance(failures, Iterable):
+        raise UnreadableBatchAnswer(f"batchItemFailures is {_describe(failures)}, not a list")
+    found = []
+    for entry in failures:
+        item = entry.get("itemIdentifier") if isinstance(entry, Mapping) else None
+        if not isinstance(item, str) or not item:
+            raise UnreadableBatchAnswer(
+                f"batchItemFailures entry {_describe(entry)} has no itemIdentifier"
+            )
+        found.append(item)
+    return _known(found, ids, "itemIdentifier")
+
+
+def _known(found: Iterable[str], ids: set[str], what: str) -> frozenset[str]:
+    failed = frozenset(found)
+    unknown = sorted(failed - ids)
+    if unknown:
+        raise UnreadableBatchAnswer(f"{what} {unknown[0]!r} is not a message of this batch")
+    return failed
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"

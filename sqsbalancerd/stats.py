@@ -39,6 +39,10 @@ QUEUE_COUNTERS = (
     "released",
     "expired",
     "ack_retried",
+    "timed_out",
+    "held_back",
+    "answer_unreadable",
+    "lapsed",
 )
 
 
@@ -76,6 +80,10 @@ class QueueStats:
     released: int = 0
     expired: int = 0
     ack_retried: int = 0
+    timed_out: int = 0  # handler calls past handler_timeout
+    held_back: int = 0  # FIFO group-mates held back behind a failed message (not run)
+    answer_unreadable: int = 0  # batch answers that did not say which messages failed
+    lapsed: int = 0  # decisions dropped: the receipt's visibility had run out first
     running: int = 0
     queued: int = 0
 
@@ -106,6 +114,9 @@ class StatsSnapshot:
     # Per AWS service: failed calls since the last success (0 = last call worked).
     aws_consecutive_failures: dict[str, int] = field(default_factory=dict)
     coordination: CoordinationStats | None = None
+    # Seconds the async handlers' event loop has been blocked (None: no such loop).
+    event_loop_lag_s: float | None = None
+    event_loop_lag_limit_s: float = 60.0
 
     def totals(self) -> dict[str, int]:
         return {name: sum(getattr(q, name) for q in self.queues) for name in QUEUE_COUNTERS}

@@ -32,6 +32,7 @@ def _record(event: str, message: Message, **fields: Any) -> None:
             "queue": message.queue_name,
             "id": message.message_id,
             "receive_count": message.receive_count,
+            "attempt": message.attempt,
             "group": message.group_id,
             "body": message.body,
             **fields,
@@ -46,11 +47,11 @@ def record(message: Message) -> None:
     try:
         if data.get("sleep"):
             time.sleep(float(data["sleep"]))
-        if data.get("fail_once") and message.receive_count == 1:
+        if data.get("fail_once") and message.attempt == 1:
             raise ValueError("failing once on purpose")
         if data.get("fail_always"):
             raise ValueError("failing always on purpose")
-        if data.get("retry_after") is not None and message.receive_count == 1:
+        if data.get("retry_after") is not None and message.attempt == 1:
             raise Retry(after=float(data["retry_after"]))
         if data.get("exit"):
             raise SystemExit(3)
@@ -81,7 +82,7 @@ def record_batch(messages: list[Message]) -> BatchResult:
     for message in messages:
         data = message.json() if message.body.startswith("{") else {}
         _record("start", message, batch_size=len(messages))
-        if data.get("fail_once") and message.receive_count == 1:
+        if data.get("fail_once") and message.attempt == 1:
             failed.add(message.message_id)
             _record("end", message, outcome="failed", error="ValueError")
         else:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqsbalancerd.aws import THROTTLING_CODES, describe_error, error_code, is_transient
 from sqsbalancerd.clock import Clock
-from sqsbalancerd.engine.state import Delivery
+from sqsbalancerd.engine.state import Delivery, DeliveryState
 from sqsbalancerd.stats import Stats
 
 if TYPE_CHECKING:
@@ -35,6 +35,10 @@ MAX_ATTEMPTS = 5
 MAX_BACKOFF_S = 5.0
 # flush_all's first pause between rounds, doubling: 3 s in all, well inside Engine.stop's 10 s.
 FLUSH_BACKOFF_S = 0.2
+# A change this close to the end of a receipt's visibility (by our clock, which starts a
+# little after SQS's) may arrive too late: treat the receipt as lapsed.
+LAPSE_MARGIN_S = 0.5
+_HELD = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})
 # Receipt-handle errors that no retry can fix: the message will simply reappear.
 _PERMANENT_CODES = frozenset(
     {
@@ -84,7 +88,12 @@ class Acknowledger:
         self._extension_source: Callable[[float], list[tuple[Delivery, int]]] | None = None
         self._extension_every_s = 1.0
         self._next_extension_s = 0.0
+        self._on_lapsed: Callable[[Delivery], None] | None = None
         self.last_tick_s = clock.monotonic()
+
+    def set_lapse_handler(self, on_lapsed: Callable[[Delivery], None]) -> None:
+        """Told of a held message whose extension came too late (it may be received again)."""
+        self._on_lapsed = on_lapsed
 
     def set_extension_source(
         self, source: Callable[[float], list[tuple[Delivery, int]]], *, every_s: float
@@ -99,17 +108,24 @@ class Acknowledger:
         now = self._clock.monotonic()
         with self._cond:
             for delivery in deliveries:
+                if not _decide(delivery, "delete"):
+                    continue
                 ops = self._deletes[delivery.queue.url]
                 ops.append(PendingOp(delivery, None, "delete", due_s=now + self._linger_s))
-                if len(ops) >= BATCH_LIMIT:
+                # The first one starts the linger: wake the thread so it waits 0.1 s, not 1 s.
+                if len(ops) == 1 or len(ops) >= BATCH_LIMIT:
                     self._cond.notify()
 
     def change_visibility(
         self, deliveries: Iterable[Delivery], timeout_s: int, *, reason: str
     ) -> None:
+        """`reason` extend keeps a message invisible; retry and release are its decision,
+        taken once per receipt (a second one is ignored: SQS would unblock a FIFO group)."""
         now = self._clock.monotonic()
         with self._cond:
             for delivery in deliveries:
+                if reason != "extend" and not _decide(delivery, reason):
+                    continue
                 op = PendingOp(delivery, max(0, min(43_200, timeout_s)), reason, due_s=now)
                 self._changes[delivery.queue.url].append(op)
             self._cond.notify()
@@ -154,12 +170,13 @@ class Acknowledger:
         if wait:
             with self._cond:
                 self._cond.wait(self._wait_s())
-        sent = self._flush_due(force=force)
+        sent = 0
         now = self._clock.monotonic()
+        # Extensions first: a flush of many deletes must not let held messages reappear.
         if self._extension_source is not None and now >= self._next_extension_s:
             self._next_extension_s = now + self._extension_every_s
             sent += self._extend(now)
-        return sent
+        return sent + self._flush_due(force=force)
 
     def flush_all(self, *, max_rounds: int = MAX_ATTEMPTS) -> None:
         """Send everything now; retry failures after a short pause (bounded: this runs at
@@ -186,12 +203,16 @@ class Acknowledger:
         return max(0.0, min(nearest - now, self._extension_every_s))
 
     def _flush_due(self, *, force: bool) -> int:
-        sent = 0
-        for kind, table in (("delete", self._deletes), ("change", self._changes)):
-            for url, batch in self._take_due(table, force=force):
-                sent += len(batch)
-                self._send(kind, url, batch, taken=True)
-        return sent
+        batches = [
+            (kind, url, batch)
+            for kind, table in (("delete", self._deletes), ("change", self._changes))
+            for url, batch in self._take_due(table, force=force)
+        ]
+        # The receipt closest to the end of its visibility goes first.
+        batches.sort(key=lambda b: min(op.delivery.visible_until_s for op in b[2]))
+        for kind, url, batch in batches:
+            self._send(kind, url, batch, taken=True)
+        return sum(len(batch) for _, _, batch in batches)
 
     def _take_due(
         self, table: dict[str, list[PendingOp]], *, force: bool
@@ -217,8 +238,13 @@ class Acknowledger:
 
         `taken`: the batch came from the lists (counted in flight until it is answered).
         """
+        sendable = batch if kind == "delete" else self._still_in_flight(batch)
+        if not sendable:
+            self._done_in_flight(url, batch, [], taken=taken)
+            return
+        sent_s = self._clock.monotonic()
         try:
-            failed = self._call(kind, url, batch)
+            failed = self._call(kind, url, sendable)
         except Exception as exc:
             logger.warning(
                 "batch call failed",
@@ -230,8 +256,19 @@ class Acknowledger:
                 },
             )
             failure = Failure(error_code(exc) or type(exc).__name__, is_transient(exc))
-            failed = {str(i): failure for i in range(len(batch))}
-        retry = self._account(batch, failed)
+            failed = {str(i): failure for i in range(len(sendable))}
+        retry = self._account(sendable, failed, sent_s=sent_s)
+        self._done_in_flight(url, batch, retry, taken=taken, kind=kind)
+
+    def _done_in_flight(
+        self,
+        url: str,
+        batch: list[PendingOp],
+        retry: list[PendingOp],
+        *,
+        taken: bool,
+        kind: str = "change",
+    ) -> None:
         table = self._deletes if kind == "delete" else self._changes
         with self._cond:
             # Back in the list before the in-flight count drops: never seen as not pending.
@@ -242,6 +279,39 @@ class Acknowledger:
                 if not self._in_flight[url]:
                     del self._in_flight[url]
         self._notify_settled(batch)
+
+    def _still_in_flight(self, batch: list[PendingOp]) -> list[PendingOp]:
+        """Drop visibility changes SQS must not see: an extension of a message already
+        decided or given up, and any change once the receipt's visibility has run out
+        (SQS answers MessageNotInflight; moto applies it and unblocks a FIFO group)."""
+        now = self._clock.monotonic()
+        kept = []
+        for op in batch:
+            delivery = op.delivery
+            if op.reason == "extend" and not may_extend(delivery):
+                continue
+            if now >= delivery.visible_until_s - LAPSE_MARGIN_S:
+                self._lapsed(op)
+                continue
+            kept.append(op)
+        return kept
+
+    def _lapsed(self, op: PendingOp) -> None:
+        delivery = op.delivery
+        self._stats.count(delivery.queue.name, "lapsed")
+        if op.reason == "extend":
+            delivery.is_expired = True  # it may be received again: this copy's result is void
+            delivery.decision = delivery.decision or "lapsed"
+            if self._on_lapsed is not None:
+                self._on_lapsed(delivery)
+        logger.warning(
+            "visibility ran out before the change was sent; dropped",
+            extra={
+                "queue": delivery.queue.name,
+                "message_id": delivery.message.message_id,
+                "action": op.reason,
+            },
+        )
 
     def _call(self, kind: str, url: str, batch: list[PendingOp]) -> dict[str, Failure]:
         """Send one batch; returns {entry id: failure} for the entries that failed."""
@@ -264,7 +334,9 @@ class Acknowledger:
             response = self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=changes)  # type: ignore[arg-type]
         return {f["Id"]: _entry_failure(f) for f in response.get("Failed", [])}
 
-    def _account(self, batch: list[PendingOp], failed: dict[str, Failure]) -> list[PendingOp]:
+    def _account(
+        self, batch: list[PendingOp], failed: dict[str, Failure], *, sent_s: float
+    ) -> list[PendingOp]:
         """Count what succeeded or was given up; returns what to retry, due after a backoff."""
         retry: list[PendingOp] = []
         now = self._clock.monotonic()
@@ -274,7 +346,7 @@ class Acknowledger:
         for index, op in enumerate(batch):
             failure = failed.get(str(index))
             if failure is None:
-                self._count_success(op)
+                self._count_success(op, sent_s)
                 continue
             op.attempts += 1
             if not _should_retry(op, failure, now):
@@ -285,14 +357,15 @@ class Acknowledger:
             self._stats.count(op.delivery.queue.name, "ack_retried")
         return retry
 
-    def _count_success(self, op: PendingOp) -> None:
+    def _count_success(self, op: PendingOp, sent_s: float) -> None:
         queue = op.delivery.queue.name
         if op.reason == "delete":
             self._stats.count(queue, "deleted")
         elif op.reason == "release":
             self._stats.count(queue, "released")
         elif op.reason == "extend" and op.visibility_timeout_s is not None:
-            op.delivery.visible_until_s = self._clock.monotonic() + op.visibility_timeout_s
+            # From when it was sent: SQS applied it somewhere between then and now.
+            op.delivery.visible_until_s = sent_s + op.visibility_timeout_s
 
     def _count_failure(self, op: PendingOp, code: str) -> None:
         queue = op.delivery.queue.name
@@ -337,6 +410,23 @@ class Acknowledger:
             for start in range(0, len(ops), BATCH_LIMIT):
                 self._send("change", url, ops[start : start + BATCH_LIMIT])
         return len(due)
+
+
+def _decide(delivery: Delivery, decision: str) -> bool:
+    """Record the receipt's one decision; False when it already has one (or was given up)."""
+    if delivery.decision is not None or (delivery.is_expired and decision != "release"):
+        return False
+    delivery.decision = decision
+    return True
+
+
+def may_extend(delivery: Delivery) -> bool:
+    """Still ours to keep invisible: undecided and held, or decided delete (not yet done)."""
+    if delivery.is_expired:
+        return False
+    if delivery.decision == "delete":
+        return True
+    return delivery.decision is None and delivery.state in _HELD
 
 
 def _entry_failure(entry: Any) -> Failure:

@@ -18,6 +18,7 @@ from sqsbalancerd.discovery import QueueInfo
 from sqsbalancerd.engine.acks import Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.poller import Poller, ReceiveGate
+from sqsbalancerd.engine.settle import Settler
 from sqsbalancerd.engine.state import (
     Delivery,
     DeliveryState,
@@ -34,7 +35,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EXTENSION_CHECK_S = 1.0
+# Twice a second: a short visibility timeout leaves little slack for a late extension.
+EXTENSION_CHECK_S = 0.5
+# An async call past its deadline gets this long to be cancelled on its loop.
+ASYNC_CANCEL_GRACE_S = 2.0
+# Event-loop lag worth a log line; health fails past the handler timeout (or this default).
+LOOP_BLOCKED_S = 1.0
+DEFAULT_LOOP_LAG_LIMIT_S = 60.0
 # At stop, how long idle workers get to notice (longer than a take timeout).
 WORKER_JOIN_S = 1.0
 
@@ -86,6 +93,9 @@ def build_policy(settings: Settings, info: QueueInfo) -> QueuePolicy:
         retry=(override.retry if override else None) or settings.retry,
         max_extension_s=sqs.max_extension,
         message_attribute_names=sqs.message_attribute_names,
+        handler_timeout_s=(override.handler_timeout if override else None)
+        or settings.workers.handler_timeout,
+        max_receive_count=info.max_receive_count,
     )
 
 
@@ -136,7 +146,10 @@ class Engine:
             ack_sqs or sqs, stats=stats, clock=clock, on_settled=self._check_released
         )
         self.acks.set_extension_source(self._extensions_due, every_s=EXTENSION_CHECK_S)
-        self.bridge = AsyncBridge() if self._needs_event_loop() else None
+        self.settler = Settler(dispatcher=self.dispatcher, acks=self.acks, stats=stats, clock=clock)
+        self.acks.set_lapse_handler(self.settler.lapsed)
+        self.bridge = AsyncBridge(clock) if self._needs_event_loop() else None
+        self._is_loop_blocked = False
 
     def _needs_event_loop(self) -> bool:
         handlers = [self._handlers.default, *self._handlers.by_path.values()]
@@ -155,6 +168,7 @@ class Engine:
         for index in range(self._settings.workers.pool_size):
             worker = Worker(
                 dispatcher=self.dispatcher,
+                settler=self.settler,
                 acks=self.acks,
                 stats=self._stats,
                 clock=self._clock,
@@ -225,11 +239,12 @@ class Engine:
         return self.dispatcher.wait_until_idle(deadline_s, abort=abort)
 
     def abandon_running(self) -> int:
-        """At the deadline: running handlers' results will be discarded; returns how many."""
-        abandoned = [d for item in self.dispatcher.running_items() for d in item.deliveries]
-        for delivery in abandoned:
-            delivery.is_expired = True
-        return len(abandoned)
+        """At the deadline: running handlers' results will be discarded and their messages
+        released now (as for a handler timeout); returns how many messages."""
+        items = [i for i in self.dispatcher.running_items() if not i.is_timed_out]
+        for item in items:
+            self.settler.time_out(item, why="handler abandoned at the shutdown deadline")
+        return sum(len(item.deliveries) for item in items)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Last step: flush pending acks, stop workers and the acknowledger.
@@ -260,6 +275,7 @@ class Engine:
             invoke=handler.function,
             is_batch=handler.is_batch,
             is_async=handler.is_async,
+            handler_path=handler.path,
             rate=TokenBucket(policy.max_rate_per_s, self._clock.monotonic())
             if policy.max_rate_per_s
             else None,
@@ -328,6 +344,8 @@ class Engine:
             stopping = list(self._stopping)
         for name in stopping:
             self._check_released(name)
+        self._time_out_calls(now_s)
+        self._watch_event_loop()
         due: list[tuple[Delivery, int]] = []
         expired_queued: list[Delivery] = []
         # A delete that failed and waits for its retry must not let the message reappear.
@@ -346,6 +364,39 @@ class Engine:
         if expired_queued:
             self.dispatcher.drop_expired(expired_queued)
         return due
+
+    def _time_out_calls(self, now_s: float) -> None:
+        """Calls past handler_timeout: a sync one cannot be stopped, so its messages are
+        released and its slot counts as stuck; an async one is cancelled on its loop, and
+        is treated like a sync one only if the loop cannot cancel it (blocked)."""
+        for item in self.dispatcher.running_items():
+            if item.deadline_s is None or item.is_timed_out:
+                continue
+            grace_s = ASYNC_CANCEL_GRACE_S if item.queue.is_async else 0.0
+            if now_s >= item.deadline_s + grace_s:
+                self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
+                self.settler.time_out(item, why="handler timed out; result will be discarded")
+
+    def _watch_event_loop(self) -> None:
+        if self.bridge is None:
+            return
+        lag_s = self.bridge.lag_s()
+        if lag_s < LOOP_BLOCKED_S:
+            self._is_loop_blocked = False
+            return
+        if not self._is_loop_blocked:  # once per blocked spell
+            self._is_loop_blocked = True
+            logger.error(
+                "an async handler is blocking the handlers' event loop (a blocking call "
+                "inside async def?)",
+                extra={"handler": ", ".join(self.bridge.running_paths()), "lag_s": lag_s},
+            )
+
+    def event_loop_lag_limit_s(self) -> float:
+        timeouts = [self._settings.workers.handler_timeout]
+        timeouts += [q.handler_timeout for q in self._settings.queue]
+        known = [t for t in timeouts if t is not None]
+        return max(known) if known else DEFAULT_LOOP_LAG_LIMIT_S
 
     def _expire(self, delivery: Delivery, expired_queued: list[Delivery]) -> None:
         delivery.is_expired = True
@@ -390,6 +441,8 @@ class Engine:
             message_age=ages,
             loop_ticks_age_s=self._tick_ages(pollers),
             aws_consecutive_failures=self._stats.failure_streaks(),
+            event_loop_lag_s=self.bridge.lag_s() if self.bridge is not None else None,
+            event_loop_lag_limit_s=self.event_loop_lag_limit_s(),
         )
 
     def _queue_stats(

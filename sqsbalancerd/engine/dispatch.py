@@ -184,24 +184,32 @@ class Dispatcher:
         if policy.max_concurrency is not None and queue.running_items >= policy.max_concurrency:
             return None, _RECHECK_S
         blocked_groups: set[str] = set(queue.running_groups)
+        now = self._clock.monotonic()
+        wait_s = _RECHECK_S
         for index, item in enumerate(queue.queued):
             if item.groups & blocked_groups:
                 blocked_groups |= item.groups  # later messages of a group wait their turn
                 continue
+            if item.not_before_s > now:  # an in-process retry waiting out its backoff
+                blocked_groups |= item.groups
+                wait_s = min(wait_s, item.not_before_s - now)
+                continue
             if queue.rate is not None:
-                wait_s = queue.rate.wait_s(len(item.deliveries), self._clock.monotonic())
-                if wait_s > 0:
-                    return None, wait_s
-                queue.rate.take(len(item.deliveries), self._clock.monotonic())
+                rate_wait_s = queue.rate.wait_s(len(item.deliveries), now)
+                if rate_wait_s > 0:
+                    return None, min(wait_s, rate_wait_s)
+                queue.rate.take(len(item.deliveries), now)
             del queue.queued[index]
             return item, 0.0
-        return None, _RECHECK_S
+        return None, wait_s
 
     def _start(self, item: WorkItem) -> None:
         queue = item.queue
         queue.running_items += 1
         queue.running_groups |= item.groups
         item.started_at_s = self._clock.monotonic()
+        timeout_s = queue.policy.handler_timeout_s
+        item.deadline_s = item.started_at_s + timeout_s if timeout_s is not None else None
         for delivery in item.deliveries:
             delivery.state = DeliveryState.RUNNING
         self._running.add(item)
@@ -219,6 +227,27 @@ class Dispatcher:
             if queue.queued:
                 self._ready[queue.name] = queue
             self._cond.notify_all()
+
+    def requeue(self, item: WorkItem) -> bool:
+        """Queue an in-process retry ahead of its group-mates; False once the queue is being
+        released (the caller hands the messages back to SQS instead)."""
+        with self._cond:
+            queue = item.queue
+            if self._is_receiving_stopped or queue.is_stopping:
+                return False
+            for delivery in item.deliveries:
+                delivery.state = DeliveryState.QUEUED
+            queue.queued.appendleft(item)
+            count = len(item.deliveries)
+            queue.held += count
+            self._held_total += count
+            self._ready[queue.name] = queue
+            self._cond.notify_all()
+            return True
+
+    def has_queued_retry(self, queue: QueueRuntime, group: str) -> bool:
+        with self._cond:
+            return any(i.not_before_s and group in i.groups for i in queue.queued)
 
     def settle(self, deliveries: Iterable[Delivery], state: DeliveryState) -> list[Delivery]:
         """Mark deliveries finished; returns those whose result still counts (not expired)."""

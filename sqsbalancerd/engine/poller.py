@@ -39,6 +39,8 @@ RENEWAL_WAIT_S = 2.0
 MAX_PENDING_ACKS = 2 * BATCH_LIMIT  # for this queue
 MAX_PENDING_ACKS_TOTAL = 10 * BATCH_LIMIT  # for all queues: one thread sends them
 _ACKS_BEHIND_WAIT_S = 0.05
+# Upper bound on how long a receive's answer takes to reach us after SQS hid its messages.
+RECEIVE_LATENCY_MARGIN_S = 1.0
 
 
 class ReceiveGate:
@@ -151,13 +153,18 @@ class Poller:
             return 0.0
         if self._is_acks_behind():
             return _ACKS_BEHIND_WAIT_S  # let the deletes catch up first
-        granted = self._dispatcher.reserve(self.queue, self.queue.policy.max_messages)
+        # While a FIFO message waits to be redriven, receive one at a time so that its
+        # group-mates are not received (and counted) along with it each time it bounces.
+        is_redriving = self.queue.has_exhausted(self._clock.monotonic())
+        want = 1 if is_redriving else self.queue.policy.max_messages
+        granted = self._dispatcher.reserve(self.queue, want)
         if granted == 0:
             return 0.0
         wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=self._is_idle)
         if wait_s is None:
             self._dispatcher.unreserve(self.queue, granted)
             return 0.2
+        started_s = self._clock.monotonic()
         try:
             raw = self._receive(granted, wait_s)
         except Exception as exc:
@@ -167,7 +174,7 @@ class Poller:
         self._is_idle = not raw
         self._dispatcher.unreserve(self.queue, granted - len(raw))
         if raw:
-            self._hand_over(raw)
+            self._hand_over(raw, started_s)
         return 0.0
 
     def _is_acks_behind(self) -> bool:
@@ -193,9 +200,12 @@ class Poller:
         messages: list[dict[str, Any]] = list(response.get("Messages", []))  # type: ignore[arg-type]
         return messages
 
-    def _hand_over(self, raw: list[dict[str, Any]]) -> None:
+    def _hand_over(self, raw: list[dict[str, Any]], started_s: float) -> None:
         now = self._clock.monotonic()
-        visible_until = now + self.queue.policy.visibility_timeout_s
+        # SQS started the visibility timeout before the answer reached us: count from a
+        # little earlier (a loaded process or network can take a while to deliver it).
+        taken_s = now - min(now - started_s, RECEIVE_LATENCY_MARGIN_S)
+        visible_until = taken_s + self.queue.policy.visibility_timeout_s
         deliveries = [
             Delivery(
                 message=message_from_sqs(m, queue_url=self.queue.url, queue_name=self.queue.name),
@@ -206,9 +216,24 @@ class Poller:
             for m in raw
         ]
         self._stats.count(self.queue.name, "received", len(deliveries))
+        deliveries = self._bounce_exhausted(deliveries, now)
+        if not deliveries:
+            return
         if not self._dispatcher.submit(self.queue, self._items(deliveries)):
             self._dispatcher.unreserve(self.queue, len(deliveries))
             self._acks.change_visibility(deliveries, 0, reason="release")
+
+    def _bounce_exhausted(self, deliveries: list[Delivery], now: float) -> list[Delivery]:
+        """A FIFO message that used up its attempts goes straight back, unrun, until the
+        redrive policy moves it to the dead-letter queue."""
+        bounced = [d for d in deliveries if self.queue.is_exhausted(d.message.message_id, now)]
+        if not bounced:
+            return deliveries
+        for delivery in bounced:
+            self.queue.mark_exhausted(delivery.message.message_id, now)
+        self._dispatcher.unreserve(self.queue, len(bounced))
+        self._acks.change_visibility(bounced, 0, reason="release")
+        return [d for d in deliveries if d not in bounced]
 
     def _items(self, deliveries: list[Delivery]) -> list[WorkItem]:
         if self.queue.is_batch:

@@ -34,6 +34,8 @@ class QueuePolicy:
     retry: RetrySettings
     max_extension_s: float
     message_attribute_names: tuple[str, ...]
+    handler_timeout_s: float | None = None
+    max_receive_count: int | None = None  # the queue's redrive policy's
 
 
 @dataclass(slots=True, eq=False)
@@ -46,6 +48,13 @@ class Delivery:
     visible_until_s: float
     state: DeliveryState = DeliveryState.QUEUED
     is_expired: bool = False
+    # The one visibility decision taken for this receipt (delete, retry, release, or
+    # "lapsed" when its visibility ran out first); extensions stop once it is set.
+    decision: str | None = None
+
+    @property
+    def is_undecided(self) -> bool:
+        return self.decision is None and not self.is_expired
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +65,9 @@ class WorkItem:
     deliveries: tuple[Delivery, ...]
     groups: frozenset[str]
     started_at_s: float | None = None
+    not_before_s: float = 0.0  # an in-process retry waits for its backoff
+    deadline_s: float | None = None  # started_at_s + handler_timeout
+    is_timed_out: bool = False
 
 
 class TokenBucket:
@@ -97,6 +109,27 @@ class QueueRuntime:
     is_stopping: bool = False
     is_gone: bool = False
     rate: TokenBucket | None = None
+    handler_path: str = ""
+    # FIFO messages whose attempts are spent, until SQS redrives them: message id -> until_s.
+    exhausted: dict[str, float] = field(default_factory=dict)
+
+    def mark_exhausted(self, message_id: str, now_s: float) -> None:
+        # Long enough for it to come back and be bounced a few times; refreshed each time.
+        self.exhausted[message_id] = now_s + 2 * self.policy.visibility_timeout_s + 60.0
+
+    def is_exhausted(self, message_id: str, now_s: float) -> bool:
+        until_s = self.exhausted.get(message_id)
+        if until_s is None:
+            return False
+        if until_s < now_s:
+            del self.exhausted[message_id]
+            return False
+        return True
+
+    def has_exhausted(self, now_s: float) -> bool:
+        for message_id in list(self.exhausted):
+            self.is_exhausted(message_id, now_s)
+        return bool(self.exhausted)
 
     @property
     def name(self) -> str:

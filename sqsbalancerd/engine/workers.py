@@ -1,4 +1,4 @@
-"""The worker pool: take an item, run the user's handler, turn the outcome into acks.
+"""The worker pool: take an item, run the user's handler, hand the outcome to the settler.
 
 Return → delete. Raise → visible again per [retry]. `Retry(after=…)` → visible after that.
 Any BaseException from a handler is a failed message; it never ends a worker.
@@ -11,55 +11,97 @@ import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterable
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.context import HandlerContext, entered
 from sqsbalancerd.engine.dispatch import Dispatcher
-from sqsbalancerd.engine.state import Delivery, DeliveryState, WorkItem
+from sqsbalancerd.engine.settle import Settler
+from sqsbalancerd.engine.state import Delivery, WorkItem
 from sqsbalancerd.errors import Retry
-from sqsbalancerd.handler import BatchResult
+from sqsbalancerd.handler import UnreadableBatchAnswer, read_batch_answer
 from sqsbalancerd.message import Message
 from sqsbalancerd.observability.logging import log_context
 from sqsbalancerd.stats import Stats
 
 logger = logging.getLogger(__name__)
 
+# The event loop's beat: its lag is measured against this period.
+LOOP_BEAT_S = 0.25
+
 # Wraps one handler call, e.g. in an OpenTelemetry span (observability/otel.py).
 Tracing = Callable[[Message], AbstractContextManager[None]]
 
 
 class AsyncBridge:
-    """The one event loop that runs `async def` handlers; the runtime owns its thread."""
+    """The one event loop that runs `async def` handlers; the runtime owns its thread.
 
-    def __init__(self) -> None:
+    A beat scheduled on the loop measures its lag: a handler that blocks the loop (a
+    `time.sleep` inside `async def`) stops the beat, and `lag_s` grows.
+    """
+
+    def __init__(self, clock: Clock | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
+        self._clock = clock
+        self._last_beat_s: float | None = None
+        self._paths: dict[asyncio.Task[Any], str] = {}
 
     def run(self, stop: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._started.set)
+        self.loop.call_soon(self._beat)
         watcher = self.loop.run_in_executor(None, stop.wait)
         watcher.add_done_callback(lambda _: self.loop.stop())
         self.loop.run_forever()
+
+    def _beat(self) -> None:
+        self._last_beat_s = self._now()
+        self.loop.call_later(LOOP_BEAT_S, self._beat)
+
+    def _now(self) -> float:
+        return self._clock.monotonic() if self._clock else time.monotonic()
+
+    def lag_s(self) -> float:
+        """How long the loop has gone without running its beat, past the beat's period."""
+        if self._last_beat_s is None or not self.loop.is_running():
+            return 0.0
+        return max(0.0, self._now() - self._last_beat_s - LOOP_BEAT_S)
+
+    def running_paths(self) -> list[str]:
+        """The handler paths of the tasks on the loop, the one running now first."""
+        current = asyncio.current_task(self.loop)  # read from another thread: best effort
+        paths = dict(self._paths)
+        first = [paths.pop(current)] if current in paths else []
+        return first + sorted(set(paths.values()))
 
     def close(self) -> None:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._started.clear()
 
-    def call(self, awaitable: Any) -> Any:
+    def call(self, awaitable: Any, *, path: str = "") -> Any:
         if not self._started.wait(5.0):
             raise RuntimeError("the async handler loop is not running")
-        return asyncio.run_coroutine_threadsafe(awaitable, self.loop).result()
+        return asyncio.run_coroutine_threadsafe(self._tracked(awaitable, path), self.loop).result()
+
+    async def _tracked(self, awaitable: Any, path: str) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            self._paths[task] = path
+        try:
+            return await awaitable
+        finally:
+            if task is not None:
+                self._paths.pop(task, None)
 
 
-class Outcome:
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    RETRY = "retry"
+class HandlerTimedOut(Exception):
+    """An async handler ran past handler_timeout and was cancelled."""
 
 
 class Worker:
@@ -72,8 +114,12 @@ class Worker:
         clock: Clock,
         bridge: AsyncBridge | None = None,
         tracing: Tracing | None = None,
+        settler: Settler | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._settler = settler or Settler(
+            dispatcher=dispatcher, acks=acks, stats=stats, clock=clock
+        )
         self._acks = acks
         self._stats = stats
         self._clock = clock
@@ -101,29 +147,34 @@ class Worker:
         now_wall = self._clock.wall()
         for delivery in item.deliveries:
             sent_at = delivery.message.sent_timestamp_s
-            if sent_at is not None:
+            if sent_at is not None and delivery.message.attempt == delivery.message.receive_count:
                 self._stats.observe_age(queue.name, max(0.0, now_wall - sent_at))
         started = self._clock.monotonic()
         failures, retry_after = self._invoke(item)
         self._stats.observe_handler(queue.name, self._clock.monotonic() - started)
-        self._settle(item, failures, retry_after)
+        self._settler.settle(item, failures, retry_after)
 
     def _invoke(self, item: WorkItem) -> tuple[set[str], dict[str, float]]:
         """Run the handler; returns (failed message ids, explicit Retry delays by id)."""
         queue = item.queue
         ids = [d.message.message_id for d in item.deliveries]
         first = item.deliveries[0].message
-        context = {"queue": queue.name, "message_id": first.message_id if len(ids) == 1 else None}
+        fields = {"queue": queue.name, "message_id": first.message_id if len(ids) == 1 else None}
         span = self._tracing(first) if self._tracing else contextlib.nullcontext()
-        with log_context(**context), span:
+        context = HandlerContext(item, clock=self._clock, request_extension=self._extend_now)
+        with log_context(**fields), span:
             try:
                 if queue.is_batch:
-                    result = self._call(queue.invoke, [d.message for d in item.deliveries], context)
-                    return _batch_failures(result, ids), {}
-                self._call(queue.invoke, first, context)
+                    messages = [d.message for d in item.deliveries]
+                    answer = self._call(item, messages, fields, context)
+                    return self._read_answer(item, answer, messages), {}
+                self._call(item, first, fields, context)
                 return set(), {}
             except Retry as retry:
                 return set(ids), dict.fromkeys(ids, retry.after)
+            except HandlerTimedOut:
+                self._log_timeout(item, "handler timed out; cancelled")
+                return set(ids), {}
             except BaseException as exc:  # handlers may raise anything, SystemExit included
                 logger.error(
                     "handler failed",
@@ -132,56 +183,49 @@ class Worker:
                 )
                 return set(ids), {}
 
-    def _call(self, function: Any, argument: Any, context: dict[str, Any]) -> Any:
-        result = function(argument)
+    def _read_answer(self, item: WorkItem, answer: Any, messages: list[Message]) -> set[str]:
+        try:
+            return set(read_batch_answer(answer, messages))
+        except UnreadableBatchAnswer as exc:
+            # Deleting on a guess could lose messages the handler meant to fail.
+            logger.error(
+                "batch handler answer unreadable; the whole batch fails",
+                extra={"error": str(exc)[:300], "count": len(messages)},
+            )
+            self._stats.count(item.queue.name, "answer_unreadable")
+            return {m.message_id for m in messages}
+
+    def _log_timeout(self, item: WorkItem, text: str) -> None:
+        self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
+        logger.warning(
+            text,
+            extra={
+                "queue": item.queue.name,
+                "message_id": item.deliveries[0].message.message_id,
+                "count": len(item.deliveries),
+                "timeout_s": item.queue.policy.handler_timeout_s,
+            },
+        )
+
+    def _call(
+        self, item: WorkItem, argument: Any, fields: dict[str, Any], context: HandlerContext
+    ) -> Any:
+        with entered(context):
+            result = item.queue.invoke(argument)
         if inspect.isawaitable(result):
-            awaitable = _in_log_context(result, context)
+            timeout_s = None
+            if item.deadline_s is not None:
+                timeout_s = max(0.0, item.deadline_s - self._clock.monotonic())
+            awaitable = _in_context(result, fields, context, timeout_s)
             if self._bridge is None:
                 # A sync callable returned an awaitable (a wrapped `async def`, say): the daemon
                 # has no handlers' loop (no handler is declared async), so run it here.
                 return asyncio.run(awaitable)
-            result = self._bridge.call(awaitable)
+            result = self._bridge.call(awaitable, path=item.queue.handler_path)
         return result
 
-    def _settle(self, item: WorkItem, failures: set[str], retry_after: dict[str, float]) -> None:
-        queue = item.queue
-        succeeded = [d for d in item.deliveries if d.message.message_id not in failures]
-        failed = [d for d in item.deliveries if d.message.message_id in failures]
-        if queue.info.is_fifo and failed:
-            succeeded, failed = _fifo_split(item.deliveries, failures)
-        kept_ok = self._dispatcher.settle(succeeded, DeliveryState.DONE)
-        kept_failed = self._dispatcher.settle(failed, DeliveryState.DONE)
-        expired = len(item.deliveries) - len(kept_ok) - len(kept_failed)
-        if expired:
-            logger.warning(
-                "handler returned after max_extension; result discarded",
-                extra={"queue": queue.name, "count": expired},
-            )
-        if kept_ok:
-            self._stats.count(queue.name, "succeeded", len(kept_ok))
-            self._acks.delete(kept_ok)
-        for delivery in kept_failed:
-            self._retry(delivery, retry_after.get(delivery.message.message_id))
-        if queue.info.is_fifo:
-            for group in {d.message.group_id for d in kept_failed if d.message.group_id}:
-                self._release(self._dispatcher.drop_group(queue, group))
-
-    def _retry(self, delivery: Delivery, explicit_after_s: float | None) -> None:
-        queue = delivery.queue
-        self._stats.count(queue.name, "failed")
-        delay_s = (
-            explicit_after_s
-            if explicit_after_s is not None
-            else queue.policy.retry.delay_s(delivery.message.receive_count)
-        )
-        if delay_s is None:
-            return  # backoff "none": it reappears when its visibility timeout runs out
-        self._stats.count(queue.name, "retried")
-        self._acks.change_visibility([delivery], round(delay_s), reason="retry")
-
-    def _release(self, deliveries: list[Delivery]) -> None:
-        if deliveries:
-            self._acks.change_visibility(deliveries, 0, reason="release")
+    def _extend_now(self, deliveries: Sequence[Delivery], timeout_s: int) -> None:
+        self._acks.change_visibility(deliveries, timeout_s, reason="extend")
 
 
 class _HandlerExit(Exception):
@@ -196,44 +240,19 @@ class _HandlerExit(Exception):
         self.original = original
 
 
-async def _in_log_context(awaitable: Any, context: dict[str, Any]) -> Any:
-    # contextvars do not cross into the loop thread: enter the context inside the task.
-    with log_context(**context):
+async def _in_context(
+    awaitable: Any, fields: dict[str, Any], context: HandlerContext, timeout_s: float | None
+) -> Any:
+    # contextvars do not cross into the loop thread: enter the contexts inside the task.
+    with log_context(**fields), entered(context):
         try:
-            return await awaitable
+            if timeout_s is None:
+                return await awaitable
+            async with asyncio.timeout(timeout_s) as scope:
+                return await awaitable
+        except TimeoutError:
+            if timeout_s is not None and scope.expired():
+                raise HandlerTimedOut() from None
+            raise
         except (SystemExit, KeyboardInterrupt) as exc:
             raise _HandlerExit(exc) from exc
-
-
-def _batch_failures(result: Any, ids: Collection[str]) -> set[str]:
-    if result is None or result is True:
-        return set()
-    if isinstance(result, BatchResult):
-        return set(result.failed_message_ids) & set(ids)
-    if isinstance(result, str):
-        return {result} & set(ids)
-    if isinstance(result, Iterable):
-        return {str(x) for x in result} & set(ids)
-    # False, a number, any other object: not a documented answer. Deleting on it could lose
-    # the batch, so it fails (the handler-failed line names what came back).
-    raise TypeError(
-        f"batch handler returned {type(result).__name__}; expected None, a BatchResult "
-        "or an iterable of failed message ids"
-    )
-
-
-def _fifo_split(
-    deliveries: Iterable[Delivery], failures: set[str]
-) -> tuple[list[Delivery], list[Delivery]]:
-    """In a FIFO batch, everything after a group's first failure fails with it (order)."""
-    ok: list[Delivery] = []
-    failed: list[Delivery] = []
-    broken: set[str | None] = set()
-    for delivery in deliveries:
-        group = delivery.message.group_id
-        if delivery.message.message_id in failures or group in broken:
-            failed.append(delivery)
-            broken.add(group)
-        else:
-            ok.append(delivery)
-    return ok, failed

@@ -46,6 +46,12 @@ def _check_workers(stuck_slots: int, pool_size: int) -> str:
     return f"all {pool_size} worker slots stuck ({stuck_slots} stuck)"
 
 
+def _check_event_loop(lag_s: float | None, limit_s: float) -> str:
+    if lag_s is None or lag_s <= limit_s:
+        return OK
+    return f"async handlers' event loop blocked for {lag_s:.1f}s (limit {limit_s:g}s)"
+
+
 def _check_coordination(coordination: CoordinationStats | None) -> str:
     if coordination is None:
         return OK  # standalone: nothing to join
@@ -74,6 +80,9 @@ def liveness(snapshot: StatsSnapshot, *, max_loop_age_s: float) -> HealthReport:
         {
             "loops": _check_loops(snapshot.loop_ticks_age_s, max_loop_age_s),
             "workers": _check_workers(snapshot.stuck_slots, snapshot.pool_size),
+            "event_loop": _check_event_loop(
+                snapshot.event_loop_lag_s, snapshot.event_loop_lag_limit_s
+            ),
         }
     )
 

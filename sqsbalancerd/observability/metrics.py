@@ -113,6 +113,12 @@ def _process_families(snapshot: StatsSnapshot) -> Iterator[Metric]:
     yield _gauge("worker_pool_size", "Worker slots.", snapshot.pool_size)
     yield _gauge("stuck_slots", "Worker slots past their handler deadline.", snapshot.stuck_slots)
     yield _gauge("owned_queues", "Queues this instance consumes.", len(snapshot.owned_queues))
+    if snapshot.event_loop_lag_s is not None:
+        yield _gauge(
+            "event_loop_lag_seconds",
+            "How long the async handlers' event loop has been blocked.",
+            snapshot.event_loop_lag_s,
+        )
     calls = CounterMetricFamily(
         PREFIX + "aws_calls", "AWS API calls.", labels=["service", "action", "outcome"]
     )

@@ -37,7 +37,7 @@ def sender_context(message: Message) -> tuple[int, int, bool] | None:
         trace_id = int(match.group(1) + match.group(2), 16)
         return trace_id, int(match.group(3), 16), match.group(4) == "1"
     attribute = message.message_attributes.get("traceparent")
-    value = attribute.get("StringValue", "") if isinstance(attribute, dict) else ""
+    value = attribute if isinstance(attribute, str) else ""
     match = _TRACEPARENT.match(value)
     if match:
         flags = int(match.group(3), 16)

@@ -355,7 +355,7 @@ def test_abandoned_handler_result_is_discarded(moto_sqs, threaded):
     wait_until(lambda: handler.returned, timeout_s=5, what="the handler to return")
     engine.stop(timeout_s=5)
     assert not log.of("DeleteMessageBatch")
-    assert queue_depth(moto_sqs, info.url) == (0, 1)  # not deleted: it will reappear
+    assert queue_depth(moto_sqs, info.url) == (1, 0)  # released at once, not left to expire
 
 
 def test_a_removed_queue_is_released_once_its_work_is_done(moto_sqs, threaded):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from dataclasses import replace
 from typing import Any
@@ -226,14 +227,22 @@ def batch_rig(moto_sqs: Any, handler: Any, **kwargs: Any) -> Rig:
     return Rig(moto_sqs, handler=batch(handler), is_batch=True, clock=FakeClock(), **kwargs)
 
 
-@pytest.mark.parametrize("style", ["BatchResult", "list", "str"])
+ANSWERS = {
+    "BatchResult": lambda ms: BatchResult({ms[1].message_id}),
+    "ids": lambda ms: [ms[1].message_id],
+    "Messages": lambda ms: [ms[1]],
+    "mixed": lambda ms: (x for x in [ms[1], ms[1].message_id]),
+    "lambda": lambda ms: {"batchItemFailures": [{"itemIdentifier": ms[1].message_id}]},
+}
+
+
+@pytest.mark.parametrize("style", sorted(ANSWERS))
 def test_batch_handler_partial_failure_deletes_only_the_successes(moto_sqs, style):
     received: list[list[Message]] = []
 
     def handler(messages: list[Message]) -> Any:
         received.append(messages)
-        bad = messages[1].message_id
-        return {"BatchResult": BatchResult({bad}), "list": [bad], "str": bad}[style]
+        return ANSWERS[style](messages)
 
     rig = batch_rig(moto_sqs, handler)
     log = CallLog(moto_sqs)
@@ -253,6 +262,44 @@ def test_batch_handler_partial_failure_deletes_only_the_successes(moto_sqs, styl
     assert rig.counters()["failed"] == 1
 
 
+def _raising_generator(messages: list[Message]) -> Any:
+    yield messages[0].message_id
+    raise RuntimeError("broke while listing failures")
+
+
+UNREADABLE = {
+    "foreign id": lambda ms: ["not-an-id-of-this-batch"],
+    "foreign BatchResult id": lambda ms: BatchResult({"nope"}),
+    "empty itemIdentifier": lambda ms: {"batchItemFailures": [{"itemIdentifier": ""}]},
+    "unknown itemIdentifier": lambda ms: {"batchItemFailures": [{"itemIdentifier": "x"}]},
+    "mapping without batchItemFailures": lambda ms: {"failed": [ms[0].message_id]},
+    "False": lambda ms: False,
+    "True": lambda ms: True,
+    "number": lambda ms: 0,
+    "bare str": lambda ms: ms[0].message_id,
+    "generator that raises": _raising_generator,
+    "list of numbers": lambda ms: [1],
+}
+
+
+@pytest.mark.parametrize("style", sorted(UNREADABLE))
+def test_an_unreadable_batch_answer_fails_the_whole_batch(moto_sqs, style, caplog):
+    def handler(messages: list[Message]) -> Any:
+        return UNREADABLE[style](messages)
+
+    rig = batch_rig(moto_sqs, handler)
+    log = CallLog(moto_sqs)
+    rig.send("a", "b")
+    assert rig.receive() == 2
+    rig.work()
+    rig.flush()
+    assert not log.of("DeleteMessageBatch")  # nothing deleted on a guess
+    assert rig.counters()["failed"] == 2
+    assert rig.counters()["answer_unreadable"] == 1
+    [line] = [r for r in caplog.records if "answer unreadable" in r.getMessage()]
+    assert line.error  # names what came back
+
+
 def test_batch_handler_raising_fails_the_whole_batch(moto_sqs):
     def handler(messages: list[Message]) -> None:
         raise RuntimeError("all of them")
@@ -266,12 +313,14 @@ def test_batch_handler_raising_fails_the_whole_batch(moto_sqs):
     assert rig.depth() == (2, 0)
 
 
-def test_fifo_batch_failure_fails_the_rest_of_its_group_not_other_groups(moto_sqs):
-    received: list[Message] = []
+def test_fifo_batch_failure_retries_the_rest_of_its_group_in_process(moto_sqs):
+    received: list[list[Message]] = []
 
     def handler(messages: list[Message]) -> Any:
-        received.extend(messages)
-        return [m.message_id for m in messages if m.body == "g1-b"]
+        received.append(messages)
+        if len(received) == 1:
+            return [m for m in messages if m.body == "g1-b"]
+        return None
 
     rig = batch_rig(moto_sqs, handler, name="work-a.fifo")
     log = CallLog(moto_sqs)
@@ -281,19 +330,28 @@ def test_fifo_batch_failure_fails_the_rest_of_its_group_not_other_groups(moto_sq
     rig.work()
     rig.flush()
 
-    body_of = {m.receipt_handle: m.body for m in received}
+    body_of = {m.receipt_handle: m.body for m in received[0]}
     deleted = sorted(body_of[e["ReceiptHandle"]] for e in log.entries("DeleteMessageBatch"))
-    changed = sorted(
-        body_of[e["ReceiptHandle"]] for e in log.entries("ChangeMessageVisibilityBatch")
-    )
-    assert deleted == ["g1-a", "g2-a", "g2-b"]
-    assert changed == ["g1-b", "g1-c"]  # g1-c must not be deleted ahead of g1-b
+    assert deleted == ["g1-a", "g2-a", "g2-b"]  # g1-c must not be deleted ahead of g1-b
+    assert not log.of("ChangeMessageVisibilityBatch")  # held, not handed back
+    assert rig.counters()["failed"] == 1
+    assert rig.counters()["held_back"] == 1  # g1-c: held, not a failure of its own
+
+    assert not rig.work()  # the retry waits out its backoff (base 5)
+    rig.clock.advance(5)
+    assert rig.work()
+    rig.flush()
+    assert [(m.body, m.attempt, m.receive_count) for m in received[1]] == [
+        ("g1-b", 2, 1),
+        ("g1-c", 2, 1),
+    ]
+    assert rig.depth() == (0, 0)
 
 
 # -- FIFO, one message at a time ----------------------------------------------------------
 
 
-def test_fifo_failure_releases_the_groups_later_messages_and_order_holds(moto_sqs):
+def test_fifo_failure_retries_in_process_and_holds_the_group(moto_sqs):
     attempts: dict[str, int] = {}
 
     def behave(message: Message) -> None:
@@ -302,30 +360,60 @@ def test_fifo_failure_releases_the_groups_later_messages_and_order_holds(moto_sq
             raise ValueError("first attempt fails")
 
     handler = Recorder(behave)
+    rig = Rig(moto_sqs, handler=handler, name="work-a.fifo", clock=FakeClock())
+    log = CallLog(moto_sqs)
+    rig.send("g1-a", "g1-b", "g1-c", group="g1")
+    rig.send("g2-a", group="g2")
+    assert rig.receive() == 4
+    rig.work_all()
+    # g1-c waits behind g1-b's backoff without running; g2 went on.
+    assert handler.bodies == ["g1-a", "g1-b", "g2-a"]
+    rig.clock.advance(5)
+    rig.work_all()
+    rig.flush()
+    assert handler.bodies == ["g1-a", "g1-b", "g2-a", "g1-b", "g1-c"]
+    assert [(m.attempt, m.receive_count) for m in handler.seen[3:]] == [(2, 1), (1, 1)]
+    assert not log.of("ChangeMessageVisibilityBatch")  # nothing went back to SQS
+    assert rig.counters()["failed"] == 1 and rig.counters()["retried"] == 1
+    assert rig.depth() == (0, 0)
+
+
+def test_fifo_head_out_of_attempts_is_redriven_alone(moto_sqs):
+    """maxReceiveCount 2: the head fails twice in process, then bounces (received one at a
+    time, never run) until SQS moves it to the DLQ. Its group-mates gain one receive in all
+    (the release that lets the head come back), so they run before any DLQ move."""
+    dlq = moto_sqs.create_queue(QueueName="work-dlq.fifo", Attributes={"FifoQueue": "true"})
+    dlq_arn = moto_sqs.get_queue_attributes(QueueUrl=dlq["QueueUrl"], AttributeNames=["QueueArn"])
+    handler = Recorder(fail_on("g1-a"))
     rig = Rig(
         moto_sqs,
         handler=handler,
         name="work-a.fifo",
         clock=FakeClock(),
         retry=RetrySettings(base=0),
+        max_receive_count=2,
     )
-    log = CallLog(moto_sqs)
+    moto_sqs.set_queue_attributes(
+        QueueUrl=rig.url,
+        Attributes={
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": dlq_arn["Attributes"]["QueueArn"], "maxReceiveCount": 2}
+            )
+        },
+    )
     rig.send("g1-a", "g1-b", "g1-c", group="g1")
-    rig.send("g2-a", group="g2")
-    assert rig.receive() == 4
+    rig.receive()
     rig.work_all()
     rig.flush()
-
-    # g1-c was released (visibility 0) without running; g2 went on.
-    assert handler.bodies == ["g1-a", "g1-b", "g2-a"]
-    assert sorted(timeouts_sent(log)) == [0, 0]  # g1-b retried (base 0), g1-c released
-    assert rig.counters()["released"] == 1
-
-    while rig.receive():
+    assert handler.bodies == ["g1-a", "g1-a"]  # two attempts in all
+    for _ in range(6):
+        rig.receive()
         rig.work_all()
-    rig.flush()
-    assert handler.bodies == ["g1-a", "g1-b", "g2-a", "g1-b", "g1-c"]
-    assert rig.depth() == (0, 0)
+        rig.flush()
+    assert handler.bodies == ["g1-a", "g1-a", "g1-b", "g1-c"]
+    assert [m.receive_count for m in handler.seen[2:]] == [2, 2]
+    dead = moto_sqs.receive_message(QueueUrl=dlq["QueueUrl"], MaxNumberOfMessages=10)
+    assert [m["Body"] for m in dead.get("Messages", [])] == ["g1-a"]
 
 
 def test_tracing_wraps_each_handler_call_with_its_message():

@@ -44,7 +44,21 @@ def coordination(**overrides: Any) -> CoordinationStats:
 def test_liveness_ok_when_loops_tick_and_workers_free() -> None:
     report = liveness(make_snapshot(), max_loop_age_s=10)
 
-    assert report == HealthReport(ok=True, checks={"loops": "ok", "workers": "ok"})
+    assert report == HealthReport(
+        ok=True, checks={"loops": "ok", "workers": "ok", "event_loop": "ok"}
+    )
+
+
+def test_liveness_fails_when_the_handlers_event_loop_is_blocked_past_its_limit() -> None:
+    within = liveness(
+        make_snapshot(event_loop_lag_s=9.0, event_loop_lag_limit_s=10), max_loop_age_s=60
+    )
+    past = liveness(
+        make_snapshot(event_loop_lag_s=11.0, event_loop_lag_limit_s=10), max_loop_age_s=60
+    )
+    assert within.ok
+    assert not past.ok
+    assert past.checks["event_loop"] == "async handlers' event loop blocked for 11.0s (limit 10s)"
 
 
 def test_liveness_names_the_stale_loops() -> None:
@@ -84,7 +98,13 @@ def test_readiness_standalone_is_ready() -> None:
     report = readiness(make_snapshot(coordination=None))
 
     assert report.ok
-    assert report.checks == {"coordination": "ok", "aws": "ok", "loops": "ok", "workers": "ok"}
+    assert report.checks == {
+        "coordination": "ok",
+        "aws": "ok",
+        "loops": "ok",
+        "workers": "ok",
+        "event_loop": "ok",
+    }
 
 
 @pytest.mark.parametrize(

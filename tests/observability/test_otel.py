@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sqsbalancerd.message import Message
+from sqsbalancerd.message import Message, plain_attributes
 from sqsbalancerd.observability import otel
 from sqsbalancerd.stats import QueueStats, StatsSnapshot
 
@@ -30,7 +30,7 @@ def message(attributes=None, message_attributes=None) -> Message:
         receive_count=1,
         sent_at=datetime.now(UTC),
         attributes=MappingProxyType(attributes or {}),
-        message_attributes=MappingProxyType(message_attributes or {}),
+        message_attributes=plain_attributes(message_attributes or {}),
     )
 
 
