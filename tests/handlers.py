@@ -161,3 +161,66 @@ def faults_batch(messages: list[Message]) -> Any:
     for message in messages:
         _record("end", message, outcome="returned", returned=repr(result))
     return result
+
+
+# -- handler contract (tests/e2e/test_handler_contract.py) --------------------------------
+
+
+def _failing_generator(messages: list[Message]) -> Any:
+    yield messages[0].message_id
+    raise RuntimeError("broke while listing failures")
+
+
+def _answer(shape: str, messages: list[Message]) -> Any:
+    """The answer of shape `shape` saying that the message with body n=1 failed."""
+    bad = [m for m in messages if m.json().get("n") == 1]
+    ids = [m.message_id for m in bad]
+    answers: dict[str, Any] = {
+        "none": lambda: None,
+        "batchresult": lambda: BatchResult(ids),
+        "ids": lambda: ids,
+        "messages": lambda: bad,
+        "mixed": lambda: (x for pair in zip(bad, ids, strict=True) for x in pair),
+        "lambda": lambda: {"batchItemFailures": [{"itemIdentifier": i} for i in ids]},
+        "lambdaempty": lambda: {"batchItemFailures": []},
+        "foreignid": lambda: ["no-such-message"],
+        "foreignbatchresult": lambda: BatchResult({"no-such-message"}),
+        "emptyidentifier": lambda: {"batchItemFailures": [{"itemIdentifier": ""}]},
+        "unknownidentifier": lambda: {"batchItemFailures": [{"itemIdentifier": "nope"}]},
+        "nobatchitemfailures": lambda: {"failures": ids},
+        "false": lambda: False,
+        "number": lambda: 1,
+        "raisinggenerator": lambda: _failing_generator(messages),
+    }
+    return answers[shape]()
+
+
+@batch
+def contract_batch(messages: list[Message]) -> Any:
+    """Answers in the shape its queue's name says (work-<shape>) on the first attempt;
+    all succeed on later ones."""
+    for message in messages:
+        _record("start", message, batch_size=len(messages))
+    shape = messages[0].queue_name.removeprefix("work-")
+    answer = _answer(shape, messages) if messages[0].attempt == 1 else None
+    for message in messages:
+        _record("end", message, outcome="answered", answer=shape)
+    return answer
+
+
+async def sleepy_async(message: Message) -> None:
+    """Async: awaits body.sleep seconds on the first attempt; blocks the loop with
+    time.sleep for body.block seconds (a bug this handler has on purpose)."""
+    import asyncio
+
+    data = message.json()
+    _record("start", message)
+    try:
+        if data.get("sleep") and message.attempt == 1:
+            await asyncio.sleep(float(data["sleep"]))
+        if data.get("block"):
+            time.sleep(float(data["block"]))
+    except BaseException as exc:
+        _record("end", message, outcome="failed", error=type(exc).__name__)
+        raise
+    _record("end", message, outcome="ok")

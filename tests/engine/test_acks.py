@@ -309,3 +309,95 @@ def test_the_acks_thread_keeps_other_queues_deletes_flowing_while_one_is_throttl
     assert slow.counters()["ack_retried"] == throttle.entries[slow.url]
     assert slow.counters()["delete_failed"] == 0
     assert acks.pending_total() == 0
+
+
+# -- one decision per receipt, never after its visibility ran out ---------------------------
+
+
+def received_rig(moto_sqs: Any, count: int, clock: FakeClock) -> Rig:
+    rig = Rig(moto_sqs, clock=clock, capacity=count + 10, visibility_timeout_s=30)
+    rig.send(*[f"m{n}" for n in range(count)])
+    assert rig.receive() == count
+    return rig
+
+
+def test_a_receipt_takes_one_decision_only(moto_sqs):
+    clock = FakeClock()
+    rig = received_rig(moto_sqs, 1, clock)
+    log = CallLog(moto_sqs)
+    [delivery] = rig.dispatcher.held_deliveries()
+    rig.acks.change_visibility([delivery], 60, reason="retry")
+    rig.acks.change_visibility([delivery], 0, reason="release")  # a second decision: ignored
+    rig.acks.delete([delivery])  # so is a third
+    rig.acks.run_once(force=True)
+    assert [e["VisibilityTimeout"] for e in log.entries("ChangeMessageVisibilityBatch")] == [60]
+    assert not log.of("DeleteMessageBatch")
+
+
+def test_no_extension_after_a_decision(moto_sqs):
+    clock = FakeClock()
+    rig = received_rig(moto_sqs, 1, clock)
+    log = CallLog(moto_sqs)
+    [delivery] = rig.dispatcher.held_deliveries()
+    extension = rig.acks  # the extension source saw it held, then the worker decided
+    rig.acks.set_extension_source(lambda now: [(delivery, 30)], every_s=1.0)
+    delivery.decision = "release"
+    extension.run_once()
+    assert not log.of("ChangeMessageVisibilityBatch")
+
+
+def test_a_change_after_the_visibility_ran_out_is_dropped(moto_sqs, caplog):
+    clock = FakeClock()
+    rig = received_rig(moto_sqs, 2, clock)
+    log = CallLog(moto_sqs)
+    lapsed: list[str] = []
+    rig.acks.set_lapse_handler(lambda d: lapsed.append(d.message.body))
+    late, released = rig.dispatcher.held_deliveries()
+    clock.advance(30)  # both receipts' visibility has run out
+    rig.acks.set_extension_source(lambda now: [(late, 30)], every_s=1.0)
+    rig.acks.change_visibility([released], 0, reason="release")
+    rig.acks.run_once()
+    assert not log.of("ChangeMessageVisibilityBatch")  # SQS would answer MessageNotInflight
+    assert rig.counters()["lapsed"] == 2
+    assert late.is_expired and lapsed == [late.message.body]  # this copy must not run
+    assert any("visibility ran out" in r.getMessage() for r in caplog.records)
+
+
+def test_visibility_is_counted_from_when_the_extension_was_sent(moto_sqs):
+    clock = FakeClock()
+    rig = received_rig(moto_sqs, 1, clock)
+    [delivery] = rig.dispatcher.held_deliveries()
+    sent_at = clock.monotonic()
+
+    def slow_call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        clock.advance(2.0)  # the answer takes 2 s to come back
+        return {"Successful": [{"Id": "0"}], "Failed": []}
+
+    slow = type("Slow", (), {"change_message_visibility_batch": staticmethod(slow_call)})()
+    rig.acks._sqs = slow
+    rig.acks.change_visibility([delivery], 30, reason="extend")
+    rig.acks.run_once(force=True)
+    assert delivery.visible_until_s == sent_at + 30
+
+
+def test_a_lone_delete_goes_out_within_the_linger(moto_sqs):
+    """The thread sleeps up to a second between extension checks: a lone delete must wake
+    it, or a FIFO group and the SIGKILL duplicate window wait for that second."""
+    rig = Rig(moto_sqs, clock=SystemClock(), capacity=20)
+    rig.send("m")
+    assert rig.receive() == 1
+    log = CallLog(moto_sqs)
+    stop = threading.Event()
+    ticked = rig.acks.last_tick_s
+    thread = threading.Thread(target=rig.acks.run, args=(stop,), name="sqsb-test-acks")
+    thread.start()
+    try:
+        # It ticks, then waits up to a second for something to send.
+        wait_until(lambda: rig.acks.last_tick_s != ticked, timeout_s=5, every_s=0.001)
+        started = time.monotonic()
+        rig.work()
+        wait_until(lambda: log.of("DeleteMessageBatch"), timeout_s=5, every_s=0.005)
+        assert time.monotonic() - started < 0.5
+    finally:
+        stop.set()
+        thread.join(5)
