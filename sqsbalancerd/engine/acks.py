@@ -89,6 +89,7 @@ class Acknowledger:
         self._extension_every_s = 1.0
         self._next_extension_s = 0.0
         self._on_lapsed: Callable[[Delivery], None] | None = None
+        self._is_stopped = False
         self.last_tick_s = clock.monotonic()
 
     def set_lapse_handler(self, on_lapsed: Callable[[Delivery], None]) -> None:
@@ -115,6 +116,7 @@ class Acknowledger:
                 # The first one starts the linger: wake the thread so it waits 0.1 s, not 1 s.
                 if len(ops) == 1 or len(ops) >= BATCH_LIMIT:
                     self._cond.notify()
+        self._send_now_if_stopped()
 
     def change_visibility(
         self, deliveries: Iterable[Delivery], timeout_s: int, *, reason: str
@@ -129,6 +131,7 @@ class Acknowledger:
                 op = PendingOp(delivery, max(0, min(43_200, timeout_s)), reason, due_s=now)
                 self._changes[delivery.queue.url].append(op)
             self._cond.notify()
+        self._send_now_if_stopped()
 
     def pending_for(self, queue_url: str) -> int:
         with self._cond:
@@ -163,6 +166,14 @@ class Acknowledger:
         while not stop.is_set():
             self.run_once(wait=True)
         self.flush_all()
+        self._is_stopped = True
+        self.flush_all()  # anything added while the last flush ran
+
+    def _send_now_if_stopped(self) -> None:
+        # A poll that outlived the drain hands its messages back after this thread ended:
+        # send them from the caller's thread instead of leaving them invisible.
+        if self._is_stopped:
+            self.flush_all(max_rounds=2)
 
     def run_once(self, *, wait: bool = False, force: bool = False) -> int:
         """One round; returns how many operations were sent."""
@@ -220,12 +231,14 @@ class Acknowledger:
         now = self._clock.monotonic()
         batches = []
         with self._cond:
-            for url, ops in table.items():
+            for url, ops in list(table.items()):
                 ready = _ready_ops(ops, now, force=force)
                 if not ready:
                     continue
                 taken = {id(op) for op in ready}
                 ops[:] = [op for op in ops if id(op) not in taken]
+                if not ops:
+                    del table[url]  # queues come and go: keep no empty list per URL
                 self._in_flight[url] += len(ready)
                 for start in range(0, len(ready), BATCH_LIMIT):
                     batches.append((url, ready[start : start + BATCH_LIMIT]))

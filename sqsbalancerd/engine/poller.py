@@ -7,6 +7,7 @@ stopped is released at once instead of waiting in memory for its visibility to r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -161,7 +162,7 @@ class Poller:
         if granted == 0:
             return 0.0
         wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=self._is_idle)
-        if wait_s is None:
+        if wait_s is None or self._is_stopping():  # the gate may have waited for a renewal
             self._dispatcher.unreserve(self.queue, granted)
             return 0.2
         started_s = self._clock.monotonic()
@@ -174,8 +175,30 @@ class Poller:
         self._is_idle = not raw
         self._dispatcher.unreserve(self.queue, granted - len(raw))
         if raw:
-            self._hand_over(raw, started_s)
+            self._hand_over_safely(raw, started_s)
         return 0.0
+
+    def _hand_over_safely(self, raw: list[dict[str, Any]], started_s: float) -> None:
+        """A message we cannot queue must not keep its reserved room (the queue would stall
+        for good) nor stay invisible: release what was received."""
+        try:
+            self._hand_over(raw, started_s)
+        except Exception:
+            logger.exception(
+                "could not queue received messages; releasing them",
+                extra={"queue": self.queue.name, "count": len(raw)},
+            )
+            self._dispatcher.unreserve(self.queue, len(raw))
+            entries = [
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                for i, m in enumerate(raw)
+                if "ReceiptHandle" in m
+            ]
+            with contextlib.suppress(Exception):
+                self._sqs.change_message_visibility_batch(QueueUrl=self.queue.url, Entries=entries)  # type: ignore[arg-type]
+
+    def _is_stopping(self) -> bool:
+        return self.queue.is_stopping or self.queue.is_gone or self._dispatcher.is_receiving_stopped
 
     def _is_acks_behind(self) -> bool:
         return (
@@ -191,9 +214,10 @@ class Poller:
             "WaitTimeSeconds": wait_s,
             "MessageSystemAttributeNames": ["All"],
             "MessageAttributeNames": list(policy.message_attribute_names),
+            # Always: the timeout the engine counts with is then the one SQS applies, even
+            # after someone changes the queue's default.
+            "VisibilityTimeout": policy.visibility_timeout_s,
         }
-        if policy.is_visibility_configured:
-            kwargs["VisibilityTimeout"] = policy.visibility_timeout_s
         if self.queue.info.is_fifo:
             kwargs["ReceiveRequestAttemptId"] = uuid.uuid4().hex
         response = self._sqs.receive_message(**kwargs)

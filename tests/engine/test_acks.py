@@ -401,3 +401,26 @@ def test_a_lone_delete_goes_out_within_the_linger(moto_sqs):
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_no_list_is_kept_per_queue_once_its_operations_are_sent(moto_sqs):
+    clock = FakeClock()
+    rig = handled_rig(moto_sqs, 3, clock=clock)
+    clock.advance(0.1)
+    rig.acks.run_once()
+    assert rig.acks.pending_total() == 0
+    assert not rig.acks._deletes and not rig.acks._changes  # queues come and go
+
+
+def test_a_release_after_the_acks_thread_stopped_is_sent_from_the_caller(moto_sqs):
+    """A poll that outlived the drain hands its messages back after the thread ended."""
+    rig = Rig(moto_sqs, clock=FakeClock(), capacity=20)
+    rig.send("late")
+    assert rig.receive() == 1
+    stop = threading.Event()
+    stop.set()
+    rig.acks.run(stop)  # flushes and ends at once
+    log = CallLog(moto_sqs)
+    rig.acks.change_visibility(rig.dispatcher.stop_receiving(), 0, reason="release")
+    assert [e["VisibilityTimeout"] for e in log.entries("ChangeMessageVisibilityBatch")] == [0]
+    assert rig.depth() == (1, 0)

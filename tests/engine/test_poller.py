@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from botocore.exceptions import EndpointConnectionError
@@ -48,8 +49,49 @@ def test_receive_parameters(moto_sqs):
     assert params["MaxNumberOfMessages"] == 4
     assert params["MessageSystemAttributeNames"] == ["All"]
     assert params["MessageAttributeNames"] == ["All"]
-    assert "VisibilityTimeout" not in params  # the queue's own timeout applies
+    # Always sent, so the timeout the engine counts with is the one SQS applies.
+    assert params["VisibilityTimeout"] == 30
     assert "ReceiveRequestAttemptId" not in params
+
+
+def test_a_lowered_queue_timeout_does_not_let_held_messages_reappear(moto_sqs):
+    """Discovery saw 30 s; someone lowers the queue's default to 1 s: receives still hide
+    messages for the 30 s the engine counts with."""
+    clock = FakeClock()
+    rig = Rig(moto_sqs, clock=clock, visibility_timeout_s=30)
+    moto_sqs.set_queue_attributes(QueueUrl=rig.url, Attributes={"VisibilityTimeout": "1"})
+    rig.send("x")
+    assert rig.receive() == 1
+    time.sleep(1.2)  # real time: moto's own clock decides visibility
+    assert rig.depth() == (0, 1)
+
+
+def test_a_receive_that_cannot_be_queued_gives_its_room_and_messages_back(moto_sqs, monkeypatch):
+    rig = Rig(moto_sqs, clock=FakeClock())
+    rig.send("a", "b")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("malformed message")
+
+    monkeypatch.setattr("sqsbalancerd.engine.poller.message_from_sqs", broken)
+    assert rig.poller.run_once() == 0.0
+    assert rig.queue.held == 0  # the room is not lost: the queue can receive again
+    assert rig.depth() == (2, 0)  # released at once, not left invisible
+
+
+def test_no_long_poll_starts_after_the_signal_that_came_during_the_renewal_wait(moto_sqs):
+    rig = Rig(moto_sqs, clock=FakeClock())
+    log = CallLog(moto_sqs)
+    rig.send("a")
+
+    def budget_during_signal() -> float:
+        rig.dispatcher.stop_receiving()  # SIGTERM while the gate waited for a renewal
+        return 100.0
+
+    rig.gate.set_budget(budget_during_signal)
+    rig.poller.run_once()
+    assert not log.of("ReceiveMessage")
+    assert rig.queue.held == 0
 
 
 def test_configured_visibility_and_fifo_attempt_id_are_sent(moto_sqs):
