@@ -43,6 +43,7 @@ QUEUE_COUNTERS = (
     "held_back",
     "answer_unreadable",
     "lapsed",
+    "duplicates",
 )
 
 
@@ -84,6 +85,7 @@ class QueueStats:
     held_back: int = 0  # FIFO group-mates held back behind a failed message (not run)
     answer_unreadable: int = 0  # batch answers that did not say which messages failed
     lapsed: int = 0  # decisions dropped: the receipt's visibility had run out first
+    duplicates: int = 0  # received again while still held: merged, not run twice
     running: int = 0
     queued: int = 0
 

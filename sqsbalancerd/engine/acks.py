@@ -370,7 +370,13 @@ class Acknowledger:
             self._stats.count(op.delivery.queue.name, "ack_retried")
         return retry
 
+    def _settled(self, op: PendingOp) -> None:
+        if op.reason != "extend":
+            op.delivery.is_settled = True
+            op.delivery.queue.forget_delivery(op.delivery)
+
     def _count_success(self, op: PendingOp, sent_s: float) -> None:
+        self._settled(op)
         queue = op.delivery.queue.name
         if op.reason == "delete":
             self._stats.count(queue, "deleted")
@@ -381,6 +387,7 @@ class Acknowledger:
             op.delivery.visible_until_s = sent_s + op.visibility_timeout_s
 
     def _count_failure(self, op: PendingOp, code: str) -> None:
+        self._settled(op)
         queue = op.delivery.queue.name
         if op.reason == "delete":
             self._stats.count(queue, "delete_failed")

@@ -8,6 +8,7 @@ stopped is released at once instead of waiting in memory for its visibility to r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import uuid
@@ -240,12 +241,34 @@ class Poller:
             for m in raw
         ]
         self._stats.count(self.queue.name, "received", len(deliveries))
-        deliveries = self._bounce_exhausted(deliveries, now)
+        deliveries = self._bounce_exhausted(self._without_duplicates(deliveries), now)
         if not deliveries:
             return
         if not self._dispatcher.submit(self.queue, self._items(deliveries)):
             self._dispatcher.unreserve(self.queue, len(deliveries))
             self._acks.change_visibility(deliveries, 0, reason="release")
+
+    def _without_duplicates(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """A message received again while still ours (its visibility ran out while held, or
+        before its delete went out) is not run twice: the held copy takes the new receipt,
+        the newest, which is the one SQS accepts for its delete or visibility change."""
+        known = self.queue.by_message_id
+        if len(known) > 4 * (self.queue.held + BATCH_LIMIT):
+            for key, delivery in list(known.items()):
+                if not delivery.is_still_ours():
+                    known.pop(key, None)
+        fresh = []
+        for delivery in deliveries:
+            held = known.get(delivery.message.message_id)
+            if held is not None and held.is_still_ours():
+                _take_newer_receipt(held, delivery)
+                self._stats.count(self.queue.name, "duplicates")
+                continue
+            known[delivery.message.message_id] = delivery
+            fresh.append(delivery)
+        if len(fresh) < len(deliveries):
+            self._dispatcher.unreserve(self.queue, len(deliveries) - len(fresh))
+        return fresh
 
     def _bounce_exhausted(self, deliveries: list[Delivery], now: float) -> list[Delivery]:
         """A FIFO message that used up its attempts goes straight back, unrun, until the
@@ -292,3 +315,16 @@ class Poller:
             },
         )
         return backoff_s
+
+
+def _take_newer_receipt(held: Delivery, newer: Delivery) -> None:
+    held.message = dataclasses.replace(
+        held.message,
+        receipt_handle=newer.message.receipt_handle,
+        receive_count=newer.message.receive_count,
+        attempt=max(held.message.attempt, newer.message.receive_count),
+    )
+    held.visible_until_s = newer.visible_until_s
+    if held.decision == "lapsed":  # SQS handed it to us again: it is held once more
+        held.decision = None
+        held.is_expired = False

@@ -51,10 +51,19 @@ class Delivery:
     # The one visibility decision taken for this receipt (delete, retry, release, or
     # "lapsed" when its visibility ran out first); extensions stop once it is set.
     decision: str | None = None
+    is_settled: bool = False  # its decision reached SQS (or was given up)
 
     @property
     def is_undecided(self) -> bool:
         return self.decision is None and not self.is_expired
+
+    def is_still_ours(self) -> bool:
+        """Held, or handled with its delete not yet sent: a redelivery of it is a duplicate."""
+        if self.is_settled:
+            return False
+        if self.state in (DeliveryState.QUEUED, DeliveryState.RUNNING):
+            return not self.is_expired or self.decision == "lapsed"
+        return self.decision == "delete"
 
 
 @dataclass(slots=True, eq=False)
@@ -112,6 +121,13 @@ class QueueRuntime:
     handler_path: str = ""
     # FIFO messages whose attempts are spent, until SQS redrives them: message id -> until_s.
     exhausted: dict[str, float] = field(default_factory=dict)
+    # Deliveries not yet settled, by message id: a message received again is matched here.
+    by_message_id: dict[str, Delivery] = field(default_factory=dict)
+
+    def forget_delivery(self, delivery: Delivery) -> None:
+        key = delivery.message.message_id
+        if self.by_message_id.get(key) is delivery:
+            self.by_message_id.pop(key, None)
 
     def mark_exhausted(self, message_id: str, now_s: float) -> None:
         # Long enough for it to come back and be bounced a few times; refreshed each time.

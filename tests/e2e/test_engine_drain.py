@@ -120,7 +120,7 @@ def test_a_second_sigterm_skips_the_waits_and_deletes_nothing_unfinished(sqs, da
     assert daemon.wait(timeout_s=30) == 1, daemon.log()
     assert time.time() - forced_at < 15
     assert not events_of(daemons, "end")
-    assert queue_depth(sqs, url) == (0, 1)  # not deleted: it reappears after its timeout
+    assert queue_depth(sqs, url) == (1, 0)  # not deleted, and released at once
     summary = last_line(daemon)
     assert summary["forced"] is True
     assert summary["deleted"] == 0

@@ -407,3 +407,48 @@ def test_a_running_poller_stops_receiving_while_deletes_are_throttled_and_resume
     assert rig.depth() == (0, 0)
     assert rig.counters()["delete_failed"] == 0
     assert rig.counters()["ack_retried"] == throttle.entries[rig.url]
+
+
+def test_a_message_received_again_while_held_is_not_run_twice(moto_sqs):
+    rig = Rig(moto_sqs, clock=FakeClock(), visibility_timeout_s=1)
+    log = CallLog(moto_sqs)
+    rig.send("x")
+    assert rig.receive() == 1
+    [held] = rig.dispatcher.held_deliveries()
+    first_receipt = held.message.receipt_handle
+    time.sleep(1.2)  # moto's clock: the visibility ran out while it waited in our queue
+    assert rig.receive() == 0  # merged into the held copy, not queued twice
+    assert rig.counters()["duplicates"] == 1
+    assert held.message.receipt_handle != first_receipt  # the newest receipt is kept
+    assert held.message.receive_count == 2
+    assert rig.work() and not rig.work()
+    rig.clock.advance(0.1)
+    rig.flush()
+    assert [e["ReceiptHandle"] for e in log.entries("DeleteMessageBatch")] == [
+        held.message.receipt_handle
+    ]
+
+
+def test_a_message_received_again_before_its_delete_went_out_is_deleted_not_rerun(moto_sqs):
+    handled: list[str] = []
+    rig = Rig(
+        moto_sqs,
+        handler=lambda m: handled.append(m.body),
+        clock=FakeClock(),
+        visibility_timeout_s=1,
+    )
+    log = CallLog(moto_sqs)
+    [message_id] = rig.send("x")
+    rig.receive()
+    delivery = rig.queue.by_message_id[message_id]
+    first_receipt = delivery.message.receipt_handle
+    assert rig.work()  # handled; its delete lingers (the fake clock stands still)
+    time.sleep(1.2)
+    assert rig.receive() == 0  # the redelivery only renews the pending delete's receipt
+    assert not rig.work()
+    rig.clock.advance(0.1)
+    rig.flush()
+    assert handled == ["x"]
+    [deleted] = log.entries("DeleteMessageBatch")
+    assert deleted["ReceiptHandle"] == delivery.message.receipt_handle != first_receipt
+    assert rig.depth() == (0, 0)
