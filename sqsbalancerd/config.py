@@ -131,6 +131,8 @@ class WorkersSettings(_Section):
     queue_size: int = Field(default=100, ge=0, le=100_000)
     # Seconds a handler call may take (None: no limit). See README "Time limits".
     handler_timeout: PositiveSeconds | None = None
+    # Bytes of received messages (bodies and attribute values) held at once, roughly.
+    max_held_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
 
 
 class ShutdownSettings(_Section):

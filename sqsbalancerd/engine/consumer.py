@@ -140,7 +140,12 @@ class Engine:
         self._acks_thread: ThreadHandle | None = None
         self.gate = ReceiveGate()
         workers = settings.workers
-        self.dispatcher = Dispatcher(capacity=workers.pool_size + workers.queue_size, clock=clock)
+        self.dispatcher = Dispatcher(
+            capacity=workers.pool_size + workers.queue_size,
+            clock=clock,
+            max_queued=workers.queue_size,
+            max_held_bytes=workers.max_held_bytes,
+        )
         # Acks may use their own client: a short read timeout, not the long poll's.
         self.acks = Acknowledger(
             ack_sqs or sqs, stats=stats, clock=clock, on_settled=self._check_released

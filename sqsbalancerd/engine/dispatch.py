@@ -28,14 +28,39 @@ class _Waiter:
     queue: QueueRuntime
     seen_s: float
     want: int
+    cond: threading.Condition
+
+
+# A queue counts as active for its share while it holds messages or received some this
+# recently; idle queues (one long poll each, nothing held) leave their share to the others.
+_ACTIVE_FOR_S = 2.0
+_ACTIVE_CACHE_S = 0.1
 
 
 class Dispatcher:
-    def __init__(self, *, capacity: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        clock: Clock,
+        max_queued: int | None = None,
+        max_held_bytes: int | None = None,
+    ) -> None:
         self._capacity = capacity  # messages held at once: pool_size + queue_size
         self._clock = clock
-        self._cond = threading.Condition()
+        # Received but not started, across all queues; beyond it a receive's excess is
+        # handed back at once (a fan-out to many idle long polls would exceed it otherwise).
+        self._max_queued = max_queued if max_queued is not None else capacity
+        self._max_held_bytes = max_held_bytes
+        self._lock = threading.Lock()
+        # Targeted waking: workers wait on one condition, each queue's pollers on their own.
+        self._cond = threading.Condition(self._lock)  # workers wait here
+        self._idle = threading.Condition(self._lock)  # the drain waits here
         self._held_total = 0
+        self._held_bytes = 0
+        self._running_messages = 0
+        self._active_count = 1
+        self._active_at_s = -1.0
         self._ready: OrderedDict[str, QueueRuntime] = OrderedDict()  # queues with queued items
         self._queues: dict[str, QueueRuntime] = {}
         self._is_receiving_stopped = False
@@ -61,9 +86,23 @@ class Dispatcher:
             self._waiting.pop(queue.name, None)
 
     def _per_queue_cap(self, queue: QueueRuntime) -> int:
-        # A fair share of the bound, but never less than one full receive.
-        active = max(1, len(self._queues))
-        return max(queue.policy.max_messages, math.ceil(self._capacity / active))
+        # Max-min fair and work-conserving: the bound is shared by the queues that have work,
+        # never less than one full receive each.
+        return max(queue.policy.max_messages, math.ceil(self._capacity / self._active_queues()))
+
+    def _active_queues(self) -> int:
+        now = self._clock.monotonic()
+        if now - self._active_at_s >= _ACTIVE_CACHE_S:
+            self._active_at_s = now
+            self._active_count = max(
+                1,
+                sum(
+                    1
+                    for q in self._queues.values()
+                    if q.held > q.polling or now - q.last_received_s < _ACTIVE_FOR_S
+                ),
+            )
+        return self._active_count
 
     # -- pollers --------------------------------------------------------------------------
 
@@ -77,7 +116,7 @@ class Dispatcher:
                     return 0
                 now = self._clock.monotonic()
                 queue_cap = self._per_queue_cap(queue)
-                total_room = self._capacity - self._held_total
+                total_room = self._total_room()
                 room = min(want, total_room, queue_cap - queue.held)
                 # A receive of a few costs a whole request: where a bound holds two batches
                 # or more, the messages already held keep workers busy while we wait for room
@@ -90,24 +129,42 @@ class Dispatcher:
                     # on many queues do not lock each other out of the bound.
                     self._waiting.pop(queue.name, None)
                     queue.held += room
+                    queue.polling += room
+                    self._wake_pollers()  # room may be left for the next in line
                     return room
-                if total_room < max(1, _smallest_batch(self._capacity, want)) or not is_next:
-                    self._wait_in_line(queue, now, want)
+                waiter = self._wait_in_line(queue, now, want)
                 remaining = deadline - now
                 if remaining <= 0:
                     return 0  # it keeps its place in line for its next call
-                self._cond.wait(min(remaining, _RECHECK_S))
+                waiter.cond.wait(min(remaining, _RECHECK_S))
+
+    def _total_room(self) -> int:
+        not_started = self._held_total - self._running_messages
+        return min(self._capacity - self._held_total, self._max_queued + BATCH_SLACK - not_started)
 
     def _smallest_grant(self, queue_cap: int, want: int) -> int:
         return min(want, _smallest_batch(self._capacity, want), _smallest_batch(queue_cap, want))
 
-    def _wait_in_line(self, queue: QueueRuntime, now: float, want: int) -> None:
+    def _wait_in_line(self, queue: QueueRuntime, now: float, want: int) -> _Waiter:
         waiter = self._waiting.get(queue.name)
         if waiter is None:
-            self._waiting[queue.name] = _Waiter(queue, seen_s=now, want=want)
+            waiter = _Waiter(queue, seen_s=now, want=want, cond=threading.Condition(self._lock))
+            self._waiting[queue.name] = waiter
         else:
             waiter.seen_s = now
             waiter.want = want
+        return waiter
+
+    def _wake_pollers(self) -> None:
+        """Room was freed: wake the first waiting queue that can use it (it wakes the next
+        if room is left), not every poller of every queue."""
+        now = self._clock.monotonic()
+        for waiter in self._waiting.values():
+            other = waiter.queue
+            cap = self._per_queue_cap(other)
+            if now - waiter.seen_s <= _STALE_WAITER_S and cap - other.held >= 1:
+                waiter.cond.notify_all()
+                return
 
     def _is_next_in_line(self, queue: QueueRuntime, now: float) -> bool:
         """When the total room is contended, queues get it in the order they started waiting.
@@ -131,25 +188,61 @@ class Dispatcher:
                 return False
         return True
 
+    def end_poll(self, queue: QueueRuntime, granted: int, *, received: int) -> None:
+        """The poll that reserved `granted` ended with `received` messages: the unused room
+        goes back, and the queue counts as active for its share while it gets messages."""
+        with self._lock:
+            queue.polling -= granted
+            queue.held -= granted - received
+            if received:
+                if self._clock.monotonic() - queue.last_received_s >= _ACTIVE_FOR_S:
+                    self._active_at_s = -1.0  # it just became active: shares change
+                queue.last_received_s = self._clock.monotonic()
+            self._wake_pollers()
+
     def unreserve(self, queue: QueueRuntime, count: int) -> None:
         if count <= 0:
             return
-        with self._cond:
+        with self._lock:
             queue.held -= count
-            self._cond.notify_all()
+            self._wake_pollers()
 
     def submit(self, queue: QueueRuntime, items: Iterable[WorkItem]) -> bool:
         """Queue received items; False (nothing queued) once receiving stopped for `queue`."""
-        with self._cond:
+        listed = list(items)
+        rejected = self.submit_bounded(queue, listed)
+        return len(rejected) < sum(len(i.deliveries) for i in listed) or not listed
+
+    def submit_bounded(self, queue: QueueRuntime, items: list[WorkItem]) -> list[Delivery]:
+        """Queue what fits the global bounds (messages not started, bytes held); returns the
+        deliveries that did not fit (all of them once receiving stopped), for release. What
+        is refused is a suffix, so a FIFO group keeps its order."""
+        with self._lock:
             if self._is_receiving_stopped or queue.is_stopping:
-                return False
-            for item in items:
+                return [d for item in items for d in item.deliveries]
+            accepted = 0
+            for index, item in enumerate(items):
+                if not self._fits(item):
+                    rejected = items[index:]
+                    break
                 queue.queued.append(item)
                 self._held_total += len(item.deliveries)
+                self._held_bytes += item.size_bytes
+                accepted += 1
+            else:
+                rejected = []
             if queue.queued:
                 self._ready[queue.name] = queue
-            self._cond.notify_all()
-            return True
+            self._cond.notify(accepted)
+            return [d for item in rejected for d in item.deliveries]
+
+    def _fits(self, item: WorkItem) -> bool:
+        queued = self._held_total - self._running_messages
+        if queued + len(item.deliveries) > self._max_queued + BATCH_SLACK:
+            return False
+        if self._max_held_bytes is None or self._held_bytes == 0:
+            return True  # one message always fits, whatever its size
+        return self._held_bytes + item.size_bytes <= self._max_held_bytes
 
     # -- workers --------------------------------------------------------------------------
 
@@ -213,6 +306,7 @@ class Dispatcher:
         for delivery in item.deliveries:
             delivery.state = DeliveryState.RUNNING
         self._running.add(item)
+        self._running_messages += len(item.deliveries)
 
     def finish(self, item: WorkItem) -> None:
         """The handler returned (or was abandoned): its messages no longer hold a slot."""
@@ -224,9 +318,16 @@ class Dispatcher:
             count = len(item.deliveries)
             queue.held -= count
             self._held_total -= count
+            self._held_bytes -= item.size_bytes
+            self._running_messages -= count
+            if queue.held == queue.polling:
+                self._active_at_s = -1.0  # it may have gone idle: shares change
             if queue.queued:
                 self._ready[queue.name] = queue
-            self._cond.notify_all()
+                self._cond.notify()  # a group or a concurrency slot may be free now
+            if not self._running:
+                self._idle.notify_all()
+            self._wake_pollers()
 
     def requeue(self, item: WorkItem) -> bool:
         """Queue an in-process retry ahead of its group-mates; False once the queue is being
@@ -241,8 +342,9 @@ class Dispatcher:
             count = len(item.deliveries)
             queue.held += count
             self._held_total += count
+            self._held_bytes += item.size_bytes
             self._ready[queue.name] = queue
-            self._cond.notify_all()
+            self._cond.notify()
             return True
 
     def has_queued_retry(self, queue: QueueRuntime, group: str) -> bool:
@@ -269,7 +371,7 @@ class Dispatcher:
             released = []
             for queue in self._queues.values():
                 released.extend(self._drop_queued(queue))
-            self._cond.notify_all()
+            self._wake_everyone()
             return released
 
     def stop_queue(self, queue: QueueRuntime) -> list[Delivery]:
@@ -277,8 +379,13 @@ class Dispatcher:
         with self._cond:
             queue.is_stopping = True
             released = self._drop_queued(queue)
-            self._cond.notify_all()
+            self._wake_everyone()
             return released
+
+    def _wake_everyone(self) -> None:
+        self._cond.notify_all()
+        for waiter in self._waiting.values():
+            waiter.cond.notify_all()
 
     def drop_group(self, queue: QueueRuntime, group: str) -> list[Delivery]:
         """A FIFO message failed: its group's later messages must not run before it."""
@@ -314,7 +421,8 @@ class Dispatcher:
             delivery.state = DeliveryState.RELEASED
         queue.held -= len(deliveries)
         self._held_total -= len(deliveries)
-        self._cond.notify_all()
+        self._held_bytes -= sum(item.size_bytes for item in items)
+        self._wake_pollers()
         return deliveries
 
     # -- views ----------------------------------------------------------------------------
@@ -341,7 +449,7 @@ class Dispatcher:
                 remaining = deadline_s - self._clock.monotonic()
                 if remaining <= 0 or (abort is not None and abort.is_set()):
                     return False
-                self._cond.wait(min(remaining, 0.1))
+                self._idle.wait(min(remaining, 0.1))
             return True
 
     def depth(self) -> int:
@@ -356,6 +464,8 @@ class Dispatcher:
             return running, queued
 
 
+# A receive's worth: how far a burst may exceed the bound on messages not started.
+BATCH_SLACK = 10
 _HELD_STATES = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})
 
 

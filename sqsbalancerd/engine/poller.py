@@ -134,6 +134,7 @@ class Poller:
         self._on_gone = on_gone
         self._failures = 0
         self._is_idle = True  # the last receive returned nothing
+        self.last_received = 0
         self.last_tick_s = clock.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -164,17 +165,18 @@ class Poller:
             return 0.0
         wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=self._is_idle)
         if wait_s is None or self._is_stopping():  # the gate may have waited for a renewal
-            self._dispatcher.unreserve(self.queue, granted)
+            self._dispatcher.end_poll(self.queue, granted, received=0)
             return 0.2
         started_s = self._clock.monotonic()
         try:
             raw = self._receive(granted, wait_s)
         except Exception as exc:
-            self._dispatcher.unreserve(self.queue, granted)
+            self._dispatcher.end_poll(self.queue, granted, received=0)
             return self._on_error(exc)
         self._failures = 0
         self._is_idle = not raw
-        self._dispatcher.unreserve(self.queue, granted - len(raw))
+        self.last_received = len(raw)
+        self._dispatcher.end_poll(self.queue, granted, received=len(raw))
         if raw:
             self._hand_over_safely(raw, started_s)
         return 0.0
@@ -244,9 +246,10 @@ class Poller:
         deliveries = self._bounce_exhausted(self._without_duplicates(deliveries), now)
         if not deliveries:
             return
-        if not self._dispatcher.submit(self.queue, self._items(deliveries)):
-            self._dispatcher.unreserve(self.queue, len(deliveries))
-            self._acks.change_visibility(deliveries, 0, reason="release")
+        refused = self._dispatcher.submit_bounded(self.queue, self._items(deliveries))
+        if refused:  # receiving stopped, or past the global bounds: back at once
+            self._dispatcher.unreserve(self.queue, len(refused))
+            self._acks.change_visibility(refused, 0, reason="release")
 
     def _without_duplicates(self, deliveries: list[Delivery]) -> list[Delivery]:
         """A message received again while still ours (its visibility ran out while held, or
@@ -285,10 +288,14 @@ class Poller:
     def _items(self, deliveries: list[Delivery]) -> list[WorkItem]:
         if self.queue.is_batch:
             groups = frozenset(d.message.group_id for d in deliveries if d.message.group_id)
-            return [WorkItem(self.queue, tuple(deliveries), groups)]
+            size = sum(_size_of(d) for d in deliveries)
+            return [WorkItem(self.queue, tuple(deliveries), groups, size_bytes=size)]
         return [
             WorkItem(
-                self.queue, (d,), frozenset([d.message.group_id] if d.message.group_id else [])
+                self.queue,
+                (d,),
+                frozenset([d.message.group_id] if d.message.group_id else []),
+                size_bytes=_size_of(d),
             )
             for d in deliveries
         ]
@@ -328,3 +335,9 @@ def _take_newer_receipt(held: Delivery, newer: Delivery) -> None:
     if held.decision == "lapsed":  # SQS handed it to us again: it is held once more
         held.decision = None
         held.is_expired = False
+
+
+def _size_of(delivery: Delivery) -> int:
+    """Roughly what the message costs in memory: its body and attribute values."""
+    message = delivery.message
+    return len(message.body) + sum(len(v) for v in message.message_attributes.values())

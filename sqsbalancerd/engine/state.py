@@ -75,6 +75,7 @@ class WorkItem:
     groups: frozenset[str]
     started_at_s: float | None = None
     not_before_s: float = 0.0  # an in-process retry waits for its backoff
+    size_bytes: int = 0  # bodies and attributes, for the held-bytes budget
     deadline_s: float | None = None  # started_at_s + handler_timeout
     is_timed_out: bool = False
 
@@ -119,6 +120,8 @@ class QueueRuntime:
     is_gone: bool = False
     rate: TokenBucket | None = None
     handler_path: str = ""
+    polling: int = 0  # room reserved by polls in flight (part of `held`)
+    last_received_s: float = -1e9
     # FIFO messages whose attempts are spent, until SQS redrives them: message id -> until_s.
     exhausted: dict[str, float] = field(default_factory=dict)
     # Deliveries not yet settled, by message id: a message received again is matched here.

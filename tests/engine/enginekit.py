@@ -117,6 +117,7 @@ def fill(dispatcher: Dispatcher, queue: QueueRuntime, items: list[WorkItem]) -> 
     """Reserve room for `items` (as a poller would) and submit them."""
     granted = dispatcher.reserve(queue, len(items), timeout_s=0)
     assert granted == len(items), f"only {granted} of {len(items)} reserved"
+    dispatcher.end_poll(queue, granted, received=granted)
     assert dispatcher.submit(queue, items)
     return items
 

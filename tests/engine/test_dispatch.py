@@ -91,23 +91,46 @@ def test_unused_reservation_is_returned():
     assert dispatcher.reserve(queue, 10, timeout_s=0) == 7
 
 
-def test_each_queue_holds_at_most_its_share_of_the_capacity():
-    dispatcher = new_dispatcher(capacity=40)
-    deep, other = make_queue("deep"), make_queue("other")
-    dispatcher.add_queue(deep)
-    dispatcher.add_queue(other)
+def received(dispatcher: Dispatcher, queue, count: int) -> int:
+    """One poll of `queue` that returned `count` messages (all it was granted if fewer)."""
+    granted = dispatcher.reserve(queue, count, timeout_s=0)
+    dispatcher.end_poll(queue, granted, received=min(granted, count))
+    dispatcher.submit(queue, [make_item(queue) for _ in range(min(granted, count))])
+    return min(granted, count)
 
-    # Shares are ceil(40 / 2) = 20 each: a deep queue cannot take the whole bound.
-    assert dispatcher.reserve(deep, 10, timeout_s=0) == 10
-    dispatcher.submit(deep, [make_item(deep) for _ in range(10)])
-    assert dispatcher.reserve(deep, 10, timeout_s=0) == 10
-    dispatcher.submit(deep, [make_item(deep) for _ in range(10)])
-    assert dispatcher.reserve(deep, 10, timeout_s=0) == 0  # its share is used up
+
+def test_queues_with_work_share_the_bound_and_idle_ones_leave_theirs():
+    """Max-min fair and work-conserving: one busy queue beside idle ones may use the whole
+    bound; once another has work too, each is held to an equal share."""
+    clock = FakeClock()
+    dispatcher = new_dispatcher(capacity=40, clock=clock)
+    deep, other, idle = make_queue("deep"), make_queue("other"), make_queue("idle")
+    for queue in (deep, other, idle):
+        dispatcher.add_queue(queue)
+    assert [received(dispatcher, deep, 10) for _ in range(4)] == [10, 10, 10, 10]
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 0  # the whole bound, no more
+
+    while (item := take_now(dispatcher)) is not None:  # deep's work drains
+        dispatcher.finish(item)
+    assert received(dispatcher, deep, 10) == 10  # first in line
+    assert received(dispatcher, other, 10) == 10  # other has work now: two active queues
+    assert received(dispatcher, deep, 10) == 10
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 0  # its share: ceil(40 / 2) = 20
     assert dispatcher.reserve(other, 10, timeout_s=0) == 10
 
-    third = make_queue("third")
-    dispatcher.add_queue(third)  # shares shrink to ceil(40 / 3) = 14, never below 10
-    assert dispatcher.reserve(third, 10, timeout_s=0) == 10
+
+def test_one_hot_queue_among_hundreds_of_idle_ones_can_fill_every_worker():
+    """The defect: shares counted idle queues, so with 200 queues and 50 workers the hot
+    queue could hold 10 messages and 40 workers idled."""
+    dispatcher = new_dispatcher(capacity=150)  # pool_size 50 + queue_size 100
+    hot, *idle = [make_queue(f"q{i}") for i in range(200)]
+    for queue in (hot, *idle):
+        dispatcher.add_queue(queue)
+    for queue in idle:  # each idle queue has its long poll in flight
+        assert dispatcher.reserve(queue, 10, timeout_s=0) == 10
+    assert sum(received(dispatcher, hot, 10) for _ in range(15)) == 150
+    started = [take_now(dispatcher) for _ in range(50)]
+    assert all(item is not None for item in started)  # every worker busy
 
 
 def test_idle_long_polls_on_many_queues_do_not_lock_each_other_out():
@@ -429,3 +452,68 @@ def test_random_interleavings_keep_the_bounds_and_fifo_order(actions, capacity):
             model.dispatcher.stop_queue(queue)
         model.check()
     model.check_order()
+
+
+# -- global bounds and targeted waking -----------------------------------------------------
+
+
+def sized_items(queue, count: int, size: int = 0) -> list:
+    items = [make_item(queue) for _ in range(count)]
+    for item in items:
+        item.size_bytes = size
+    return items
+
+
+def test_a_fan_out_to_many_idle_long_polls_holds_at_most_queue_size_plus_one_receive():
+    """The defect: each idle long poll claimed its own share, so 10 messages to each of
+    1,000 idle queues left ~10,000 held for 10 workers."""
+    dispatcher = Dispatcher(capacity=20, clock=FakeClock(), max_queued=10)  # pool 10, queue 10
+    queues = [make_queue(f"q{i}") for i in range(100)]
+    for queue in queues:
+        dispatcher.add_queue(queue)
+    assert all(dispatcher.reserve(q, 10, timeout_s=0) == 10 for q in queues)
+    refused = 0
+    for queue in queues:  # every poll returns ten at once
+        dispatcher.end_poll(queue, 10, received=10)
+        refused += len(dispatcher.submit_bounded(queue, sized_items(queue, 10)))
+    assert dispatcher.depth() <= 10 + 10
+    assert refused == 1000 - dispatcher.depth()
+
+
+def test_received_messages_beyond_the_byte_budget_are_refused_but_one_always_fits():
+    dispatcher = Dispatcher(capacity=100, clock=FakeClock(), max_held_bytes=1000)
+    queue = make_queue("a")
+    dispatcher.add_queue(queue)
+    refused = dispatcher.submit_bounded(queue, sized_items(queue, 3, size=400))
+    assert len(refused) == 1 and dispatcher.depth() == 2
+    alone = Dispatcher(capacity=100, clock=FakeClock(), max_held_bytes=1000)
+    big = make_queue("big")
+    alone.add_queue(big)
+    assert alone.submit_bounded(big, sized_items(big, 1, size=5000)) == []
+
+
+def test_a_refused_fifo_tail_keeps_its_order():
+    dispatcher = Dispatcher(capacity=100, clock=FakeClock(), max_queued=0)
+    queue = make_queue("f.fifo")
+    dispatcher.add_queue(queue)
+    items = [make_item(queue, group="g") for _ in range(15)]
+    refused = dispatcher.submit_bounded(queue, items)
+    kept = [item.deliveries[0] for item in items[:10]]
+    assert refused == [item.deliveries[0] for item in items[10:]]  # a suffix, in order
+    assert [i.deliveries[0] for i in queue.queued] == kept
+
+
+def test_freed_room_wakes_one_waiting_queue_not_every_poller():
+    dispatcher = new_dispatcher(capacity=10)
+    busy = make_queue("busy")
+    waiting = [make_queue(f"w{i}") for i in range(20)]
+    for queue in (busy, *waiting):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, busy, [make_item(busy) for _ in range(10)])
+    for queue in waiting:
+        assert dispatcher.reserve(queue, 1, timeout_s=0) == 0  # in line for room
+    woken: list[str] = []
+    for name, waiter in dispatcher._waiting.items():
+        waiter.cond.notify_all = lambda name=name: woken.append(name)  # type: ignore[method-assign]
+    dispatcher.finish(take_now(dispatcher))
+    assert woken == ["w0"]  # the first in line, which wakes the next if room is left
