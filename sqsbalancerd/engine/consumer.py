@@ -18,6 +18,7 @@ from sqsbalancerd.discovery import QueueInfo
 from sqsbalancerd.engine.acks import Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.poller import Poller, ReceiveGate
+from sqsbalancerd.engine.receivers import Receivers
 from sqsbalancerd.engine.settle import Settler
 from sqsbalancerd.engine.state import (
     Delivery,
@@ -102,9 +103,11 @@ def build_policy(settings: Settings, info: QueueInfo) -> QueuePolicy:
 @dataclass(slots=True)
 class _Owned:
     queue: QueueRuntime
-    poller: Poller
-    thread: ThreadHandle
-    stop: threading.Event
+    receivers: Receivers
+
+    @property
+    def stop(self) -> threading.Event:
+        return self.receivers.stop
 
 
 class Engine:
@@ -231,7 +234,8 @@ class Engine:
     def wait_pollers(self, deadline_s: float, abort: threading.Event | None = None) -> bool:
         """Wait for in-flight long polls to end (their messages are released as they do)."""
         with self._lock:
-            threads = [o.thread for o in [*self._owned.values(), *self._stopping.values()]]
+            owned = [*self._owned.values(), *self._stopping.values()]
+            threads = [t for o in owned for t in o.receivers.threads]
         for thread in threads:
             while thread.is_alive():
                 remaining = deadline_s - self._clock.monotonic()
@@ -286,19 +290,23 @@ class Engine:
             else None,
         )
         self.dispatcher.add_queue(queue)
-        poller = Poller(
-            queue,
-            sqs=self._sqs,
-            dispatcher=self.dispatcher,
-            acks=self.acks,
-            gate=self.gate,
-            stats=self._stats,
-            clock=self._clock,
-            on_gone=self._queue_gone,
-        )
-        stop = threading.Event()
-        thread = self._spawner.spawn(f"poller:{info.name}", poller.run, stop)
-        self._owned[info.name] = _Owned(queue, poller, thread, stop)
+
+        def make_poller(is_extra: bool) -> Poller:
+            return Poller(
+                queue,
+                sqs=self._sqs,
+                dispatcher=self.dispatcher,
+                acks=self.acks,
+                gate=self.gate,
+                stats=self._stats,
+                clock=self._clock,
+                on_gone=self._queue_gone,
+                is_extra=is_extra,
+            )
+
+        receivers = Receivers(queue, make_poller, self._spawner.spawn)
+        receivers.start()
+        self._owned[info.name] = _Owned(queue, receivers)
         logger.info("consuming queue", extra={"queue": info.name})
 
     def _stop_queue(self, name: str) -> None:
@@ -317,7 +325,7 @@ class Engine:
     def _check_released(self, name: str) -> None:
         with self._lock:
             owned = self._stopping.get(name)
-            if owned is None or owned.thread.is_alive():
+            if owned is None or owned.receivers.is_alive():
                 return
             if not self.dispatcher.is_queue_idle(owned.queue) or self.acks.pending_for(
                 owned.queue.url
@@ -351,6 +359,7 @@ class Engine:
             self._check_released(name)
         self._time_out_calls(now_s)
         self._watch_event_loop()
+        self._scale_receivers()
         due: list[tuple[Delivery, int]] = []
         expired_queued: list[Delivery] = []
         # A delete that failed and waits for its retry must not let the message reappear.
@@ -369,6 +378,12 @@ class Engine:
         if expired_queued:
             self.dispatcher.drop_expired(expired_queued)
         return due
+
+    def _scale_receivers(self) -> None:
+        with self._lock:
+            owned = list(self._owned.values())
+        for entry in owned:
+            entry.receivers.scale(self.dispatcher, self._settings.workers.pool_size)
 
     def _time_out_calls(self, now_s: float) -> None:
         """Calls past handler_timeout: a sync one cannot be stopped, so its messages are
@@ -428,7 +443,7 @@ class Engine:
             runtimes = {
                 name: o.queue for name, o in [*self._stopping.items(), *self._owned.items()]
             }
-            pollers = [o.poller for o in self._owned.values()]
+            pollers = [p for o in self._owned.values() for p in o.receivers.pollers]
         names = sorted(set(counters) | set(runtimes))
         queues = tuple(self._queue_stats(name, counters, runtimes) for name in names)
         durations, ages = self._stats.histograms()

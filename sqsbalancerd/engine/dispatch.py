@@ -138,6 +138,12 @@ class Dispatcher:
                     return 0  # it keeps its place in line for its next call
                 waiter.cond.wait(min(remaining, _RECHECK_S))
 
+    def has_room_for(self, queue: QueueRuntime, count: int) -> bool:
+        """Whether another receive of `count` could be granted now (for adding receivers)."""
+        with self._lock:
+            cap = self._per_queue_cap(queue)
+            return min(self._total_room(), cap - queue.held) >= count
+
     def _total_room(self) -> int:
         not_started = self._held_total - self._running_messages
         return min(self._capacity - self._held_total, self._max_queued + BATCH_SLACK - not_started)

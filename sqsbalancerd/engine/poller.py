@@ -123,8 +123,12 @@ class Poller:
         stats: Stats,
         clock: Clock,
         on_gone: Callable[[QueueRuntime], None],
+        is_extra: bool = False,
     ) -> None:
         self.queue = queue
+        # An extra receiver of a hot queue: it ends once a receive is not full.
+        self.is_extra = is_extra
+        self.was_full = False
         self._sqs = sqs
         self._dispatcher = dispatcher
         self._acks = acks
@@ -145,6 +149,8 @@ class Poller:
             or self._dispatcher.is_receiving_stopped
         ):
             backoff_s = self.run_once()
+            if self.is_extra and not self.was_full:
+                return
             if backoff_s:
                 stop.wait(backoff_s)
 
@@ -162,6 +168,7 @@ class Poller:
         want = 1 if is_redriving else self.queue.policy.max_messages
         granted = self._dispatcher.reserve(self.queue, want)
         if granted == 0:
+            self.was_full = False  # no room: another receiver would not help
             return 0.0
         wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=self._is_idle)
         if wait_s is None or self._is_stopping():  # the gate may have waited for a renewal
@@ -172,10 +179,12 @@ class Poller:
             raw = self._receive(granted, wait_s)
         except Exception as exc:
             self._dispatcher.end_poll(self.queue, granted, received=0)
+            self.was_full = False
             return self._on_error(exc)
         self._failures = 0
         self._is_idle = not raw
         self.last_received = len(raw)
+        self.was_full = len(raw) >= self.queue.policy.max_messages
         self._dispatcher.end_poll(self.queue, granted, received=len(raw))
         if raw:
             self._hand_over_safely(raw, started_s)
@@ -255,6 +264,13 @@ class Poller:
         """A message received again while still ours (its visibility ran out while held, or
         before its delete went out) is not run twice: the held copy takes the new receipt,
         the newest, which is the one SQS accepts for its delete or visibility change."""
+        with self.queue.receive_lock:
+            fresh = self._match_known(deliveries)
+        if len(fresh) < len(deliveries):
+            self._dispatcher.unreserve(self.queue, len(deliveries) - len(fresh))
+        return fresh
+
+    def _match_known(self, deliveries: list[Delivery]) -> list[Delivery]:
         known = self.queue.by_message_id
         if len(known) > 4 * (self.queue.held + BATCH_LIMIT):
             for key, delivery in list(known.items()):
@@ -269,8 +285,6 @@ class Poller:
                 continue
             known[delivery.message.message_id] = delivery
             fresh.append(delivery)
-        if len(fresh) < len(deliveries):
-            self._dispatcher.unreserve(self.queue, len(deliveries) - len(fresh))
         return fresh
 
     def _bounce_exhausted(self, deliveries: list[Delivery], now: float) -> list[Delivery]:

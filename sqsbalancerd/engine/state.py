@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class QueueRuntime:
     exhausted: dict[str, float] = field(default_factory=dict)
     # Deliveries not yet settled, by message id: a message received again is matched here.
     by_message_id: dict[str, Delivery] = field(default_factory=dict)
+    # Several receivers may match the same redelivery at once (see engine/receivers.py).
+    receive_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def forget_delivery(self, delivery: Delivery) -> None:
         key = delivery.message.message_id
