@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -322,6 +323,26 @@ def test_run_with_unimportable_handler_exits_2_before_receiving(daemons: Any, sq
     )
     line = assert_one_line_error(result, "tasks:handle", "no_such_dependency_xq")
     assert "not found (is it on PYTHONPATH?)" not in line  # the module exists; its import failed
+    assert queue_depth(sqs, url) == (1, 0)
+    received = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])
+    assert received["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+def test_run_with_its_port_taken_exits_2_before_receiving(daemons: Any, sqs: Any) -> None:
+    """A second instance on one host: the bind fails before any message is received."""
+    url = create_queues(sqs, ["work-a"], dead_letter=False)["work-a"]
+    send_messages(sqs, url, ['{"n": 1}'])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(daemons, STANDALONE.replace("http_port = 0", f"http_port = {port}"))
+        result = daemons.run_cli(
+            "run", "--config", str(path), "--handler", "handlers:record", timeout_s=30
+        )
+    line = assert_one_line_error(result, "observability.http_port", f"127.0.0.1:{port}")
+    assert "http_port = 0" in line and "own port" in line  # says how to run a second one
+    assert not list(daemons.tmp_path.glob("events.jsonl*")), "the handler ran"
     assert queue_depth(sqs, url) == (1, 0)
     received = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])
     assert received["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1"
