@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import tomllib
@@ -56,10 +57,17 @@ def test_version(daemons: Any) -> None:
     assert result.stdout.strip() == f"sqsbalancerd {__version__}"
 
 
-def test_no_arguments_shows_help(daemons: Any) -> None:
+def test_no_arguments_shows_help_and_exits_2(daemons: Any) -> None:
     result = daemons.run_cli()
+    assert result.returncode == 2, result.stderr  # click: no command is a usage error
     assert "Usage" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_option_exits_2(daemons: Any) -> None:
+    result = daemons.run_cli("run", "--no-such-option")
+    assert result.returncode == 2, result.stderr
+    assert "No such option: --no-such-option" in result.stderr
 
 
 def _command_names() -> list[str]:
@@ -80,14 +88,16 @@ def test_help_on_every_command(command: str | None) -> None:
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
-    assert "--help" in result.output
+    # Click's usual rendering: a flag alone, a value option with its metavar, no type tags.
+    assert re.search(r"^  --help +Show this message and exit\.$", result.output, re.M)
+    assert not re.search(r"<(bool|str|int|float|path)>", result.output), result.output
 
 
 def test_help_in_a_subprocess(daemons: Any) -> None:
     result = daemons.run_cli("run", "--help")
     assert result.returncode == 0, result.stderr
-    assert "--handler" in result.stdout
-    assert "--queue-pattern" in result.stdout
+    assert "--handler MODULE:FUNCTION" in result.stdout
+    assert "--queue-pattern REGEX" in result.stdout
 
 
 # --- config ------------------------------------------------------------------------------
