@@ -213,7 +213,7 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
                 f"{new} owning its share {time.monotonic() - signalled:.1f}s after"
             )
         wait_until(
-            feeder.done.is_set,
+            feeder.is_finished,
             timeout_s=600 if LONG else 120,
             every_s=0.5,
             what="the feeder to send everything",
