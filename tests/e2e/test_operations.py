@@ -96,7 +96,8 @@ def test_metrics_health_and_status_during_run(sqs, daemons, tmp_path):
     assert after.returncode == 1
     status_after = daemons.run_cli("status", "--config", str(config_path), "--json")
     assert status_after.returncode == 1  # nobody owns the queues any more
-    assert all(q["owner"] is None for q in json.loads(status_after.stdout)["queues"])
+    released = {q["queue"]: q["owner"] for q in json.loads(status_after.stdout)["queues"]}
+    assert released == {"ops-a": None, "ops-b": None}
 
 
 def _succeeded(metrics: str) -> float:
