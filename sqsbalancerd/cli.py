@@ -420,6 +420,32 @@ def init_table(
         typer.echo(f"table {settings.coordination.table_name} is ACTIVE in {settings.aws.region}")
 
 
+@app.command("iam-policy")
+def iam_policy(
+    config: ConfigOption = None,
+    account_id: Annotated[
+        str, typer.Option("--account-id", metavar="ID", help="AWS account id in the ARNs.")
+    ] = "${AWS_ACCOUNT_ID}",
+    region: Annotated[
+        str | None,
+        typer.Option("--region", metavar="REGION", help="Region in the ARNs [aws.region]."),
+    ] = None,
+) -> None:
+    """Print the least-privilege IAM policy (JSON) that `run` needs with this configuration."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config, resolve_region=False)
+        from sqsbalancerd.iam_policy import REGION_PLACEHOLDER, build_policy
+
+        policy = build_policy(
+            settings,
+            region=region or settings.aws.region or REGION_PLACEHOLDER,
+            account_id=account_id,
+        )
+        for warning in policy.warnings:
+            typer.secho(f"sqsbalancerd: warning: {warning}", err=True, fg="yellow")
+        typer.echo(policy.to_json(), nl=False)
+
+
 @app.command()
 def health(config: ConfigOption = None) -> None:
     """Exit 0 if the daemon this config describes is ready (its /readyz), else 1."""
