@@ -12,18 +12,23 @@ moto/core/authorization.py, moto/iam/access_control.py, moto/sqs/responses.py; m
 queue ARNs and the omissions are the generated ones. Every refusal (bad signature, unknown
 key, access denied) is recorded server-side, and the tests assert there is none.
 
-On the lean and on the plain boto3 data path: a two-instance cluster under a user holding
-only `sqsbalancerd iam-policy`'s output.
+Two scenarios, each on the lean and on the plain boto3 data path:
+- a two-instance cluster under a user holding only `sqsbalancerd iam-policy`'s output;
+- keys that rotate: the daemon's credentials come from a `credential_process` whose key
+  changes every few seconds, and each replaced key is deleted from the emulator soon after.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -38,6 +43,8 @@ pytestmark = pytest.mark.e2e
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 REGION = "us-east-1"
+TESTS = Path(__file__).resolve().parent.parent
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 BATCH_OF = {
     "sqs:DeleteMessage": "sqs:DeleteMessageBatch",
     "sqs:ChangeMessageVisibility": "sqs:ChangeMessageVisibilityBatch",
@@ -239,3 +246,124 @@ def test_a_cluster_runs_on_the_generated_policy_alone(daemons, auth, is_lean):
     )
     with pytest.raises(worker_sqs.exceptions.ClientError, match="AccessDenied"):
         worker_sqs.receive_message(QueueUrl=outside)
+
+
+class Rotator:
+    """A new worker key every `every_s`, where the credential_process reads it; each replaced
+    key is deleted from the emulator `revoke_after_s` after its replacement (a new IAM user
+    per key: moto, like AWS, allows two keys per user)."""
+
+    def __init__(self, iam: Any, policy: dict[str, Any], path: Path, *, every_s: float) -> None:
+        self._iam = iam
+        self._policy = policy
+        self._path = path
+        self.every_s = every_s
+        self.revoke_after_s = 2 * every_s  # a client renews within every_s (+ one call)
+        self.issued: list[tuple[str, str]] = []  # (user, key id)
+        self.revoked: list[str] = []
+        self._replaced_at: list[tuple[float, str, str]] = []
+        self.error: BaseException | None = None
+
+    def rotate(self) -> None:
+        user = f"rot-worker-{len(self.issued)}"
+        keys = worker_user(self._iam, user, self._policy)
+        temporary = self._path.with_suffix(".tmp")
+        temporary.write_text(
+            json.dumps(
+                {
+                    "AccessKeyId": keys["AWS_ACCESS_KEY_ID"],
+                    "SecretAccessKey": keys["AWS_SECRET_ACCESS_KEY"],
+                }
+            )
+        )
+        temporary.replace(self._path)  # atomic: the process never reads half a file
+        if self.issued:
+            self._replaced_at.append((time.monotonic(), *self.issued[-1]))
+        self.issued.append((user, keys["AWS_ACCESS_KEY_ID"]))
+
+    def revoke_due(self) -> None:
+        while self._replaced_at and time.monotonic() - self._replaced_at[0][0] >= (
+            self.revoke_after_s
+        ):
+            _, user, key = self._replaced_at.pop(0)
+            self._iam.delete_access_key(UserName=user, AccessKeyId=key)
+            self.revoked.append(key)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.wait(self.every_s):
+                self.rotate()
+                self.revoke_due()
+        except BaseException as exc:  # read by the test through .error
+            self.error = exc
+
+
+def max_gap_s(times: list[float], start: float, end: float) -> float:
+    points = [start, *(t for t in times if start <= t <= end), end]
+    return max(b - a for a, b in itertools.pairwise(points))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("is_lean", [True, False], ids=["lean", "boto3"])
+def test_rotating_keys_never_interrupt_receives_deletes_or_heartbeats(daemons, auth, is_lean):
+    log, admin = auth
+    endpoint = daemons.endpoint
+    sqs = admin.client("sqs", endpoint_url=endpoint)
+    urls = {f"rot-{n}": sqs.create_queue(QueueName=f"rot-{n}")["QueueUrl"] for n in range(3)}
+    text = config("rot-1", pattern="^rot-", is_lean=is_lean)
+    policy = for_moto(generated_policy(daemons, text))
+    key_file = daemons.tmp_path / "key.json"
+    rotator = Rotator(admin.client("iam", endpoint_url=endpoint), policy, key_file, every_s=3.0)
+    rotator.rotate()
+    aws_config = daemons.tmp_path / "aws-config"
+    process = f"{sys.executable} {TESTS / 'credential_process.py'} {key_file} {rotator.every_s}"
+    aws_config.write_text(f"[default]\ncredential_process = {process}\n")
+    env = {
+        "AWS_CONFIG_FILE": str(aws_config),
+        "AWS_SHARED_CREDENTIALS_FILE": str(daemons.tmp_path / "no-credentials"),
+    }
+    node = daemons.start(config=text, name="rot", env=env, unset=CREDENTIAL_KEYS)
+    stop = threading.Event()
+    thread = threading.Thread(target=rotator.run, args=(stop,), name="test-rotator")
+    sent: set[str] = set()
+    try:
+        wait_until(lambda: log.keys_for("sqs:ReceiveMessage"), timeout_s=30, what="a receive")
+        thread.start()
+        started = time.time()
+        while time.time() - started < 7 * rotator.every_s:  # feed while keys come and go
+            for url in urls.values():
+                sent |= send(sqs, url, ["{}"])
+            stop.wait(0.3)
+        ended = time.time()
+        wait_until(lambda: sent <= handled_ok(daemons), timeout_s=30, what="all handled")
+        wait_until(
+            lambda: all(queue_depth(sqs, url) == (0, 0) for url in urls.values()),
+            timeout_s=30,
+            what="every message deleted",
+        )
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=30)
+    node.terminate()
+    assert node.wait(timeout_s=30) == 0, node.log()[-3000:]
+    assert rotator.error is None, rotator.error
+
+    assert log.refused == [], log.refused[:5]
+    worker_keys = {key for _, key in rotator.issued}
+    figures = {}
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessageBatch", "dynamodb:UpdateItem"):
+        keys = log.keys_for(action) & worker_keys
+        gap_s = max_gap_s(
+            [t for t, a, k in log.accepted if a == action and k in worker_keys], started, ended
+        )
+        figures[action] = (len(keys), round(gap_s, 2))
+    print(
+        f"\n{len(rotator.issued)} keys issued, {len(rotator.revoked)} deleted while running; "
+        f"{len(sent)} messages; (keys used, longest gap s) per action: {figures}"
+    )
+    assert len(rotator.revoked) >= 4
+    for action, (keys_used, gap_s) in figures.items():
+        assert keys_used >= 4, (action, figures)  # the daemon moved on to the new keys
+        # Heartbeats every 1 s, 1 s long polls, deletes within a second of handling.
+        assert gap_s < 3.0, (action, figures)
