@@ -174,6 +174,20 @@ class Application:
     # -- Service --------------------------------------------------------------------------
 
     def start(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
+        # Every check that can end the start (the port, the hook, the table, our identity)
+        # comes before the first receive: a failed start must not have consumed a batch.
+        server = self._bind_http()
+        self.http_port = server.port if server is not None else None
+        try:
+            self._start_parts(spawner, fail, server)
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
+
+    def _start_parts(
+        self, spawner: ThreadSupervisor, fail: Callable[[str], None], server: HttpServer | None
+    ) -> None:
         self.engine = Engine(
             sqs=self.sqs,
             ack_sqs=self.ack_sqs,
@@ -199,7 +213,7 @@ class Application:
         self.coordinator.start()
         try:
             spawner.spawn("discovery", loop.run, self._loops_stop)
-            self._spawn_extras(spawner, fail)
+            self._spawn_extras(spawner, server)
         except BaseException:
             # Registered but never consuming: deregister now rather than be judged dead later.
             self._leave_quietly()
@@ -222,8 +236,8 @@ class Application:
         result = self._last_discovery
         return {q.name: q.url for q in result.matched} if result else {}
 
-    def _spawn_extras(self, spawner: ThreadSupervisor, fail: Callable[[str], None]) -> None:
-        """The HTTP endpoint (port 0: off) and the opt-in backlog sampler."""
+    def _spawn_extras(self, spawner: ThreadSupervisor, server: HttpServer | None) -> None:
+        """The HTTP endpoint (bound already; None: off) and the opt-in backlog sampler."""
         observability = self.settings.observability
         if observability.backlog_interval > 0:
             sampler = BacklogSampler(
@@ -233,13 +247,13 @@ class Application:
                 interval_s=observability.backlog_interval,
             )
             spawner.spawn("backlog", sampler.run, self._loops_stop)
-        if observability.http_port:
-            server = self._http_server()
-            self.http_port = server.port
+        if server is not None:
             spawner.spawn("http", server.serve, self._http_stop)
 
-    def _http_server(self) -> HttpServer:
+    def _bind_http(self) -> HttpServer | None:
         observability = self.settings.observability
+        if not observability.http_port:
+            return None
         try:
             return HttpServer(
                 host=observability.http_host,
@@ -251,7 +265,9 @@ class Application:
         except OSError as exc:
             raise ConfigError(
                 f"observability.http_port: cannot listen on "
-                f"{observability.http_host}:{observability.http_port} ({exc.strerror})"
+                f"{observability.http_host}:{observability.http_port} ({exc.strerror}); "
+                "a second instance on this host needs its own port "
+                "(SQSBALANCERD_OBSERVABILITY__HTTP_PORT=9401) or http_port = 0 (HTTP off)"
             ) from None
 
     def _max_loop_age_s(self) -> float:

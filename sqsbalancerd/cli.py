@@ -51,17 +51,25 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: typer's rich panels label every flag `<bool>` (typer 0.29).
+    rich_markup_mode=None,
 )
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", help="TOML config file (or SQSBALANCERD_CONFIG).", show_default=False
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="TOML config file (or SQSBALANCERD_CONFIG).",
+        show_default=False,
     ),
 ]
 LogLevelOption = Annotated[
     str | None,
-    typer.Option("--log-level", help="debug, info, warning or error.", show_default=False),
+    typer.Option(
+        "--log-level", metavar="LEVEL", help="debug, info, warning or error.", show_default=False
+    ),
 ]
 
 
@@ -168,14 +176,18 @@ def _setup_logging(settings: Settings | None, level: str | None) -> None:
 @app.command()
 def run(
     handler: Annotated[
-        str | None, typer.Option("--handler", help="MODULE:FUNCTION to call per message.")
+        str | None,
+        typer.Option(
+            "--handler", metavar="MODULE:FUNCTION", help="MODULE:FUNCTION to call per message."
+        ),
     ] = None,
     config: ConfigOption = None,
     queue_pattern: Annotated[
-        str | None, typer.Option("--queue-pattern", help="Regex for queue names to consume.")
+        str | None,
+        typer.Option("--queue-pattern", metavar="REGEX", help="Regex for queue names to consume."),
     ] = None,
     instance_id: Annotated[
-        str | None, typer.Option("--instance-id", help="This instance's unique id.")
+        str | None, typer.Option("--instance-id", metavar="ID", help="This instance's unique id.")
     ] = None,
     log_level: LogLevelOption = None,
 ) -> None:
@@ -231,7 +243,7 @@ def show_config(config: ConfigOption = None) -> None:
 def queues(
     config: ConfigOption = None,
     queue_pattern: Annotated[
-        str | None, typer.Option("--queue-pattern", help="Regex for queue names.")
+        str | None, typer.Option("--queue-pattern", metavar="REGEX", help="Regex for queue names.")
     ] = None,
 ) -> None:
     """List the queues discovery matches and those it skips, and why (a dry run)."""
@@ -249,10 +261,18 @@ def queues(
 
 @app.command()
 def local(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 4566,
-    queues_count: Annotated[int, typer.Option("--queues", help="Demo queues to create.")] = 3,
-    messages: Annotated[int, typer.Option(help="Messages to put on each demo queue.")] = 20,
-    prefix: Annotated[str, typer.Option(help="Name prefix of the demo queues.")] = "demo-",
+    port: Annotated[
+        int, typer.Option(metavar="PORT", help="Port on 127.0.0.1 (0 picks a free one).")
+    ] = 4566,
+    queues_count: Annotated[
+        int, typer.Option("--queues", metavar="N", help="Demo queues to create.")
+    ] = 3,
+    messages: Annotated[
+        int, typer.Option(metavar="N", help="Messages to put on each demo queue.")
+    ] = 20,
+    prefix: Annotated[
+        str, typer.Option(metavar="TEXT", help="Name prefix of the demo queues.")
+    ] = "demo-",
 ) -> None:
     """Start the embedded emulator on 127.0.0.1 and print the environment for `run`."""
     with reported_errors(debug=lambda: False):
@@ -278,9 +298,15 @@ def local(
 
 @app.command()
 def demo(
-    instances: Annotated[int, typer.Option(min=1, max=10, help="Instances to run.")] = 3,
-    queues_count: Annotated[int, typer.Option("--queues", min=1, max=200)] = 12,
-    duration: Annotated[float, typer.Option(min=10, help="Seconds to run.")] = 60,
+    instances: Annotated[
+        int, typer.Option(min=1, max=10, metavar="N", help="Instances to run.")
+    ] = 3,
+    queues_count: Annotated[
+        int, typer.Option("--queues", min=1, max=200, metavar="N", help="Demo queues.")
+    ] = 12,
+    duration: Annotated[
+        float, typer.Option(min=10, metavar="SECONDS", help="Seconds to run.")
+    ] = 60,
 ) -> None:
     """Try it with no AWS: a cluster on the embedded emulator, a takeover, a summary."""
     with reported_errors(debug=lambda: False):
@@ -392,6 +418,32 @@ def init_table(
         )
         table.ensure(create=True, region=settings.aws.region or "")
         typer.echo(f"table {settings.coordination.table_name} is ACTIVE in {settings.aws.region}")
+
+
+@app.command("iam-policy")
+def iam_policy(
+    config: ConfigOption = None,
+    account_id: Annotated[
+        str, typer.Option("--account-id", metavar="ID", help="AWS account id in the ARNs.")
+    ] = "${AWS_ACCOUNT_ID}",
+    region: Annotated[
+        str | None,
+        typer.Option("--region", metavar="REGION", help="Region in the ARNs [aws.region]."),
+    ] = None,
+) -> None:
+    """Print the least-privilege IAM policy (JSON) that `run` needs with this configuration."""
+    with reported_errors(debug=lambda: False):
+        settings = _load(config, resolve_region=False)
+        from sqsbalancerd.iam_policy import REGION_PLACEHOLDER, build_policy
+
+        policy = build_policy(
+            settings,
+            region=region or settings.aws.region or REGION_PLACEHOLDER,
+            account_id=account_id,
+        )
+        for warning in policy.warnings:
+            typer.secho(f"sqsbalancerd: warning: {warning}", err=True, fg="yellow")
+        typer.echo(policy.to_json(), nl=False)
 
 
 @app.command()

@@ -103,7 +103,9 @@ class DaemonFactory:
     def events_path(self) -> Path:
         return self.tmp_path / "events.jsonl"
 
-    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def env(
+        self, extra: dict[str, str] | None = None, *, unset: tuple[str, ...] = ()
+    ) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SQSBALANCERD_")}
         env.update(DUMMY_ENV)
         env.update(
@@ -115,6 +117,8 @@ class DaemonFactory:
             }
         )
         env.update(extra or {})
+        for key in unset:  # e.g. the dummy keys, for a daemon given credentials another way
+            env.pop(key, None)
         return env
 
     def start(
@@ -123,6 +127,7 @@ class DaemonFactory:
         config: str | None = None,
         env: dict[str, str] | None = None,
         name: str = "d",
+        unset: tuple[str, ...] = (),
     ) -> Daemon:
         command = [sys.executable, "-m", "sqsbalancerd", "run", *args]
         if config is not None:
@@ -136,7 +141,7 @@ class DaemonFactory:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
-                env=self.env(env),
+                env=self.env(env, unset=unset),
                 cwd=self.tmp_path,
             )
         daemon = Daemon(proc, log_path)

@@ -113,8 +113,18 @@ class Feeder:
         self._thread.join(timeout=30)
 
     def sent_ids(self) -> dict[str, str]:
+        """Every id sent so far; raises if the feeder failed (the count would be short)."""
+        self.check()
         with self._lock:
             return dict(self.sent)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"the feeder failed: {self.error!r}") from self.error
+
+    def is_finished(self) -> bool:
+        """Everything sent, or failed: wait on this, then `sent_ids()` says which."""
+        return self.done.is_set() or self.error is not None
 
     def _run(self) -> None:
         try:

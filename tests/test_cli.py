@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -55,10 +57,17 @@ def test_version(daemons: Any) -> None:
     assert result.stdout.strip() == f"sqsbalancerd {__version__}"
 
 
-def test_no_arguments_shows_help(daemons: Any) -> None:
+def test_no_arguments_shows_help_and_exits_2(daemons: Any) -> None:
     result = daemons.run_cli()
+    assert result.returncode == 2, result.stderr  # click: no command is a usage error
     assert "Usage" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_option_exits_2(daemons: Any) -> None:
+    result = daemons.run_cli("run", "--no-such-option")
+    assert result.returncode == 2, result.stderr
+    assert "No such option: --no-such-option" in result.stderr
 
 
 def _command_names() -> list[str]:
@@ -79,14 +88,16 @@ def test_help_on_every_command(command: str | None) -> None:
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
-    assert "--help" in result.output
+    # Click's usual rendering: a flag alone, a value option with its metavar, no type tags.
+    assert re.search(r"^  --help +Show this message and exit\.$", result.output, re.M)
+    assert not re.search(r"<(bool|str|int|float|path)>", result.output), result.output
 
 
 def test_help_in_a_subprocess(daemons: Any) -> None:
     result = daemons.run_cli("run", "--help")
     assert result.returncode == 0, result.stderr
-    assert "--handler" in result.stdout
-    assert "--queue-pattern" in result.stdout
+    assert "--handler MODULE:FUNCTION" in result.stdout
+    assert "--queue-pattern REGEX" in result.stdout
 
 
 # --- config ------------------------------------------------------------------------------
@@ -322,6 +333,26 @@ def test_run_with_unimportable_handler_exits_2_before_receiving(daemons: Any, sq
     )
     line = assert_one_line_error(result, "tasks:handle", "no_such_dependency_xq")
     assert "not found (is it on PYTHONPATH?)" not in line  # the module exists; its import failed
+    assert queue_depth(sqs, url) == (1, 0)
+    received = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])
+    assert received["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+def test_run_with_its_port_taken_exits_2_before_receiving(daemons: Any, sqs: Any) -> None:
+    """A second instance on one host: the bind fails before any message is received."""
+    url = create_queues(sqs, ["work-a"], dead_letter=False)["work-a"]
+    send_messages(sqs, url, ['{"n": 1}'])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(daemons, STANDALONE.replace("http_port = 0", f"http_port = {port}"))
+        result = daemons.run_cli(
+            "run", "--config", str(path), "--handler", "handlers:record", timeout_s=30
+        )
+    line = assert_one_line_error(result, "observability.http_port", f"127.0.0.1:{port}")
+    assert "http_port = 0" in line and "own port" in line  # says how to run a second one
+    assert not list(daemons.tmp_path.glob("events.jsonl*")), "the handler ran"
     assert queue_depth(sqs, url) == (1, 0)
     received = sqs.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"])
     assert received["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1"

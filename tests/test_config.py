@@ -17,7 +17,9 @@ import tomli_w
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from typer.testing import CliRunner
 
+from sqsbalancerd.cli import app
 from sqsbalancerd.config import (
     CoordinationSettings,
     QueueOverride,
@@ -29,6 +31,8 @@ from sqsbalancerd.config import (
 from sqsbalancerd.errors import ConfigError
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+# The example sets this one key away from its default (None), so that it validates as shipped.
+EXAMPLE_SET = ("discovery", "queue_pattern")
 MINIMAL = '[discovery]\nqueue_pattern = "^work-"\n'
 
 
@@ -529,6 +533,8 @@ def test_example_set_values_are_the_model_defaults(monkeypatch: pytest.MonkeyPat
             table = table[part]
         for key in keys:
             field = model.model_fields[key]
+            if (section, key) == EXAMPLE_SET:
+                continue
             if key not in table:
                 assert field.is_required() or field.default is None or field.default_factory, (
                     f"{section}.{key} has a default ({field.default!r}) but is commented out"
@@ -540,13 +546,23 @@ def test_example_set_values_are_the_model_defaults(monkeypatch: pytest.MonkeyPat
             assert (tuple(value) if isinstance(default, tuple) else value) == default, (
                 f"{section}.{key}: example says {value!r}, the model default is {default!r}"
             )
-    # And the file, with a queue pattern added, loads to exactly the defaults.
-    monkeypatch.setenv("SQSBALANCERD_DISCOVERY__QUEUE_PATTERN", "^work-")
+    # And the file loads to exactly the defaults, with its example pattern.
     loaded = load_settings(EXAMPLE, resolve_region=False)
+    assert loaded.discovery.queue_pattern == "^orders-"
+    monkeypatch.setenv("SQSBALANCERD_DISCOVERY__QUEUE_PATTERN", "^orders-")
     defaults = load_settings(resolve_region=False)
     assert loaded.model_dump(exclude={"instance_id"}) == defaults.model_dump(
         exclude={"instance_id"}
     )
+
+
+def test_example_validates_as_shipped() -> None:
+    """A user copies the example first: `sqsbalancerd config` must accept it unchanged."""
+    result = CliRunner().invoke(
+        app, ["config", "--config", str(EXAMPLE)], env={"AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.output)["discovery"]["queue_pattern"] == "^orders-"
 
 
 def _uncommented_example() -> dict[str, Any]:

@@ -23,13 +23,12 @@ QUEUES = [f"work-{index:02d}" for index in range(24)]
 APPLICATION_KEY = "app#sqsbalancer"
 TABLE = "sqsb-e2e"
 INTERVAL_S, TIMEOUT_S, DELAY_S = 1.0, 4.0, 1.0
-TAKEOVER_BOUND_S = TIMEOUT_S + DELAY_S + INTERVAL_S
+# The README's bounds ("Timing bounds").
+TAKEOVER_BOUND_S = TIMEOUT_S + DELAY_S + 2 * INTERVAL_S
 HANDOFF_BOUND_S = DELAY_S + INTERVAL_S
-
-
-def slack(bound_s: float) -> float:
-    """Bounds hold on the instances' clocks; a loaded 2-core CI box gets this much on top."""
-    return 2 * bound_s + 5
+# Bounds hold on the instances' clocks; on top: our polling of the rows, moto's latency and
+# a loaded 2-core CI box. Asserted on the measured time; waits run longer, to report it.
+SLACK_S = 2.0
 
 
 def config(instance_id: str) -> str:
@@ -223,12 +222,13 @@ def kill_while_busy(cluster: Cluster, name: str, survivors: set[str]) -> None:
     cluster.nodes[name].wait(timeout_s=10)
     wait_until(
         lambda: set(owners(cluster.dynamodb).values()) == survivors,
-        timeout_s=slack(TAKEOVER_BOUND_S),
+        timeout_s=3 * TAKEOVER_BOUND_S,
         every_s=0.05,
         what="survivors to own every queue",
     )
     takeover_s = time.time() - killed_at
     print(f"takeover after SIGKILL: {takeover_s:.2f}s (bound {TAKEOVER_BOUND_S:g}s)")
+    assert takeover_s <= TAKEOVER_BOUND_S + SLACK_S
     assert is_assigned_to(cluster.dynamodb, sorted(survivors))
     wait_until(lambda: name not in member_ids(cluster.dynamodb), timeout_s=10, what="row gone")
 
@@ -274,7 +274,10 @@ def terminate_and_hand_over(cluster: Cluster, name: str, live: list[str]) -> Non
         f"(seen for {len(handoffs)}): max {max(handoffs, default=0):.2f}s, mean "
         f"{sum(handoffs) / max(1, len(handoffs)):.2f}s (bound {HANDOFF_BOUND_S:g}s)"
     )
-    assert max(handoffs, default=0.0) <= slack(HANDOFF_BOUND_S)
+    # Rows are polled every ~10 ms and a handoff takes up to a heartbeat: a release and its
+    # take-over can fall between two polls only rarely; most must be measured.
+    assert len(theirs) >= 1 and len(handoffs) >= max(1, len(theirs) // 2), (theirs, handoffs)
+    assert max(handoffs) <= HANDOFF_BOUND_S + SLACK_S
     cluster.wait_assigned(live, timeout_s=10, what="the survivors to share")
     assert name not in member_ids(cluster.dynamodb)
 
@@ -313,6 +316,7 @@ def check_status_agrees(cluster: Cluster, live: set[str]) -> None:
         assert sorted(instances[name]["queues"]) == sorted(q for q, o in rows.items() if o == name)
 
 
+@pytest.mark.timeout(300)  # covers the waits below (45 + 20 + 27 + 45 + 30 + 30 + ... s)
 def test_cluster_spreads_takes_over_shares_and_hands_over(sqs, dynamodb, daemons):
     cluster = Cluster(dynamodb, daemons, Traffic(sqs, make_queues(sqs)))
     cluster.traffic.top_up(2)

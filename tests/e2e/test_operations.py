@@ -96,7 +96,8 @@ def test_metrics_health_and_status_during_run(sqs, daemons, tmp_path):
     assert after.returncode == 1
     status_after = daemons.run_cli("status", "--config", str(config_path), "--json")
     assert status_after.returncode == 1  # nobody owns the queues any more
-    assert all(q["owner"] is None for q in json.loads(status_after.stdout)["queues"])
+    released = {q["queue"]: q["owner"] for q in json.loads(status_after.stdout)["queues"]}
+    assert released == {"ops-a": None, "ops-b": None}
 
 
 def _succeeded(metrics: str) -> float:
@@ -131,10 +132,10 @@ def test_init_table_creates_the_table(daemons, dynamodb):
     assert {k["AttributeName"] for k in table["KeySchema"]} == {"pk", "sk"}
 
 
-def test_a_start_that_fails_after_joining_leaves_no_member_row(daemons, dynamodb, sqs):
-    """The HTTP port is taken: the start fails after the instance registered (discovery
-    comes first, then the join, then the endpoint). It must deregister, not leave a row the
-    others count until its heartbeat times out."""
+def test_a_taken_port_fails_the_start_before_joining(daemons, dynamodb, sqs):
+    """The HTTP port is taken (a second instance on one host): the bind is the first step of
+    the start, so the instance exits 2 before it registers or receives; no row is left for
+    the others to count until its heartbeat times out."""
     create_queues(sqs, ["ops-a"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -142,9 +143,10 @@ def test_a_start_that_fails_after_joining_leaves_no_member_row(daemons, dynamodb
         daemon = daemons.start(config=config(taken.getsockname()[1]))
         assert daemon.wait(timeout_s=60) == 2, daemon.log()
     log = daemon.log()
-    assert "joined the cluster" in log and "http_port" in log
-    rows = dynamodb.scan(TableName="sqsbalancer-coordination")["Items"]
-    assert [r["sk"]["S"] for r in rows if r["sk"]["S"].startswith("member#")] == []
+    assert "http_port" in log and "joined the cluster" not in log
+    # Not even the table was created: the bind came before the coordinator's first call.
+    with pytest.raises(dynamodb.exceptions.ResourceNotFoundException):
+        dynamodb.scan(TableName="sqsbalancer-coordination")
 
 
 def test_a_missing_named_queue_fails_the_start_before_joining(daemons, dynamodb):

@@ -264,27 +264,35 @@ def test_build_policy_applies_the_first_matching_override():
 
 
 class Gate:
-    """A handler that blocks its first message until `release`, records everything."""
+    """A handler that blocks its first message until `release`, records everything.
+
+    An assertion here would only fail the handler (the engine counts a failure and goes on):
+    problems go to `failures`, which the `threaded` fixture asserts empty after the test."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
         self.seen: list[str] = []
         self.returned: list[str] = []
+        self.failures: list[str] = []
 
     def __call__(self, message: Message) -> None:
         self.seen.append(message.body)
         if not self.started.is_set():
             self.started.set()
-            assert self.release.wait(30), "the test never released the handler"
+            if not self.release.wait(30):
+                self.failures.append(f"{message.body}: the test never released the handler")
         self.returned.append(message.body)
 
 
 @pytest.fixture
 def threaded(moto_sqs: Any) -> Iterator[Callable[..., tuple[Engine, ThreadSupervisor]]]:
     built: list[tuple[Engine, ThreadSupervisor]] = []
+    gates: list[Gate] = []
 
     def build(handler: Callable[[Message], Any], **kwargs: Any) -> tuple[Engine, ThreadSupervisor]:
+        if isinstance(handler, Gate):
+            gates.append(handler)
         settings = standalone_settings(
             sqs={"wait_time_seconds": 1},
             workers={"pool_size": 1, "queue_size": 5},
@@ -302,6 +310,8 @@ def threaded(moto_sqs: Any) -> Iterator[Callable[..., tuple[Engine, ThreadSuperv
         engine.stop_receiving()
         engine.stop(timeout_s=5)
         assert supervisor.stop_all(timeout_s=5) == []
+    for gate in gates:
+        assert not gate.failures, gate.failures
 
 
 def deadline(seconds: float) -> float:

@@ -5,7 +5,8 @@ Every test here carries the `faults` marker. Two modes:
 - long (`SQSB_FAULTS_LONG=1 python -m pytest tests/faults -m faults`): the figures of
   issue 7 (e.g. 20,000 → 100,000 messages for the rolling restart), longer outages, and
   every test's timeout multiplied by `FaultTotals.timeout_scale`.
-Totals are read from `totals` (a `FaultTotals`), never hard-coded in the tests.
+Totals are read from `totals` (a `FaultTotals`, tests/faults/totals.py; modules that need
+them at import time, for hypothesis settings, import `TOTALS`), never hard-coded in tests.
 
 Faults are either real (moto really does it: a deleted table, a closed port, messages that
 come back after their visibility timeout, a killed process) or simulated by the proxy in
@@ -20,78 +21,12 @@ of this test's moto server, stopped after the test; `proxy.env()` points a daemo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from proxy import FaultProxy
-
-IS_LONG = os.environ.get("SQSB_FAULTS_LONG") == "1"
-
-
-@dataclass(frozen=True)
-class FaultTotals:
-    is_long: bool
-    timeout_scale: float  # applied to every fault test's timeout marker
-    # Feeders keep each queue this shallow (moto's receive slows with depth).
-    queue_depth: int
-    # test_aws_faults.py: SQS throttling / 5xx bursts, partial and rejected deletes.
-    sqs_queues: int
-    sqs_messages: int
-    # test_fencing.py: two instances, one loses DynamoDB; the table deleted.
-    cluster_queues: int
-    cluster_messages: int
-    outage_handled: int  # messages the survivor handles from taken queues before recovery
-    # test_process_faults.py and friends (issue 7's figures).
-    rolling_instances: int
-    rolling_queues: int
-    rolling_messages: int
-    kill_rounds: int
-    kill_every_s: float
-    many_queues: int  # queues owned by one process
-    discovered_queues: int  # queues discovery pages through
-    fuzz_examples: int
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-SHORT = FaultTotals(
-    is_long=False,
-    timeout_scale=1.0,
-    queue_depth=200,
-    sqs_queues=4,
-    sqs_messages=400,
-    cluster_queues=6,
-    cluster_messages=240,
-    outage_handled=5,
-    rolling_instances=4,
-    rolling_queues=50,
-    rolling_messages=20_000,
-    kill_rounds=3,
-    kill_every_s=4.0,
-    many_queues=500,
-    discovered_queues=1_500,
-    fuzz_examples=60,
-)
-LONG = FaultTotals(
-    is_long=True,
-    timeout_scale=8.0,
-    queue_depth=200,
-    sqs_queues=8,
-    sqs_messages=4_000,
-    cluster_queues=12,
-    cluster_messages=2_400,
-    outage_handled=200,
-    rolling_instances=4,
-    rolling_queues=50,
-    rolling_messages=100_000,
-    kill_rounds=12,
-    kill_every_s=4.0,
-    many_queues=500,
-    discovered_queues=1_500,
-    fuzz_examples=600,
-)
-TOTALS = LONG if IS_LONG else SHORT
+from totals import TOTALS, FaultTotals
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

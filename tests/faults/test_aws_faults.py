@@ -73,7 +73,7 @@ def drain_fed(
     is empty; the feeder is stopped whatever happens. Returns the sent message ids."""
     try:
         wait_until(
-            feeder.done.is_set,
+            feeder.is_finished,
             timeout_s=60 * totals.timeout_scale,
             every_s=0.2,
             what="everything sent",

@@ -9,15 +9,14 @@ Three generators: chaos (random keys, unknown ones too, random value types, garb
 one-bad-key (a valid configuration with exactly one key made invalid, in the file or the
 environment: the line must name that key), valid-by-construction (must exit 0 and print back
 what was set). A few `run` cases: a bad configuration exits 2 before receiving anything, a
-valid one starts and handles a message. Short mode: 60 `config` cases + 5 `run` cases; long
-mode (SQSB_FAULTS_LONG=1): 500 + 20.
+valid one starts and handles a message. Counts from `fuzz_examples` (tests/faults/totals.py):
+short mode 60 `config` cases + 5 `run` cases; long mode (SQSB_FAULTS_LONG=1) 600 + 20.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import tomllib
 import types
 import typing
@@ -32,17 +31,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from support import queue_depth, read_events, wait_until
+from totals import TOTALS
 
 from sqsbalancerd.config import ENV_PREFIX, MIN_LOOP_S, QueueOverride, Settings
 
 pytestmark = pytest.mark.faults
 
-LONG = os.environ.get("SQSB_FAULTS_LONG") == "1"
-EXAMPLES = (
-    {"chaos": 250, "one_bad": 150, "valid": 100, "run": 15, "run_valid": 5}
-    if LONG
-    else {"chaos": 30, "one_bad": 20, "valid": 10, "run": 3, "run_valid": 2}
-)
+LONG = TOTALS.is_long
+# `config` cases split from TOTALS.fuzz_examples; `run` cases (a process each) scale with it.
+_CONFIG_CASES = TOTALS.fuzz_examples
+EXAMPLES = {
+    "chaos": _CONFIG_CASES // 2,
+    "one_bad": _CONFIG_CASES // 3,
+    "valid": _CONFIG_CASES - _CONFIG_CASES // 2 - _CONFIG_CASES // 3,
+    "run": max(3, _CONFIG_CASES // 40),
+    "run_valid": max(2, _CONFIG_CASES // 120),
+}
 TRIED: dict[str, int] = {}
 
 

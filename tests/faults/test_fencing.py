@@ -153,7 +153,7 @@ class Cluster:
 
     def finish_feeding(self) -> dict[str, str]:
         timeout_s = 90.0 * self.scale
-        wait_until(self.feeder.done.is_set, timeout_s=timeout_s, every_s=0.2, what="all sent")
+        wait_until(self.feeder.is_finished, timeout_s=timeout_s, every_s=0.2, what="all sent")
         assert self.feeder.error is None, self.feeder.error
         sent = self.feeder.sent_ids()
         wait_until(

@@ -9,7 +9,6 @@ Short mode by default; SQSB_FAULTS_LONG=1 for the long totals.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections import Counter
@@ -17,18 +16,22 @@ from typing import Any
 
 import pytest
 from support import Feeder, concurrent_handlings, queue_depth, read_events, wait_until
+from totals import TOTALS
 
 pytestmark = pytest.mark.faults
 
-LONG = os.environ.get("SQSB_FAULTS_LONG") == "1"
+LONG = TOTALS.is_long
 APPLICATION_KEY = "app#sqsbalancer"
 INTERVAL_S, TIMEOUT_S, DELAY_S = 1.0, 4.0, 1.0
 
-ROLLING_QUEUES = 50
-ROLLING_TOTAL = 20_000 if LONG else 2_000
+ROLLING_INSTANCES = TOTALS.rolling_instances
+ROLLING_QUEUES = TOTALS.rolling_queues
+ROLLING_TOTAL = TOTALS.rolling_messages
+# Per queue: shallow enough that most messages are sent while the restarts go on.
+ROLLING_DEPTH = max(2, ROLLING_TOTAL // ROLLING_QUEUES // 10)
 CHAOS_QUEUES = 16
-CHAOS_KILLS = 8 if LONG else 3
-CHAOS_EVERY_S = 4.0
+CHAOS_KILLS = TOTALS.kill_rounds
+CHAOS_EVERY_S = TOTALS.kill_every_s
 
 
 def cluster_config(
@@ -159,36 +162,37 @@ def explain_duplicates(events: list[dict[str, Any]], ids: set[str]) -> list[str]
 
 @pytest.mark.timeout(240)  # x8 in the long mode (tests/faults/conftest.py)
 def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons, endpoint):
-    """SIGTERM each of 4 instances in turn (exit 0), starting a replacement each time, while
-    a feeder keeps 50 shallow queues supplied. Real faults: SIGTERM, process exit."""
+    """SIGTERM each of the instances in turn (exit 0), starting a replacement each time, while
+    a feeder keeps the shallow queues supplied: most messages are sent during the restarts.
+    Real faults: SIGTERM, process exit. Totals: tests/faults/totals.py."""
     table = "sqsb-rolling"
     names = [f"roll-{i:02d}" for i in range(ROLLING_QUEUES)]
     urls = make_queues(sqs, names, visibility_s=10)
     config = {"table": table, "pattern": "^roll-"}
-    nodes = {
-        n: daemons.start(config=cluster_config(n, **config), name=n)
-        for n in ("r1", "r2", "r3", "r4")
-    }
+    originals = [f"r{i}" for i in range(1, ROLLING_INSTANCES + 1)]
+    nodes = {n: daemons.start(config=cluster_config(n, **config), name=n) for n in originals}
     live = set(nodes)
     wait_until(
         lambda: all_owned_by(dynamodb, table, names, live),
         timeout_s=60,
         every_s=0.2,
-        what="four instances to own every queue",
+        what="every instance to own its share",
     )
     body = lambda n: json.dumps({"n": n, "sleep": 0.02})  # noqa: E731 - in flight at SIGTERM
-    feeder = Feeder(endpoint, urls, total=ROLLING_TOTAL, depth=100, body=body).start()
+    feeder = Feeder(endpoint, urls, total=ROLLING_TOTAL, depth=ROLLING_DEPTH, body=body).start()
     steps: list[str] = []
+    sent_at_signal: list[int] = []
     started = time.monotonic()
     try:
-        for step, old in enumerate(("r1", "r2", "r3", "r4")):
-            threshold = (step + 1) * ROLLING_TOTAL // 6
+        for step, old in enumerate(originals):
+            threshold = (step + 1) * ROLLING_TOTAL // (ROLLING_INSTANCES + 2)
             wait_until(
                 lambda t=threshold: len(handled_ok(read_events(daemons.events_path))) >= t,
                 timeout_s=240 if LONG else 90,
                 every_s=0.5,
                 what=f"{threshold} messages handled before restarting {old}",
             )
+            sent_at_signal.append(len(feeder.sent_ids()))
             signalled = time.monotonic()
             nodes[old].terminate()
             assert nodes[old].wait(timeout_s=60) == 0, nodes[old].log()[-3000:]
@@ -213,7 +217,7 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
                 f"{new} owning its share {time.monotonic() - signalled:.1f}s after"
             )
         wait_until(
-            feeder.done.is_set,
+            feeder.is_finished,
             timeout_s=600 if LONG else 120,
             every_s=0.5,
             what="the feeder to send everything",
@@ -241,6 +245,10 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
         f"{len(lost)} lost, {len(duplicated)} duplicated, {elapsed:.1f}s"
     )
     print("\n".join(steps))
+    print(f"sent when each SIGTERM went out: {sent_at_signal} of {ROLLING_TOTAL}")
+    # Fed during the restarts, not all queued up before the first one.
+    assert sent_at_signal == sorted(set(sent_at_signal)), sent_at_signal
+    assert sent_at_signal[-1] < ROLLING_TOTAL
     assert not lost
     assert not set(ok) - set(sent)
     # SIGTERM drains: running handlers finish and their deletes are flushed before the rows are
