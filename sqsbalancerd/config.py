@@ -132,7 +132,7 @@ class WorkersSettings(_Section):
     # Seconds a handler call may take (None: no limit). See README "Time limits".
     handler_timeout: PositiveSeconds | None = None
     # Bytes of received messages (bodies and attribute values) held at once, roughly.
-    max_held_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    max_held_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024, le=1024**4)
 
 
 class ShutdownSettings(_Section):
