@@ -105,7 +105,7 @@ def discovery_options(settings: Settings) -> AwsOptions:
     """ListQueues and GetQueueAttributes answer at once: with the long polls' 30 s read
     timeout and five attempts, a start against an unreachable SQS said nothing for minutes."""
     return replace(
-        aws_options(settings, pool_connections=2),
+        aws_options(settings, pool_connections=settings.discovery.attribute_concurrency),
         read_timeout_s=DISCOVERY_READ_TIMEOUT_S,
         max_attempts=DISCOVERY_MAX_ATTEMPTS,
     )
@@ -193,8 +193,9 @@ class Application:
             interval_s=self.settings.discovery.interval,
             on_result=self._on_discovered,
         )
-        # Discover before joining: peers plan with us as soon as our row is there, and the
-        # first discovery (one GetQueueAttributes per queue) can take minutes at scale.
+        # Discover before joining: peers plan with us as soon as our row is there, and we
+        # cannot tell dead-letter queues apart before every candidate's attributes are read
+        # (concurrently: seconds at 10,000 queues, see discovery.py for the bound).
         self._first_discovery(loop)
         self.coordinator.start()
         try:

@@ -237,12 +237,12 @@ def queues(
     """List the queues discovery matches and those it skips, and why (a dry run)."""
     with reported_errors(debug=lambda: False):
         settings = _load(config, flags={"discovery.queue_pattern": queue_pattern})
-        from sqsbalancerd.app import aws_options
+        from sqsbalancerd.app import discovery_options
         from sqsbalancerd.aws import sqs_client
         from sqsbalancerd.discovery import Discovery
         from sqsbalancerd.status import render_discovery
 
-        sqs = sqs_client(aws_options(settings, pool_connections=2))
+        sqs = sqs_client(discovery_options(settings))
         result = Discovery(sqs, settings.discovery).discover(strict=False)
         render_discovery(result)
 
