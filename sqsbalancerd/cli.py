@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -29,6 +29,9 @@ from sqsbalancerd.errors import (
     SqsBalancerError,
     TableMissingError,
 )
+
+if TYPE_CHECKING:
+    from sqsbalancerd.status import QueueSource, StatusReader
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -299,31 +302,37 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl+C.")] = False,
+    details: Annotated[
+        bool,
+        typer.Option("--details", help="Read each queue's depth and redrive policy (1 call each)."),
+    ] = False,
 ) -> None:
     """Show instances, their health and queue ownership from the coordination table."""
     with reported_errors(debug=lambda: False):
         settings = _load(config)
         from sqsbalancerd.status import render_status
 
-        reader, discover = _status_parts(settings)
+        reader, source = _status_parts(settings, is_detailed=details, is_watching=watch)
         if watch:
-            _watch_status(reader, discover, settings.coordination.heartbeat_interval)
+            _watch_status(reader, source, settings.coordination.heartbeat_interval)
             return
-        report = reader.report(reader.read_once(threading.Event().wait), discover())
+        report = reader.report(reader.read_once(threading.Event().wait), source.snapshot())
         if as_json:
             typer.echo(report.to_json())
         else:
-            render_status(report)
+            render_status(report, is_detailed=details)
     sys.exit(EXIT_OK if report.is_all_owned else EXIT_RUNTIME)
 
 
-def _status_parts(settings: Settings) -> tuple[Any, Callable[[], list[Any]]]:
-    from sqsbalancerd.app import aws_options, dynamodb_options
+def _status_parts(
+    settings: Settings, *, is_detailed: bool, is_watching: bool
+) -> tuple[StatusReader, QueueSource]:
+    from sqsbalancerd.app import discovery_options, dynamodb_options
     from sqsbalancerd.aws import dynamodb_client, sqs_client
     from sqsbalancerd.clock import SystemClock
     from sqsbalancerd.coordination.table import CoordinationTable
     from sqsbalancerd.discovery import Discovery
-    from sqsbalancerd.status import StatusReader
+    from sqsbalancerd.status import QueueSource, StatusReader
 
     clock = SystemClock()
     table = CoordinationTable(
@@ -333,18 +342,27 @@ def _status_parts(settings: Settings) -> tuple[Any, Callable[[], list[Any]]]:
         clock=clock,
     )
     table.ensure(create=False, region=settings.aws.region or "")
-    discovery = Discovery(sqs_client(aws_options(settings, pool_connections=2)), settings.discovery)
+    every_s = settings.coordination.heartbeat_interval
+    # --watch --details shows live depth: every refresh reads every queue's attributes again.
+    discovery_settings = settings.discovery.model_copy(
+        update={"interval": every_s, "attribute_max_age": every_s} if is_watching else {}
+    )
+    discovery = Discovery(sqs_client(discovery_options(settings)), discovery_settings, clock=clock)
     reader = StatusReader(
         table,
         clock=clock,
-        heartbeat_interval_s=settings.coordination.heartbeat_interval,
+        heartbeat_interval_s=every_s,
         heartbeat_timeout_s=settings.coordination.heartbeat_timeout,
         load_factor=settings.coordination.load_factor,
     )
-    return reader, lambda: list(discovery.discover().matched)
+    # The daemons list queues every discovery.interval: --watch re-lists no more often.
+    source = QueueSource(
+        discovery, clock=clock, relist_s=settings.discovery.interval, is_detailed=is_detailed
+    )
+    return reader, source
 
 
-def _watch_status(reader: Any, discover: Callable[[], list[Any]], interval_s: float) -> None:
+def _watch_status(reader: StatusReader, source: QueueSource, interval_s: float) -> None:
     from rich.console import Console, Group
     from rich.live import Live
 
@@ -354,10 +372,10 @@ def _watch_status(reader: Any, discover: Callable[[], list[Any]], interval_s: fl
     with Live(console=console, refresh_per_second=2) as live:
         try:
             while True:
-                report = reader.report(reader.read_watching(), discover())
+                report = reader.report(reader.read_watching(), source.snapshot())
                 capture = Console(record=True, width=console.width)
                 with capture.capture():
-                    render_status(report, capture)
+                    render_status(report, capture, is_detailed=source.is_detailed)
                 live.update(Group(*capture.export_text().splitlines()))
                 threading.Event().wait(interval_s)
         except KeyboardInterrupt:

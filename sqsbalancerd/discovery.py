@@ -51,6 +51,9 @@ class QueueInfo:
     is_fifo: bool = False
     visibility_timeout_s: int = 30
     dead_letter_target_arn: str | None = None
+    # Depth when the attributes were read (`status --details`); stale once cached.
+    approximate_messages: int | None = None
+    approximate_messages_in_flight: int | None = None
 
     @property
     def has_redrive_policy(self) -> bool:
@@ -113,8 +116,7 @@ class Discovery:
 
     def discover(self, *, strict: bool = False) -> DiscoveryResult:
         """One refresh. `strict` turns a missing named queue into QueueNotFoundError."""
-        candidates = self.candidates(strict=strict)
-        return self._classify(candidates, strict=strict)
+        return self.classify(self.candidates(strict=strict), strict=strict)
 
     def candidates(self, *, strict: bool = False) -> dict[str, str]:
         """The listed and named queue URLs, each with why it is one: no attribute read."""
@@ -136,7 +138,8 @@ class Discovery:
             return "matches exclude_pattern"
         return None
 
-    def _classify(self, candidates: dict[str, str], *, strict: bool) -> DiscoveryResult:
+    def classify(self, candidates: dict[str, str], *, strict: bool = False) -> DiscoveryResult:
+        """Filter `candidates` (from `candidates()`) and tell dead-letter queues apart."""
         skipped: list[SkippedQueue] = []
         wanted: dict[str, str] = {}
         for url, origin in sorted(candidates.items()):
@@ -265,7 +268,15 @@ def _info_from_attributes(url: str, attributes: Mapping[str, str]) -> QueueInfo:
         is_fifo=attributes.get("FifoQueue") == "true" or name.endswith(".fifo"),
         visibility_timeout_s=int(attributes.get("VisibilityTimeout", "30")),
         dead_letter_target_arn=target,
+        approximate_messages=_count(attributes.get("ApproximateNumberOfMessages")),
+        approximate_messages_in_flight=_count(
+            attributes.get("ApproximateNumberOfMessagesNotVisible")
+        ),
     )
+
+
+def _count(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 class DiscoveryLoop:
