@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -31,6 +31,7 @@ from sqsbalancerd.errors import (
 )
 
 if TYPE_CHECKING:
+    from sqsbalancerd.aws import AwsOptions
     from sqsbalancerd.status import QueueSource, StatusReader
 
 EXIT_OK = 0
@@ -335,8 +336,11 @@ def _status_parts(
     from sqsbalancerd.status import QueueSource, StatusReader
 
     clock = SystemClock()
+    # status holds no lease: the daemons' table timeouts, kept inside the fence margin (0.5 s
+    # at a 2 s heartbeat), and discovery's few attempts would only make it fail where the
+    # endpoint is slow; an operator's command may wait instead.
     table = CoordinationTable(
-        dynamodb_client(dynamodb_options(settings)),
+        dynamodb_client(_patient(dynamodb_options(settings))),
         table_name=settings.coordination.table_name,
         application=settings.application_name,
         clock=clock,
@@ -347,7 +351,8 @@ def _status_parts(
     discovery_settings = settings.discovery.model_copy(
         update={"interval": every_s, "attribute_max_age": every_s} if is_watching else {}
     )
-    discovery = Discovery(sqs_client(discovery_options(settings)), discovery_settings, clock=clock)
+    sqs = sqs_client(_patient(discovery_options(settings)))
+    discovery = Discovery(sqs, discovery_settings, clock=clock)
     reader = StatusReader(
         table,
         clock=clock,
@@ -360,6 +365,10 @@ def _status_parts(
         discovery, clock=clock, relist_s=settings.discovery.interval, is_detailed=is_detailed
     )
     return reader, source
+
+
+def _patient(options: AwsOptions) -> AwsOptions:
+    return replace(options, connect_timeout_s=10.0, read_timeout_s=20.0, max_attempts=5)
 
 
 def _watch_status(reader: StatusReader, source: QueueSource, interval_s: float) -> None:
