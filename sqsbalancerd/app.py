@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 
 MAX_POLL_CONNECTIONS = 1024
+_NAMED_WARNINGS = 10
 ACK_READ_TIMEOUT_S = 5.0
 ACK_MAX_ATTEMPTS = 1  # the acknowledger retries (engine/acks.py), not botocore
 DISCOVERY_READ_TIMEOUT_S = 10.0
@@ -321,12 +322,18 @@ class Application:
     def _warn_about(self, result: DiscoveryResult) -> None:
         if not result.matched:
             logger.warning("no queue matches yet; waiting for discovery to find one")
-        for info in result.matched:
-            if not info.has_redrive_policy:
-                logger.warning(
-                    "queue has no redrive policy: a poison message retries forever",
-                    extra={"queue": info.name},
-                )
+        unprotected = [info.name for info in result.matched if not info.has_redrive_policy]
+        if len(unprotected) > _NAMED_WARNINGS:  # one line, not one per queue, at 10,000 queues
+            logger.warning(
+                "queues have no redrive policy: a poison message retries forever",
+                extra={"count": len(unprotected), "queues": unprotected[:_NAMED_WARNINGS]},
+            )
+            return
+        for name in unprotected:
+            logger.warning(
+                "queue has no redrive policy: a poison message retries forever",
+                extra={"queue": name},
+            )
 
     def _on_discovered(self, result: DiscoveryResult) -> None:
         self._last_discovery = result
