@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 
 MAX_POLL_CONNECTIONS = 1024
+_NAMED_WARNINGS = 10
 ACK_READ_TIMEOUT_S = 5.0
 ACK_MAX_ATTEMPTS = 1  # the acknowledger retries (engine/acks.py), not botocore
 DISCOVERY_READ_TIMEOUT_S = 10.0
@@ -105,7 +106,7 @@ def discovery_options(settings: Settings) -> AwsOptions:
     """ListQueues and GetQueueAttributes answer at once: with the long polls' 30 s read
     timeout and five attempts, a start against an unreachable SQS said nothing for minutes."""
     return replace(
-        aws_options(settings, pool_connections=2),
+        aws_options(settings, pool_connections=settings.discovery.attribute_concurrency),
         read_timeout_s=DISCOVERY_READ_TIMEOUT_S,
         max_attempts=DISCOVERY_MAX_ATTEMPTS,
     )
@@ -207,8 +208,9 @@ class Application:
             interval_s=self.settings.discovery.interval,
             on_result=self._on_discovered,
         )
-        # Discover before joining: peers plan with us as soon as our row is there, and the
-        # first discovery (one GetQueueAttributes per queue) can take minutes at scale.
+        # Discover before joining: peers plan with us as soon as our row is there, and we
+        # cannot tell dead-letter queues apart before every candidate's attributes are read
+        # (concurrently: seconds at 10,000 queues, see discovery.py for the bound).
         self._first_discovery(loop)
         self.coordinator.start()
         try:
@@ -336,12 +338,18 @@ class Application:
     def _warn_about(self, result: DiscoveryResult) -> None:
         if not result.matched:
             logger.warning("no queue matches yet; waiting for discovery to find one")
-        for info in result.matched:
-            if not info.has_redrive_policy:
-                logger.warning(
-                    "queue has no redrive policy: a poison message retries forever",
-                    extra={"queue": info.name},
-                )
+        unprotected = [info.name for info in result.matched if not info.has_redrive_policy]
+        if len(unprotected) > _NAMED_WARNINGS:  # one line, not one per queue, at 10,000 queues
+            logger.warning(
+                "queues have no redrive policy: a poison message retries forever",
+                extra={"count": len(unprotected), "queues": unprotected[:_NAMED_WARNINGS]},
+            )
+            return
+        for name in unprotected:
+            logger.warning(
+                "queue has no redrive policy: a poison message retries forever",
+                extra={"queue": name},
+            )
 
     def _on_discovered(self, result: DiscoveryResult) -> None:
         self._last_discovery = result

@@ -12,9 +12,9 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -29,6 +29,10 @@ from sqsbalancerd.errors import (
     SqsBalancerError,
     TableMissingError,
 )
+
+if TYPE_CHECKING:
+    from sqsbalancerd.aws import AwsOptions
+    from sqsbalancerd.status import QueueSource, StatusReader
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -249,12 +253,12 @@ def queues(
     """List the queues discovery matches and those it skips, and why (a dry run)."""
     with reported_errors(debug=lambda: False):
         settings = _load(config, flags={"discovery.queue_pattern": queue_pattern})
-        from sqsbalancerd.app import aws_options
+        from sqsbalancerd.app import discovery_options
         from sqsbalancerd.aws import sqs_client
         from sqsbalancerd.discovery import Discovery
         from sqsbalancerd.status import render_discovery
 
-        sqs = sqs_client(aws_options(settings, pool_connections=2))
+        sqs = sqs_client(discovery_options(settings))
         result = Discovery(sqs, settings.discovery).discover(strict=False)
         render_discovery(result)
 
@@ -325,52 +329,75 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl+C.")] = False,
+    details: Annotated[
+        bool,
+        typer.Option("--details", help="Read each queue's depth and redrive policy (1 call each)."),
+    ] = False,
 ) -> None:
     """Show instances, their health and queue ownership from the coordination table."""
     with reported_errors(debug=lambda: False):
         settings = _load(config)
         from sqsbalancerd.status import render_status
 
-        reader, discover = _status_parts(settings)
+        reader, source = _status_parts(settings, is_detailed=details, is_watching=watch)
         if watch:
-            _watch_status(reader, discover, settings.coordination.heartbeat_interval)
+            _watch_status(reader, source, settings.coordination.heartbeat_interval)
             return
-        report = reader.report(reader.read_once(threading.Event().wait), discover())
+        report = reader.report(reader.read_once(threading.Event().wait), source.snapshot())
         if as_json:
             typer.echo(report.to_json())
         else:
-            render_status(report)
+            render_status(report, is_detailed=details)
     sys.exit(EXIT_OK if report.is_all_owned else EXIT_RUNTIME)
 
 
-def _status_parts(settings: Settings) -> tuple[Any, Callable[[], list[Any]]]:
-    from sqsbalancerd.app import aws_options, dynamodb_options
+def _status_parts(
+    settings: Settings, *, is_detailed: bool, is_watching: bool
+) -> tuple[StatusReader, QueueSource]:
+    from sqsbalancerd.app import discovery_options, dynamodb_options
     from sqsbalancerd.aws import dynamodb_client, sqs_client
     from sqsbalancerd.clock import SystemClock
     from sqsbalancerd.coordination.table import CoordinationTable
     from sqsbalancerd.discovery import Discovery
-    from sqsbalancerd.status import StatusReader
+    from sqsbalancerd.status import QueueSource, StatusReader
 
     clock = SystemClock()
+    # status holds no lease: the daemons' table timeouts, kept inside the fence margin (0.5 s
+    # at a 2 s heartbeat), and discovery's few attempts would only make it fail where the
+    # endpoint is slow; an operator's command may wait instead.
     table = CoordinationTable(
-        dynamodb_client(dynamodb_options(settings)),
+        dynamodb_client(_patient(dynamodb_options(settings))),
         table_name=settings.coordination.table_name,
         application=settings.application_name,
         clock=clock,
     )
     table.ensure(create=False, region=settings.aws.region or "")
-    discovery = Discovery(sqs_client(aws_options(settings, pool_connections=2)), settings.discovery)
+    every_s = settings.coordination.heartbeat_interval
+    # --watch --details shows live depth: every refresh reads every queue's attributes again.
+    discovery_settings = settings.discovery.model_copy(
+        update={"interval": every_s, "attribute_max_age": every_s} if is_watching else {}
+    )
+    sqs = sqs_client(_patient(discovery_options(settings)))
+    discovery = Discovery(sqs, discovery_settings, clock=clock)
     reader = StatusReader(
         table,
         clock=clock,
-        heartbeat_interval_s=settings.coordination.heartbeat_interval,
+        heartbeat_interval_s=every_s,
         heartbeat_timeout_s=settings.coordination.heartbeat_timeout,
         load_factor=settings.coordination.load_factor,
     )
-    return reader, lambda: list(discovery.discover().matched)
+    # The daemons list queues every discovery.interval: --watch re-lists no more often.
+    source = QueueSource(
+        discovery, clock=clock, relist_s=settings.discovery.interval, is_detailed=is_detailed
+    )
+    return reader, source
 
 
-def _watch_status(reader: Any, discover: Callable[[], list[Any]], interval_s: float) -> None:
+def _patient(options: AwsOptions) -> AwsOptions:
+    return replace(options, connect_timeout_s=10.0, read_timeout_s=20.0, max_attempts=5)
+
+
+def _watch_status(reader: StatusReader, source: QueueSource, interval_s: float) -> None:
     from rich.console import Console, Group
     from rich.live import Live
 
@@ -380,10 +407,10 @@ def _watch_status(reader: Any, discover: Callable[[], list[Any]], interval_s: fl
     with Live(console=console, refresh_per_second=2) as live:
         try:
             while True:
-                report = reader.report(reader.read_watching(), discover())
+                report = reader.report(reader.read_watching(), source.snapshot())
                 capture = Console(record=True, width=console.width)
                 with capture.capture():
-                    render_status(report, capture)
+                    render_status(report, capture, is_detailed=source.is_detailed)
                 live.update(Group(*capture.export_text().splitlines()))
                 threading.Event().wait(interval_s)
         except KeyboardInterrupt:

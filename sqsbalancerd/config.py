@@ -108,6 +108,10 @@ class DiscoverySettings(_Section):
     queues: tuple[str, ...] = ()
     interval: LoopSeconds = 300.0
     include_dead_letter_queues: bool = False
+    # GetQueueAttributes in flight at once; the discovery client's connection pool matches.
+    attribute_concurrency: int = Field(default=16, ge=1, le=64)
+    # A cached queue's attributes are read again at least this often, spread over refreshes.
+    attribute_max_age: LoopSeconds = 3600.0
 
     @field_validator("queue_pattern", "exclude_pattern")
     @classmethod

@@ -1,13 +1,24 @@
 """Find the queues to consume: ListQueues (paginated) filtered by regex, plus named queues.
 
-Queue attributes are fetched once per queue and cached: they rarely change, and asking
-again every refresh would cost one call per queue per interval.
+Telling a dead-letter queue apart takes every candidate's RedrivePolicy: one
+GetQueueAttributes per queue. Those calls run concurrently (`attribute_concurrency` at
+once) and their answers are cached across refreshes. A refresh lists the queues (one call
+per 1,000), fetches the new ones, and re-reads only a slice of the cached ones (the least
+recently read, so that each is read again within `attribute_max_age`): a redrive policy
+changes rarely, and reading all of them every interval would cost one call per queue.
+
+Bound for the first discovery, which an instance finishes before it joins:
+ceil(N / 1000) sequential ListQueues plus ceil(N / attribute_concurrency) rounds of
+GetQueueAttributes; at 10,000 queues, 16 at once and 20 ms a call on AWS, about 10 + 625
+calls deep, ~13 s. Later refreshes: the list, the new queues and
+ceil(N · interval / attribute_max_age) re-reads (10,000 · 300 / 3600 = 834, 53 rounds).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -17,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from sqsbalancerd.aws import describe_error, error_code
+from sqsbalancerd.clock import Clock, SystemClock
 from sqsbalancerd.config import DiscoverySettings
 from sqsbalancerd.errors import QueueNotFoundError
+from sqsbalancerd.runtime import map_bounded
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -39,6 +52,9 @@ class QueueInfo:
     visibility_timeout_s: int = 30
     dead_letter_target_arn: str | None = None
     max_receive_count: int | None = None  # the redrive policy's, when it has one
+    # Depth when the attributes were read (`status --details`); stale once cached.
+    approximate_messages: int | None = None
+    approximate_messages_in_flight: int | None = None
 
     @property
     def has_redrive_policy(self) -> bool:
@@ -56,6 +72,8 @@ class SkippedQueue:
 class DiscoveryResult:
     matched: tuple[QueueInfo, ...]
     skipped: tuple[SkippedQueue, ...]
+    # GetQueueAttributes calls this refresh made (new queues plus the rotation's slice).
+    attribute_fetches: int = 0
 
     @property
     def names(self) -> frozenset[str]:
@@ -80,49 +98,39 @@ def literal_prefix(pattern: str | None) -> str | None:
     return "".join(prefix) or None
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    info: QueueInfo
+    read_at_s: float  # monotonic
+
+
 class Discovery:
-    def __init__(self, sqs: SQSClient, settings: DiscoverySettings) -> None:
+    def __init__(
+        self, sqs: SQSClient, settings: DiscoverySettings, *, clock: Clock | None = None
+    ) -> None:
         self._sqs = sqs
         self._settings = settings
+        self._clock = clock or SystemClock()
         self._include = re.compile(settings.queue_pattern) if settings.queue_pattern else None
         self._exclude = re.compile(settings.exclude_pattern) if settings.exclude_pattern else None
-        self._attributes: dict[str, QueueInfo] = {}
+        self._cache: dict[str, _Cached] = {}
 
     def discover(self, *, strict: bool = False) -> DiscoveryResult:
         """One refresh. `strict` turns a missing named queue into QueueNotFoundError."""
+        return self.classify(self.candidates(strict=strict), strict=strict)
+
+    def candidates(self, *, strict: bool = False) -> dict[str, str]:
+        """The listed and named queue URLs, each with why it is one: no attribute read."""
         candidates: dict[str, str] = {}  # url -> why it is a candidate
         if self._include is not None:
             for url in self._list_urls():
                 candidates[url] = "pattern"
         for url in self._named_queue_urls(strict=strict):
             candidates[url] = "named"
-        return self._classify(candidates, strict=strict)
+        return candidates
 
-    def _classify(self, candidates: dict[str, str], *, strict: bool) -> DiscoveryResult:
-        matched: list[QueueInfo] = []
-        skipped: list[SkippedQueue] = []
-        infos: list[QueueInfo] = []
-        for url, origin in sorted(candidates.items()):
-            name = queue_name_from_url(url)
-            reason = self._filter_reason(name, origin)
-            if reason:
-                skipped.append(SkippedQueue(name, url, reason))
-                continue
-            info = self._info(url)
-            if info is not None:
-                infos.append(info)
-            elif origin == "named":  # a queue named by URL: only now do we know it is missing
-                _named_queue_missing(url, strict=strict)
-        self._forget_except({info.url for info in infos})
-        dlq_arns = {i.dead_letter_target_arn for i in infos if i.dead_letter_target_arn}
-        for info in infos:
-            if info.arn in dlq_arns and not self._settings.include_dead_letter_queues:
-                skipped.append(SkippedQueue(info.name, info.url, "dead-letter queue of another"))
-            else:
-                matched.append(info)
-        return DiscoveryResult(tuple(matched), tuple(sorted(skipped, key=lambda s: s.name)))
-
-    def _filter_reason(self, name: str, origin: str) -> str | None:
+    def filter_reason(self, name: str, origin: str) -> str | None:
+        """Why a listed queue is not consumed, judged by its name alone (None: it may be)."""
         if origin == "named":
             return None
         if self._include is not None and not self._include.search(name):
@@ -130,6 +138,78 @@ class Discovery:
         if self._exclude is not None and self._exclude.search(name):
             return "matches exclude_pattern"
         return None
+
+    def classify(self, candidates: dict[str, str], *, strict: bool = False) -> DiscoveryResult:
+        """Filter `candidates` (from `candidates()`) and tell dead-letter queues apart."""
+        skipped: list[SkippedQueue] = []
+        wanted: dict[str, str] = {}
+        for url, origin in sorted(candidates.items()):
+            name = queue_name_from_url(url)
+            reason = self.filter_reason(name, origin)
+            if reason:
+                skipped.append(SkippedQueue(name, url, reason))
+            else:
+                wanted[url] = origin
+        infos, fetches = self._infos(list(wanted))
+        for url, origin in wanted.items():
+            if url not in infos and origin == "named":  # by URL: only now do we know
+                _named_queue_missing(url, strict=strict)
+        matched, dead_letter = self._split_dead_letter(list(infos.values()))
+        return DiscoveryResult(
+            tuple(matched), tuple(sorted(skipped + dead_letter, key=lambda s: s.name)), fetches
+        )
+
+    def _split_dead_letter(
+        self, infos: list[QueueInfo]
+    ) -> tuple[list[QueueInfo], list[SkippedQueue]]:
+        if self._settings.include_dead_letter_queues:
+            return infos, []
+        dlq_arns = {i.dead_letter_target_arn for i in infos if i.dead_letter_target_arn}
+        matched = [i for i in infos if i.arn not in dlq_arns]
+        skipped = [
+            SkippedQueue(i.name, i.url, "dead-letter queue of another")
+            for i in infos
+            if i.arn in dlq_arns
+        ]
+        return matched, skipped
+
+    def _infos(self, urls: list[str]) -> tuple[dict[str, QueueInfo], int]:
+        """Attributes of `urls` (sorted), from the cache where fresh enough; deleted queues
+        are left out. Returns them with the number of GetQueueAttributes calls made."""
+        present = set(urls)
+        for url in [u for u in self._cache if u not in present]:
+            del self._cache[url]
+        due = [u for u in urls if u not in self._cache] + self._rotation()
+        if due:
+            map_bounded(
+                self._refresh,
+                due,
+                max_workers=self._settings.attribute_concurrency,
+                name="sqsb-discovery",
+            )
+        return {u: self._cache[u].info for u in urls if u in self._cache}, len(due)
+
+    def _rotation(self) -> list[str]:
+        """The cached queues to read again: the least recently read, enough per refresh
+        that each is read within `attribute_max_age`, plus any older than that."""
+        if not self._cache:
+            return []
+        max_age_s = self._settings.attribute_max_age
+        oldest_first = self._clock.monotonic() - max_age_s
+        quota = math.ceil(len(self._cache) * min(1.0, self._settings.interval / max_age_s))
+        oldest = sorted(self._cache, key=lambda url: (self._cache[url].read_at_s, url))
+        stale = sum(1 for url in oldest if self._cache[url].read_at_s <= oldest_first)
+        return oldest[: max(quota, stale)]
+
+    def _refresh(self, url: str) -> None:
+        """Read one queue's attributes into the cache (a thread of the bounded pool): what is
+        read stays cached even if another read of this refresh fails."""
+        read_at_s = self._clock.monotonic()
+        info = self._fetch(url)
+        if info is None:
+            self._cache.pop(url, None)
+        else:
+            self._cache[url] = _Cached(info, read_at_s)
 
     def _list_urls(self) -> Iterable[str]:
         kwargs: dict[str, Any] = {"MaxResults": LIST_PAGE_SIZE}
@@ -156,10 +236,7 @@ class Discovery:
                     raise
                 _named_queue_missing(entry, strict=strict)
 
-    def _info(self, url: str) -> QueueInfo | None:
-        cached = self._attributes.get(url)
-        if cached is not None:
-            return cached
+    def _fetch(self, url: str) -> QueueInfo | None:
         try:
             attributes = self._sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
         except ClientError as exc:
@@ -167,14 +244,7 @@ class Discovery:
                 return None  # deleted between listing and now
             raise
         raw: Mapping[str, str] = attributes.get("Attributes", {})  # type: ignore[assignment]
-        info = _info_from_attributes(url, raw)
-        self._attributes[url] = info
-        return info
-
-    def _forget_except(self, urls: set[str]) -> None:
-        for url in list(self._attributes):
-            if url not in urls:
-                del self._attributes[url]
+        return _info_from_attributes(url, raw)
 
 
 def _named_queue_missing(entry: str, *, strict: bool) -> None:
@@ -204,7 +274,15 @@ def _info_from_attributes(url: str, attributes: Mapping[str, str]) -> QueueInfo:
         visibility_timeout_s=int(attributes.get("VisibilityTimeout", "30")),
         dead_letter_target_arn=target,
         max_receive_count=max_receive_count,
+        approximate_messages=_count(attributes.get("ApproximateNumberOfMessages")),
+        approximate_messages_in_flight=_count(
+            attributes.get("ApproximateNumberOfMessagesNotVisible")
+        ),
     )
+
+
+def _count(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 class DiscoveryLoop:
@@ -216,13 +294,16 @@ class DiscoveryLoop:
         *,
         interval_s: float,
         on_result: Callable[[DiscoveryResult], None],
+        clock: Clock | None = None,
     ) -> None:
         self._discovery = discovery
+        self._clock = clock or SystemClock()
         self._interval_s = interval_s
         self._on_result = on_result
         self._known: frozenset[str] = frozenset()
 
     def run_once(self, *, strict: bool = False) -> DiscoveryResult:
+        started_s = self._clock.monotonic()
         result = self._discovery.discover(strict=strict)
         added, removed = result.names - self._known, self._known - result.names
         if added or removed:
@@ -233,6 +314,8 @@ class DiscoveryLoop:
                     "added": len(added),
                     "removed": len(removed),
                     "skipped": len(result.skipped),
+                    "attribute_fetches": result.attribute_fetches,
+                    "duration_s": round(self._clock.monotonic() - started_s, 3),
                 },
             )
         self._known = result.names

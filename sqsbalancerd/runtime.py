@@ -15,10 +15,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sqsbalancerd.clock import Clock
 
@@ -92,6 +93,34 @@ class ThreadSupervisor:
         for handle in threads:
             handle.join(max(0.0, deadline - time.monotonic()))
         return [t.name for t in threads if t.is_alive()]
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def map_bounded(
+    function: Callable[[_Item], _Result],
+    items: Sequence[_Item],
+    *,
+    max_workers: int,
+    name: str,
+) -> list[_Result]:
+    """`function` over `items`, at most `max_workers` at once; results in order.
+
+    For bursts of independent calls (queue attributes): the pool's threads are joined before
+    this returns, and the first exception cancels what has not started, then propagates.
+    """
+    if max_workers <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    pool = ThreadPoolExecutor(max_workers=min(max_workers, len(items)), thread_name_prefix=name)
+    try:
+        return list(pool.map(function, items))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)

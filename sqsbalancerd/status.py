@@ -1,4 +1,9 @@
-"""Render what discovery and the coordination table say, for people (rich) and scripts (JSON)."""
+"""Render what discovery and the coordination table say, for people (rich) and scripts (JSON).
+
+`status` reads the table and, by default, only the queue *names* (ListQueues, one call per
+1,000): at 10,000 queues that is ten SQS calls, not ten thousand. Per-queue attributes
+(depth, redrive policy: one GetQueueAttributes per queue, concurrent) only with `--details`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ from sqsbalancerd.clock import Clock
 from sqsbalancerd.coordination.membership import LivenessTracker
 from sqsbalancerd.coordination.ring import capacity
 from sqsbalancerd.coordination.table import CoordinationTable, OwnershipRecord
-from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
+from sqsbalancerd.discovery import Discovery, DiscoveryResult, QueueInfo, queue_name_from_url
+
+# Names quoted in the "no ownership row" warning; the JSON has them all.
+_UNCLAIMED_NAMED = 5
 
 
 def render_discovery(result: DiscoveryResult, console: Console | None = None) -> None:
@@ -55,6 +63,48 @@ class QueueView:
     queue: str
     queue_url: str
     owner: str | None
+    # --details only: as GetQueueAttributes answered
+    messages: int | None = None
+    messages_in_flight: int | None = None
+    has_redrive_policy: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """What `status` knows of the queues besides the table: names matching the pattern
+    (attributes unread), or, with `--details`, discovery's result with attributes."""
+
+    listed: tuple[tuple[str, str], ...] = ()  # (name, url)
+    discovered: tuple[QueueInfo, ...] | None = None
+
+
+class QueueSource:
+    """The queues for `status`: listed again only every `relist_s` (so `--watch` does not
+    list every refresh); attributes read only when `is_detailed`, concurrently."""
+
+    def __init__(
+        self, discovery: Discovery, *, clock: Clock, relist_s: float, is_detailed: bool
+    ) -> None:
+        self._discovery = discovery
+        self._clock = clock
+        self._relist_s = relist_s
+        self.is_detailed = is_detailed
+        self._candidates: dict[str, str] | None = None
+        self._listed_at_s = 0.0
+
+    def snapshot(self) -> QueueSnapshot:
+        now_s = self._clock.monotonic()
+        if self._candidates is None or now_s - self._listed_at_s >= self._relist_s:
+            self._candidates = self._discovery.candidates()
+            self._listed_at_s = now_s
+        if self.is_detailed:
+            return QueueSnapshot(discovered=self._discovery.classify(self._candidates).matched)
+        listed = [
+            (queue_name_from_url(url), url)
+            for url, origin in self._candidates.items()
+            if self._discovery.filter_reason(queue_name_from_url(url), origin) is None
+        ]
+        return QueueSnapshot(listed=tuple(sorted(listed)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +114,9 @@ class StatusReport:
     instances: tuple[InstanceView, ...]
     queues: tuple[QueueView, ...]
     warnings: tuple[str, ...]
+    # Listed, matching, without an ownership row: new, or dead-letter queues (never claimed),
+    # which only --details tells apart. Not counted against `all_owned`.
+    unclaimed: tuple[str, ...] = ()
 
     @property
     def is_all_owned(self) -> bool:
@@ -84,6 +137,7 @@ class StatusReport:
                     for i in self.instances
                 ],
                 "queues": [asdict(q) for q in self.queues],
+                "unclaimed": list(self.unclaimed),
                 "warnings": list(self.warnings),
                 "all_owned": self.is_all_owned,
             }
@@ -127,11 +181,16 @@ class StatusReader:
         self._liveness.observe(members)
         return {m.instance_id: self._liveness.is_alive(m.instance_id) for m in members}
 
-    def report(self, alive: dict[str, bool], discovered: list[QueueInfo]) -> StatusReport:
+    def report(self, alive: dict[str, bool], snapshot: QueueSnapshot) -> StatusReport:
         members = {m.instance_id: m for m in self._liveness.records()}
         rows = self._table.ownership()
         now_wall = self._clock.wall()
-        queues = _queue_views(rows, discovered)
+        unclaimed: tuple[str, ...] = ()
+        if snapshot.discovered is not None:
+            queues = _queue_views(rows, list(snapshot.discovered))
+        else:
+            queues = _listed_views(rows, snapshot.listed)
+            unclaimed = tuple(name for name, _ in snapshot.listed if name not in rows)
         owned: dict[str, list[str]] = {}
         for view in queues:
             if view.owner:
@@ -154,22 +213,53 @@ class StatusReader:
             table=self._table.table_name,
             instances=instances,
             queues=queues,
-            warnings=_warnings(instances, queues, self._load_factor),
+            warnings=_warnings(instances, queues, self._load_factor) + _unclaimed(unclaimed),
+            unclaimed=unclaimed,
         )
 
 
 def _queue_views(
     rows: dict[str, OwnershipRecord], discovered: list[QueueInfo]
 ) -> tuple[QueueView, ...]:
-    urls = {q.name: q.url for q in discovered}
-    names = sorted(set(urls) | {name for name, row in rows.items() if row.owner})
+    """--details: every queue discovery consumes, with attributes, plus every owned row."""
+    infos = {q.name: q for q in discovered}
+    names = sorted(set(infos) | {name for name, row in rows.items() if row.owner})
+    return tuple(_view(name, rows.get(name), infos.get(name)) for name in names)
+
+
+def _view(name: str, row: OwnershipRecord | None, info: QueueInfo | None) -> QueueView:
+    if info is None:
+        return QueueView(name, row.queue_url if row else "", row.owner if row else None)
+    return QueueView(
+        queue=name,
+        queue_url=info.url,
+        owner=row.owner if row else None,
+        messages=info.approximate_messages,
+        messages_in_flight=info.approximate_messages_in_flight,
+        has_redrive_policy=info.has_redrive_policy,
+    )
+
+
+def _listed_views(
+    rows: dict[str, OwnershipRecord], listed: tuple[tuple[str, str], ...]
+) -> tuple[QueueView, ...]:
+    """By name only: owned rows, and released rows of queues that still exist."""
+    urls = dict(listed)
+    names = sorted(name for name, row in rows.items() if row.owner or name in urls)
     return tuple(
-        QueueView(
-            queue=name,
-            queue_url=urls.get(name) or (rows[name].queue_url if name in rows else ""),
-            owner=rows[name].owner if name in rows else None,
-        )
-        for name in names
+        QueueView(name, urls.get(name) or rows[name].queue_url, rows[name].owner) for name in names
+    )
+
+
+def _unclaimed(unclaimed: tuple[str, ...]) -> tuple[str, ...]:
+    if not unclaimed:
+        return ()
+    shown = ", ".join(unclaimed[:_UNCLAIMED_NAMED]) + (
+        " ..." if len(unclaimed) > _UNCLAIMED_NAMED else ""
+    )
+    return (
+        f"{len(unclaimed)} matching queues have no ownership row ({shown}): new, or dead-letter "
+        "queues, which are never claimed; --details tells them apart",
     )
 
 
@@ -198,7 +288,9 @@ def _warnings(
     return tuple(warnings)
 
 
-def render_status(report: StatusReport, console: Console | None = None) -> None:
+def render_status(
+    report: StatusReport, console: Console | None = None, *, is_detailed: bool = False
+) -> None:
     console = console or Console()
     instances = Table(title=f"{report.application}: instances (table {report.table})")
     for column in ("instance", "host", "status", "alive", "heartbeat age s", "queues", "started"):
@@ -215,11 +307,30 @@ def render_status(report: StatusReport, console: Console | None = None) -> None:
             started,
         )
     console.print(instances)
-    queues = Table(title="queues")
-    queues.add_column("queue")
-    queues.add_column("owner")
-    for q in report.queues:
-        queues.add_row(q.queue, q.owner or "[red]none[/]")
-    console.print(queues)
+    console.print(_queue_table(report.queues, is_detailed=is_detailed))
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _queue_table(views: tuple[QueueView, ...], *, is_detailed: bool) -> Table:
+    table = Table(title="queues")
+    table.add_column("queue")
+    table.add_column("owner")
+    if is_detailed:
+        for column in ("messages", "in flight"):
+            table.add_column(column, justify="right")
+        table.add_column("redrive")
+    for q in views:
+        cells = [q.queue, q.owner or "[red]none[/]"]
+        if is_detailed:
+            cells += [_cell(q.messages), _cell(q.messages_in_flight), _yes_no(q.has_redrive_policy)]
+        table.add_row(*cells)
+    return table
+
+
+def _cell(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "no")

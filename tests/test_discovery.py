@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +17,7 @@ from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 from moto import mock_aws
-from support import wait_until
+from support import FakeClock, wait_until
 
 from sqsbalancerd.config import DiscoverySettings
 from sqsbalancerd.discovery import Discovery, DiscoveryLoop, literal_prefix
@@ -147,12 +150,100 @@ def test_without_a_literal_prefix_everything_is_listed_and_filtered():
     assert len(result.skipped) == 900
 
 
-def test_attributes_are_fetched_once_per_queue():
-    sqs = PagedSqs([f"work-{n}" for n in range(5)])
-    discovery = discovery_for(sqs, queue_pattern="^work-")
-    discovery.discover()
-    discovery.discover()
-    assert sqs.attribute_calls == 5
+class RecordingSqs(PagedSqs):
+    """PagedSqs that notes when each queue's attributes were read, on a FakeClock."""
+
+    def __init__(self, names: list[str], clock: FakeClock) -> None:
+        super().__init__(names)
+        self.clock = clock
+        self.reads: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:
+        with self._lock:
+            self.reads.setdefault(QueueUrl, []).append(self.clock.monotonic())
+        return super().get_queue_attributes(QueueUrl=QueueUrl, AttributeNames=AttributeNames)
+
+
+def test_every_cached_queue_is_read_again_within_attribute_max_age_a_slice_at_a_time():
+    clock = FakeClock()
+    sqs = RecordingSqs([f"work-{n:03d}" for n in range(120)], clock)
+    discovery = Discovery(
+        sqs,
+        DiscoverySettings(queue_pattern="^work-", interval=300, attribute_max_age=3600),
+        clock=clock,
+    )
+    per_refresh = []
+    for _ in range(30):  # 2.5 times attribute_max_age of refreshes
+        before = sqs.attribute_calls
+        result = discovery.discover()
+        assert len(result.matched) == 120
+        assert result.attribute_fetches == sqs.attribute_calls - before
+        per_refresh.append(result.attribute_fetches)
+        clock.advance(300)
+
+    assert per_refresh[0] == 120  # the cold start reads every queue
+    assert set(per_refresh[1:]) == {10}  # then ceil(120 · 300 / 3600) a refresh, no burst
+    for url, reads in sqs.reads.items():
+        gaps = [later - earlier for earlier, later in itertools.pairwise(reads)]
+        assert gaps and max(gaps) <= 3600, url
+
+
+class BarrierSqs(PagedSqs):
+    """Each GetQueueAttributes waits until `parties` are in flight: serial calls time out."""
+
+    def __init__(self, names: list[str], parties: int) -> None:
+        super().__init__(names)
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self.barrier.wait()
+            return super().get_queue_attributes(QueueUrl=QueueUrl, AttributeNames=AttributeNames)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def test_attributes_are_read_concurrently_within_the_bound():
+    sqs = BarrierSqs([f"work-{n:02d}" for n in range(40)], parties=4)
+
+    result = discovery_for(sqs, queue_pattern="^work-", attribute_concurrency=4).discover()
+
+    assert len(result.matched) == 40
+    assert sqs.attribute_calls == 40
+    assert sqs.most_in_flight == 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("sqsb-discovery")]
+
+
+def test_a_failed_refresh_keeps_what_it_read_and_the_next_reads_the_rest():
+    sqs = PagedSqs([f"work-{n:02d}" for n in range(50)])
+    original = sqs.get_queue_attributes
+    failing = {f"{ACCOUNT_URL}/work-25"}
+
+    def flaky(QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:
+        if QueueUrl in failing:
+            failing.clear()
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "x"}}, "Get")
+        return original(QueueUrl=QueueUrl, AttributeNames=AttributeNames)
+
+    sqs.get_queue_attributes = flaky  # type: ignore[method-assign]
+    discovery = discovery_for(sqs, queue_pattern="^work-", attribute_concurrency=4)
+    with pytest.raises(ClientError):
+        discovery.discover()
+    read_before = sqs.attribute_calls
+
+    result = discovery.discover()
+
+    assert len(result.matched) == 50
+    assert read_before >= 25  # whatever was read before the failure stays cached
+    assert result.attribute_fetches < 50
 
 
 # -- filters, dead-letter queues and named queues (moto) ------------------------------------
@@ -276,6 +367,59 @@ def test_a_queue_deleted_between_list_and_attributes_is_left_out(moto_sqs):
 
     moto_sqs.meta.events.register("before-parameter-build.sqs.GetQueueAttributes", delete_b_first)
     assert names(discovery_for(moto_sqs, queue_pattern="^work-").discover()) == ["work-a"]
+
+
+def count_calls(sqs: Any) -> Counter[str]:
+    calls: Counter[str] = Counter()
+    sqs.meta.events.register("before-call.sqs.*", lambda model, **_: calls.update([model.name]))
+    return calls
+
+
+def test_a_refresh_reads_the_new_queues_and_a_slice_of_the_cached_ones(moto_sqs):
+    create_queues(moto_sqs, [f"work-{n:02d}" for n in range(24)], dead_letter=False)
+    clock = FakeClock()
+    discovery = Discovery(
+        moto_sqs,
+        DiscoverySettings(queue_pattern="^work-", interval=300, attribute_max_age=3600),
+        clock=clock,
+    )
+    calls = count_calls(moto_sqs)
+    assert len(discovery.discover().matched) == 24
+    assert calls == {"ListQueues": 1, "GetQueueAttributes": 24}
+
+    create_queues(moto_sqs, ["work-new-1", "work-new-2"], dead_letter=False)
+    calls.clear()
+    clock.advance(300)
+    result = discovery.discover()
+
+    assert len(result.matched) == 26
+    # the two new queues, plus ceil(24 · 300 / 3600) = 2 of the cached ones
+    assert calls == {"ListQueues": 1, "GetQueueAttributes": 4}
+    assert result.attribute_fetches == 4
+
+
+def test_a_redrive_policy_set_later_is_seen_within_attribute_max_age(moto_sqs):
+    urls = create_queues(moto_sqs, ["work-a", "work-b", "work-c"], dead_letter=False)
+    clock = FakeClock()
+    discovery = Discovery(
+        moto_sqs,
+        DiscoverySettings(queue_pattern="^work-", interval=300, attribute_max_age=900),
+        clock=clock,
+    )
+    assert names(discovery.discover()) == ["work-a", "work-b", "work-c"]
+    arn_b = moto_sqs.get_queue_attributes(QueueUrl=urls["work-b"], AttributeNames=["QueueArn"])
+    policy = {"deadLetterTargetArn": arn_b["Attributes"]["QueueArn"], "maxReceiveCount": "3"}
+    moto_sqs.set_queue_attributes(
+        QueueUrl=urls["work-a"], Attributes={"RedrivePolicy": json.dumps(policy)}
+    )
+
+    seen_after = None
+    for refresh in range(1, 4):  # attribute_max_age / interval refreshes at most
+        clock.advance(300)
+        if names(discovery.discover()) == ["work-a", "work-c"]:
+            seen_after = refresh
+            break
+    assert seen_after is not None, "work-b never recognised as a dead-letter queue"
 
 
 # -- the refresh loop -------------------------------------------------------------------------

@@ -124,9 +124,7 @@ def test_base_exceptions_fail_one_message_and_odd_return_values_are_defined(sqs,
         "hfb-zero": 2,
         "hfb-dict": 2,
     }
-    unreadable = [
-        line for line in json_lines(daemon.log()) if "answer unreadable" in line["msg"]
-    ]
+    unreadable = [line for line in json_lines(daemon.log()) if "answer unreadable" in line["msg"]]
     assert sorted(line["error"].split(" ")[0] for line in unreadable) == ["a", "bool", "int"]
 
     ok = ok_ids(events)

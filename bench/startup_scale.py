@@ -1,0 +1,219 @@
+"""Start-up and `status` at 1,000 and 10,000 queues: this checkout against a baseline.
+
+    python -m bench.startup_scale --baseline /tmp/base --queues 1000,10000
+
+`--baseline` is a checkout of the code to compare with (e.g. `git archive main | tar -x`);
+both variants run in the same emulator, on the same queues, one after the other, each with
+its own table. Per variant and size, on a fresh fixed-timings cluster (heartbeat 5 s,
+timeout 20 s, rebalance delay 1 s, long polls of 20 s):
+
+- discovery alone (bench.discovery_probe, no daemon running): a cold and a warm refresh;
+- instance A starts alone: seconds from its process start to "joined the cluster" and to
+  its first "handoff complete" (owning every queue: its share when alone), from its log, so
+  that watching costs the emulator nothing;
+- instance B starts next to it: the same two (its first handoff complete: its share taken),
+  waiting at most 90 s for the handoff (the coordinator's part, which stalls on a loaded
+  emulator), then how many rows each owns and whether every queue is owned once (only up to
+  1,000 queues);
+- SQS calls each instance made by then, counted server-side by access key; one
+  `status --json` (and `--details` where the variant has it): seconds and SQS calls.
+  `status` waits heartbeat_interval x 1.25 = 6.25 s by design (two reads for liveness).
+
+Prints JSON and writes it to `--out` (default bench/results/startup-<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Harness, stop_processes, wait_until
+from bench.measure import REPO, EmulatorProcess, child_env, requests_of
+
+logger = logging.getLogger("bench")
+# Slack for an emulator that stalls under thousands of long polls on a shared machine: with
+# a 4 s timeout instances judged each other dead during the handoff, and the table client's
+# read timeout (heartbeat_interval / 4) must outlast the emulator's stalls.
+STATUS_WAIT_S = 5 * 1.25
+# Above this many queues B is left out: the handoff of thousands of long-polled queues on a
+# 2-core emulator takes minutes of the run and measures moto, not the daemon.
+SECOND_INSTANCE_MAX = 1000
+_TIMINGS = {"HEARTBEAT_INTERVAL": "5", "HEARTBEAT_TIMEOUT": "20", "REBALANCE_DELAY": "1"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.startup_scale", description=__doc__)
+    parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with")
+    parser.add_argument("--queues", default="1000,10000", help="sizes, comma-separated")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per phase")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO / "bench" / "results" / f"startup-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    variants = {"baseline": args.baseline.resolve(), "this": REPO}
+    results: dict[str, Any] = {"variants": {k: str(v) for k, v in variants.items()}, "runs": []}
+    for size in (int(n) for n in args.queues.split(",")):
+        results["runs"].extend(_size(size, variants, out.parent, args.timeout_s))
+        out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _size(size: int, variants: dict[str, Path], log_dir: Path, timeout_s: float) -> list[Any]:
+    log = log_dir / f"startup-emulator-{size}.log"
+    with EmulatorProcess(patch=True, log_path=log) as emulator:
+        harness = Harness(emulator.endpoint)
+        started = time.monotonic()
+        harness.create_queues([f"st{size}-q{i:05d}" for i in range(size)])
+        logger.info("%d queues created in %.1f s", size, time.monotonic() - started)
+        runs = []
+        for name, root in variants.items():
+            run = Run(emulator, harness, size=size, variant=name, root=root, log_dir=log_dir)
+            measured = {"discovery": run.probe(), **run.measure(timeout_s)}
+            runs.append(measured)
+            logger.info("%s", json.dumps(runs[-1]))
+        return runs
+
+
+class Run:
+    def __init__(
+        self,
+        emulator: EmulatorProcess,
+        harness: Harness,
+        *,
+        size: int,
+        variant: str,
+        root: Path,
+        log_dir: Path,
+    ) -> None:
+        self.emulator, self.harness = emulator, harness
+        self.size, self.variant, self.root, self.log_dir = size, variant, root, log_dir
+        self.app = f"st{size}-{variant}"
+        self.share_wait_s = 90.0
+        self.has_second = size <= SECOND_INSTANCE_MAX
+        self.table = f"bench-{self.app}"
+        harness.create_table(self.table)
+
+    def env(self, key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        settings = {
+            "SQSBALANCERD_APPLICATION_NAME": self.app,
+            "SQSBALANCERD_COORDINATION__TABLE_NAME": self.table,
+            "SQSBALANCERD_DISCOVERY__QUEUE_PATTERN": f"^st{self.size}-q",
+            **{f"SQSBALANCERD_COORDINATION__{k}": v for k, v in _TIMINGS.items()},
+        }
+        return child_env(key, self.emulator.endpoint, {**settings, **(extra or {})})
+
+    def start(self, instance: str) -> subprocess.Popen[bytes]:
+        env = self.env(
+            self.key(instance),
+            {
+                "PYTHONPATH": str(self.root),
+                "SQSBALANCERD_HANDLER": "bench.handlers:handle",
+                "SQSBALANCERD_INSTANCE_ID": instance,
+                "SQSBALANCERD_SQS__WAIT_TIME_SECONDS": "20",
+                "SQSBALANCERD_SHUTDOWN__TIMEOUT": "5",
+                "SQSBALANCERD_OBSERVABILITY__HTTP_PORT": "0",
+                "SQSBALANCERD_OBSERVABILITY__LOG_FORMAT": "json",
+                "BENCH_IDS_FILE": str(self.log_dir / f"{self.app}.ids"),
+                "BENCH_HANDLER_MS": "0",
+            },
+        )
+        log = open(self.log_dir / f"{self.app}-{instance}.log", "wb")  # noqa: SIM115
+        command = [sys.executable, "-m", "sqsbalancerd", "run"]
+        return subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=log)
+
+    def key(self, instance: str) -> str:
+        return f"{self.app}-{instance}"
+
+    def measure(self, timeout_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = {"queues": self.size, "variant": self.variant}
+        processes: list[subprocess.Popen[bytes]] = []
+        try:
+            instances = [("a", timeout_s), ("b", self.share_wait_s)][: 2 if self.has_second else 1]
+            for instance, wait_s in instances:
+                started_wall = time.time()
+                processes.append(self.start(instance))
+                result[instance] = self.follow(instance, started_wall, wait_s)
+                result[instance]["sqs_calls"] = self.sqs_calls(instance)
+                owners = self.harness.owners(self.table, self.app)
+                result[instance]["owned"] = list(owners.values()).count(instance)
+            result["owned_once"] = len(owners) == self.size and all(owners.values())
+            result["status"] = self.status([])
+            result["status_details"] = self.status(["--details"])
+        finally:
+            stop_processes(processes, timeout_s=60, second_signal_after_s=10)
+        return result
+
+    def follow(self, instance: str, started_wall: float, timeout_s: float) -> dict[str, Any]:
+        log = self.log_dir / f"{self.app}-{instance}.log"
+        events: dict[str, float] = {}
+
+        def seen() -> bool:
+            for line in log.read_text(errors="replace").splitlines():
+                if '"joined the cluster"' in line or '"handoff complete"' in line:
+                    event = json.loads(line)
+                    events.setdefault(event["msg"], _epoch(event["ts"]))
+            return "handoff complete" in events
+
+        wait_until(seen, timeout_s=timeout_s, every_s=0.5)
+        return {
+            name: round(events[msg] - started_wall, 2) if msg in events else None
+            for name, msg in (
+                ("joined_s", "joined the cluster"),
+                ("owns_share_s", "handoff complete"),
+            )
+        }
+
+    def probe(self) -> dict[str, Any]:
+        """Discovery alone, in a process of its own with no daemon running: a cold and a warm
+        refresh (bench.discovery_probe), the variant's own Discovery with its defaults."""
+        env = self.env(self.key("probe"), {"PYTHONPATH": str(self.root)})
+        command = [sys.executable, "-m", "bench.discovery_probe", "--pattern", f"^st{self.size}-q"]
+        answer = subprocess.run(
+            command, cwd=self.root, env=env, capture_output=True, timeout=900, check=True
+        )
+        return dict(json.loads(answer.stdout))
+
+    def sqs_calls(self, instance: str) -> dict[str, int]:
+        requests = requests_of(self.emulator.counts(), [self.key(instance)])
+        return {k.removeprefix("sqs:"): v for k, v in sorted(requests.items()) if "sqs:" in k}
+
+    def status(self, flags: list[str]) -> dict[str, Any]:
+        key = self.key("status" + "".join(flags).replace("-", ""))
+        env = self.env(key, {"PYTHONPATH": str(self.root)})
+        command = [sys.executable, "-m", "sqsbalancerd", "status", "--json", *flags]
+        started = time.monotonic()
+        answer = subprocess.run(
+            command, cwd=self.root, env=env, capture_output=True, timeout=600, check=False
+        )
+        seconds = time.monotonic() - started
+        if not answer.stdout.strip():  # an error (or, for the baseline, no --details)
+            stderr = answer.stderr.decode(errors="replace").strip().splitlines()
+            error = next((line for line in stderr if "error" in line), stderr[-1:] or [""])
+            return {"seconds": round(seconds, 2), "exit": answer.returncode, "error": error}
+        report = json.loads(answer.stdout)
+        return {
+            "seconds": round(seconds, 2),
+            "beyond_liveness_wait_s": round(seconds - STATUS_WAIT_S, 2),
+            "exit": answer.returncode,
+            "queues": len(report["queues"]),
+            "sqs_calls": self.sqs_calls("status" + "".join(flags).replace("-", "")),
+        }
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
