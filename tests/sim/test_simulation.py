@@ -13,7 +13,6 @@ import pytest
 from botocore.exceptions import ClientError
 from simdb import SimClient, SimDynamoDB
 from simfaults import KINDS, run
-from simworld import quiet
 
 from sqsbalancerd.coordination.table import ConditionFailed, CoordinationTable, MemberRecord
 
@@ -79,14 +78,12 @@ def test_fake_dynamodb_throttles_a_hot_partition() -> None:
 
 
 def test_a_seed_replays_exactly() -> None:
-    quiet(None)
     first, second = run(7, kinds=KINDS), run(7, kinds=KINDS)
     assert first.log == second.log
     assert [str(v) for v in first.violations] == [str(v) for v in second.violations]
 
 
 def test_seeded_schedules_hold_every_invariant() -> None:
-    quiet(None)
     failures = []
     for seed in range(FIRST_SEED, FIRST_SEED + SEEDS):
         result = run(seed, kinds=PASSING_KINDS)
