@@ -92,6 +92,9 @@ class _Handoff:
 class _Holdings:
     leases: dict[str, int] = field(default_factory=dict)  # queue -> lease we hold
     releasing: set[str] = field(default_factory=set)  # draining in the engine
+    # Drained, but the release failed (throttled, say): the row still names us, so the
+    # planned owner waits for it. Retried until it succeeds or the row is not ours.
+    unreleased: dict[str, int] = field(default_factory=dict)
     # Appended from the engine's thread without our lock (a slow DynamoDB call holds it).
     drained: deque[str] = field(default_factory=deque)
 
@@ -208,9 +211,11 @@ class DynamoCoordinator:
         """After the engine drained: release every row we hold, remove our member row."""
         self._stop.set()
         with self._lock:
-            for queue, lease in sorted(self._holdings.leases.items()):
-                self._release_row(queue, lease)
+            held = {**self._holdings.unreleased, **self._holdings.leases}
+            for queue, lease in sorted(held.items()):
+                self._release_row(queue, lease)  # what fails frees when we are judged dead
             self._holdings.leases.clear()
+            self._holdings.unreleased.clear()
             self._membership.leave()
         logger.info("left the cluster", extra={"instance": self.instance_id})
 
@@ -225,6 +230,7 @@ class DynamoCoordinator:
                 self._observe_members()
                 self._remove_dead_rows()
                 self.reconcile_released()
+                self._retry_releases()
                 self._rebalance_if_settled()
                 self._follow_handoff()
                 self._give_up_untargeted()
@@ -439,14 +445,22 @@ class DynamoCoordinator:
 
     def reconcile_released(self) -> None:
         with self._lock:
-            while self._holdings.drained:
-                queue = self._holdings.drained.popleft()
-                self._holdings.releasing.discard(queue)
-                lease = self._holdings.leases.pop(queue, None)
-                if lease is not None:
-                    self._release_row(queue, lease)
+            holdings = self._holdings
+            while holdings.drained:
+                queue = holdings.drained.popleft()
+                holdings.releasing.discard(queue)
+                lease = holdings.leases.pop(queue, None)
+                if lease is not None and not self._release_row(queue, lease):
+                    holdings.unreleased[queue] = lease
 
-    def _release_row(self, queue: str, lease: int) -> None:
+    def _retry_releases(self) -> None:
+        """Once a round (not between rounds: a throttled table gets no faster for it)."""
+        for queue, lease in sorted(self._holdings.unreleased.items()):
+            if self._release_row(queue, lease):
+                del self._holdings.unreleased[queue]
+
+    def _release_row(self, queue: str, lease: int) -> bool:
+        """Release (or, for a deleted queue, delete) our row; False to try again later."""
         try:
             if queue in self._queues:
                 self._table.release(
@@ -456,11 +470,15 @@ class DynamoCoordinator:
                 self._table.delete_ownership(queue, lease=lease)  # the queue is gone
         except ConditionFailed:
             logger.warning("ownership row changed before release", extra={"queue": queue})
+        except TableGone:
+            raise
         except Exception as exc:
             logger.warning(
-                "could not release a queue; it frees when we are judged dead",
+                "could not release a queue; retrying",
                 extra={"queue": queue, "error": describe_error(exc)},
             )
+            return False
+        return True
 
     def _push_owned(self) -> None:
         consuming = set(self._holdings.leases) - self._holdings.releasing

@@ -1,0 +1,57 @@
+"""Defects of issue 11 the simulation found, each pinned by a direct schedule or a seed.
+
+A seed here failed on the code before its fix (the commit that added it says which) and
+must pass from then on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simdb import client_error
+from simfaults import SETTLE_BOUND_S, coordination
+from simworld import Node, Settings, World
+
+
+def _world(queues: int = 6, **changes: Any) -> World:
+    world = World(1, Settings(coordination=coordination(**changes)))
+    world.queues = {f"q-{index:02d}" for index in range(queues)}
+    return world
+
+
+def _settle(world: World, *, within_s: float = SETTLE_BOUND_S) -> None:
+    world.is_checking_settled = True
+    world.run_until(world.now + within_s)
+    assert not world.violations, world.violations
+    assert world.is_settled(), world.consumers()
+
+
+def _fail_once(node: Node, method: str) -> list[int]:
+    """The next `method` call on the node's table fails as throttled; returns a call log."""
+    table: Any = node.coordinator._table
+    original = getattr(table, method)
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise client_error("ThrottlingException", "rate exceeded")
+        return original(*args, **kwargs)
+
+    setattr(table, method, flaky)
+    return calls
+
+
+def test_a_release_that_failed_is_retried_until_it_succeeds() -> None:
+    """Defect 5: the lease was dropped before the release, which swallowed the error: the row
+    kept naming the instance, nobody retried, and the planned owner waited forever (with no
+    slack in the balance, planning again gives the same queue to the same instance)."""
+    world = _world(load_factor=1.0)
+    first = world.add_node("a")
+    assert first is not None
+    _settle(world)
+    calls = _fail_once(first, "release")
+    world.add_node("b")
+    _settle(world)
+    assert len(calls) >= 2  # the throttled release was sent again
+    assert world.consumers() and {ids[0] for ids in world.consumers().values()} == {"a", "b"}
