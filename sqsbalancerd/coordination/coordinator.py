@@ -306,15 +306,17 @@ class DynamoCoordinator:
         settled = self._round_started_s - self._view.changed_at_s >= self._settings.rebalance_delay
         if not settled or view == self._applied:
             return
-        if self._applied is not None:
-            self._rebalances += 1
-        self._applied = view
         if self._is_draining:
             self._target = frozenset()
             self._release_at_s = self._round_started_s
-            return
-        self._plan(self._owners())
-        self._handoff = _Handoff(planned_at_s=self._round_started_s)
+        else:
+            # Reading the rows may fail (throttled): the view counts as applied only once
+            # planned, or it would never be planned at all.
+            self._plan(self._owners())
+            self._handoff = _Handoff(planned_at_s=self._round_started_s)
+        if self._applied is not None:
+            self._rebalances += 1
+        self._applied = view
 
     def _plan(self, owners: dict[str, str]) -> None:
         diff = plan(
