@@ -59,6 +59,9 @@ STALL_ROUNDS = 3
 # A row left free this many rounds (plans disagreed) is taken by a following instance with
 # room, whatever its plan says: a queue must not wait for the next view change.
 ORPHAN_ROUNDS = 2 * STALL_ROUNDS
+# Not having read the member rows for longer than this (rounds are one interval apart)
+# makes us restart every peer's liveness clock: our blindness is not their death.
+BLIND_ROUNDS = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,11 @@ class DynamoCoordinator:
             heartbeat_interval_s=settings.heartbeat_interval,
             heartbeat_timeout_s=settings.heartbeat_timeout,
         )
-        self._liveness = LivenessTracker(clock, timeout_s=settings.heartbeat_timeout)
+        self._liveness = LivenessTracker(
+            clock,
+            timeout_s=settings.heartbeat_timeout,
+            blind_after_s=BLIND_ROUNDS * settings.heartbeat_interval,
+        )
         self._lock = threading.RLock()  # table I/O and state: loop thread vs main thread
         self._wake = threading.Event()
         self._stop = threading.Event()

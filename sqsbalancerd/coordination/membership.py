@@ -30,44 +30,81 @@ logger = logging.getLogger(__name__)
 class _Seen:
     record: MemberRecord
     changed_at_s: float
+    has_row: bool = True
 
 
 class LivenessTracker:
-    def __init__(self, clock: Clock, *, timeout_s: float) -> None:
+    """Death verdicts that can only come late, never early.
+
+    - A vanished row (deleted by hand, by TTL, by a peer) is not dead at once: it dies a
+      full timeout after its last observed change, like a row that stopped moving.
+    - An observer that could not read for longer than `blind_after_s` restarts every
+      peer's clock: a DynamoDB outage stopped their renewals and our reads alike, and
+      counting our blind period against them would evict the whole fleet.
+    - An owner never seen at all is dead a timeout after we first asked about it.
+    """
+
+    def __init__(
+        self, clock: Clock, *, timeout_s: float, blind_after_s: float | None = None
+    ) -> None:
         self._clock = clock
         self._timeout_s = timeout_s
+        self._blind_after_s = blind_after_s
         self._seen: dict[str, _Seen] = {}
-        self._started_s = clock.monotonic()
+        self._asked_s: dict[str, float] = {}  # never seen: when we first asked
+        self._observed_s: float | None = None
 
     def observe(self, records: Iterable[MemberRecord]) -> None:
         now = self._clock.monotonic()
+        if self._is_blind_since_last(now):
+            self._restart_clocks(now)
+        self._observed_s = now
         current = {r.instance_id: r for r in records}
         for instance_id, record in current.items():
             seen = self._seen.get(instance_id)
-            if seen is None or seen.record.counter != record.counter:
-                # First sight counts as a change: a newcomer gets a full timeout.
+            if seen is None or seen.record.counter != record.counter or not seen.has_row:
+                # First sight (or a row back) counts as a change: a full timeout from now.
                 self._seen[instance_id] = _Seen(record, now)
             else:
                 seen.record = record
-        for instance_id in list(self._seen):
+        for instance_id, seen in list(self._seen.items()):
             if instance_id not in current:
-                del self._seen[instance_id]
+                seen.has_row = False
+                if now - seen.changed_at_s >= 10 * self._timeout_s:
+                    del self._seen[instance_id]  # long dead; forgetting it only delays
+
+    def _is_blind_since_last(self, now: float) -> bool:
+        last, limit = self._observed_s, self._blind_after_s
+        return last is not None and limit is not None and now - last > limit
+
+    def _restart_clocks(self, now: float) -> None:
+        for seen in self._seen.values():
+            seen.changed_at_s = now
+        self._asked_s = dict.fromkeys(self._asked_s, now)
 
     def is_alive(self, instance_id: str) -> bool:
         seen = self._seen.get(instance_id)
-        return seen is not None and self._clock.monotonic() - seen.changed_at_s < self._timeout_s
+        if seen is None or not seen.has_row:
+            return False  # out of the ring (but not dead: see is_dead)
+        return self._clock.monotonic() - seen.changed_at_s < self._timeout_s
 
     def is_dead(self, instance_id: str) -> bool:
         """Safe to take its queues: no counter change (or no row) for a whole timeout."""
+        now = self._clock.monotonic()
         seen = self._seen.get(instance_id)
-        since = seen.changed_at_s if seen else self._started_s
-        return self._clock.monotonic() - since >= self._timeout_s
+        since = seen.changed_at_s if seen else self._asked_s.setdefault(instance_id, now)
+        return now - since >= self._timeout_s
 
     def records(self) -> list[MemberRecord]:
-        return [s.record for s in self._seen.values()]
+        return [s.record for s in self._seen.values() if s.has_row]
 
     def dead_records(self) -> list[MemberRecord]:
-        return [s.record for s in self._seen.values() if self.is_dead(s.record.instance_id)]
+        """Dead members whose rows are still there (to delete, conditional on the counter)."""
+        return [
+            s.record
+            for s in self._seen.values()
+            if s.has_row and self.is_dead(s.record.instance_id)
+        ]
 
 
 class Membership:

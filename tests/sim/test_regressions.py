@@ -76,6 +76,9 @@ def test_a_plan_whose_row_read_failed_is_made_next_round() -> None:
         (73, ("throttle",)),  # the plan never made after a throttled read
         (10, ("throttle",)),
         (56, ("throttle",)),
+        (0, ("outage",)),  # defect 3: the fleet evicted after an outage, instances exited
+        (4, ("outage",)),
+        (5, ("outage",)),
     ],
 )
 def test_seeds_that_failed_before(seed: int, kinds: tuple[str, ...]) -> None:
