@@ -14,7 +14,8 @@ rows (member row deleted, ownership row deleted, lease removed or made a string)
 
 Invariants, checked after every step:
 - exclusive: no two instances allowed to receive from one queue at one instant (allowed =
-  process alive, queue owned or still draining in its engine, receive budget left);
+  process alive, receive budget left, and the queue owned, or draining while the last
+  poll it started — cut to the budget it started with — may still run);
 - no exit: no instance ends its process (a partition that healed is not a reason);
 - settled: once faults stop, within `settle_bound_s` every queue is consumed by exactly
   one instance, and it stays so.
@@ -65,6 +66,9 @@ class SimEngine:
     owned: set[str] = field(default_factory=set)
     wanted: set[str] = field(default_factory=set)
     draining: dict[str, float] = field(default_factory=dict)  # queue -> drained at (world s)
+    # An in-flight poll of a draining queue was cut to the budget it started with: it can
+    # receive until then at most (world s).
+    poll_ends: dict[str, float] = field(default_factory=dict)
     is_paused: bool = False
     budget: Callable[[], float | None] = lambda: None
 
@@ -73,7 +77,7 @@ class SimEngine:
         for name in sorted(self.owned - self.wanted):
             self.owned.discard(name)
             # An in-flight long poll may run up to its wait before the queue is drained.
-            self.draining[name] = self.world.now + self.rng.uniform(0.0, 3.0)
+            self._drain(name, self.rng.uniform(0.0, 3.0))
         for name in sorted(self.wanted - self.owned):
             if name not in self.draining:
                 self.owned.add(name)
@@ -99,7 +103,13 @@ class SimEngine:
         self.wanted.discard(name)
         if name in self.owned:
             self.owned.discard(name)
-            self.draining[name] = self.world.now + self.rng.uniform(0.0, 1.0)
+            self._drain(name, self.rng.uniform(0.0, 1.0))
+
+    def _drain(self, name: str, takes_s: float) -> None:
+        budget = self.budget()
+        self.draining[name] = self.world.now + takes_s
+        left_s = takes_s if budget is None else min(takes_s, max(0.0, budget))
+        self.poll_ends[name] = self.world.now + left_s
 
     def drained_now(self) -> list[str]:
         """Queues whose drain finished; one wanted again starts again instead (consumer)."""
@@ -107,6 +117,7 @@ class SimEngine:
         released = []
         for name in done:
             del self.draining[name]
+            self.poll_ends.pop(name, None)
             if name in self.wanted:
                 self.owned.add(name)
             else:
@@ -117,7 +128,8 @@ class SimEngine:
         budget = self.budget()
         if budget is not None and budget <= 0:
             return set()
-        return self.owned | set(self.draining)
+        polling = {q for q in self.draining if self.poll_ends.get(q, 0.0) > self.world.now}
+        return self.owned | polling
 
     def consuming(self) -> set[str]:
         budget = self.budget()
