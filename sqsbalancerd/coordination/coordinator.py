@@ -47,7 +47,7 @@ from sqsbalancerd.coordination.table import (
     TableGone,
 )
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
-from sqsbalancerd.errors import AwsUnavailableError, SqsBalancerError
+from sqsbalancerd.errors import AwsUnavailableError, DuplicateInstanceError, SqsBalancerError
 from sqsbalancerd.stats import CoordinationStats
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class DynamoCoordinator:
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
+        self._latest_wall_s = 0.0  # the latest heartbeat time any member recorded
         # Views are stamped with the start of the round that saw them, so the delay is
         # counted in whole rounds (which start `interval` apart), not skewed by call latency.
         self._round_started_s = clock.monotonic()
@@ -241,26 +242,41 @@ class DynamoCoordinator:
                 self._rebalance_if_settled()
                 self._follow_handoff()
                 self._give_up_untargeted()
-            except TableGone as exc:
+            except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
-            except ConditionFailed:
-                self._fail(
-                    f'instance "{self.instance_id}" lost its identity in the table '
-                    "(another instance took it over after judging it dead)"
-                )
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
                 logger.warning("coordination round failed", extra={"error": describe_error(exc)})
             self._check_fence()
 
     def _renew(self) -> None:
         started = self._clock.monotonic()
-        self._membership.heartbeat()
+        try:
+            self._membership.heartbeat(ttl_floor_wall=self._latest_wall_s)
+        except ConditionFailed:
+            self._rejoin()
         self._renewed_at_s = started
         self._control.renewed()
+
+    def _rejoin(self) -> None:
+        """Our row was removed (we were judged dead during a partition, or TTL or a hand
+        deleted it). Peers may have taken our queues: give every one up (drained, then
+        released if the row is still ours), register as a new incarnation, plan again."""
+        logger.warning(
+            "lost our member row (judged dead, or removed); rejoining as a new incarnation",
+            extra={"instance": self.instance_id, "queues": len(self._holdings.leases)},
+        )
+        self._membership.rejoin()  # DuplicateInstanceError: a live process has our id
+        self._target = frozenset()
+        self._handoff = None
+        self._applied = None
+        self._holdings.releasing |= set(self._holdings.leases)
+        self._push_owned()
+        self._view = _View(self._view.members, self._view.queues, self._round_started_s)
 
     def _observe_members(self) -> None:
         records = self._table.members()
         self._liveness.observe(records)
+        self._latest_wall_s = max([self._latest_wall_s, *(r.heartbeat_at for r in records)])
         members = tuple(sorted(r.instance_id for r in records if self._counts_in_ring(r)))
         if self.instance_id not in members and not self._is_draining:
             members = tuple(sorted({*members, self.instance_id}))

@@ -177,10 +177,28 @@ class Membership:
         self.counter = existing.counter + 1
         return None
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, *, ttl_floor_wall: float = 0.0) -> None:
+        """Advance our counter. The row's TTL counts from the latest wall clock among the
+        members (`ttl_floor_wall`), not ours alone: a clock a day behind must not let
+        DynamoDB expire a live member."""
+        now = self._clock.wall()
         self.counter = self._table.heartbeat(
-            self.instance_id, epoch=self.epoch, status=self.status, now_wall=self._clock.wall()
+            self.instance_id,
+            epoch=self.epoch,
+            status=self.status,
+            now_wall=now,
+            ttl_wall=max(now, ttl_floor_wall),
         )
+
+    def rejoin(self) -> None:
+        """Our row is gone (judged dead and removed, TTL, a hand): register again as a new
+        incarnation of the same id. A row in its place means a live second process."""
+        self.epoch = uuid.uuid4().hex
+        try:
+            self._table.create_member(self._record(self.counter + 1))
+        except ConditionFailed:
+            raise DuplicateInstanceError(_duplicate_message(self.instance_id)) from None
+        self.counter += 1
 
     def leave(self) -> None:
         if self.is_registered:

@@ -197,8 +197,17 @@ class CoordinationTable:
         found = item.get("Item")
         return _member_from_item(found) if found else None
 
-    def heartbeat(self, instance_id: str, *, epoch: str, status: str, now_wall: float) -> int:
+    def heartbeat(
+        self,
+        instance_id: str,
+        *,
+        epoch: str,
+        status: str,
+        now_wall: float,
+        ttl_wall: float | None = None,
+    ) -> int:
         """Advance our counter; ConditionFailed if our identity was taken over."""
+        ttl_from = now_wall if ttl_wall is None else ttl_wall
         response = self._write(
             "update_item",
             Key=self._member_key(instance_id),
@@ -210,7 +219,7 @@ class CoordinationTable:
                 ":now": _n(now_wall),
                 ":status": _s(status),
                 ":epoch": _s(epoch),
-                ":ttl": _n(int(now_wall) + MEMBER_TTL_S),
+                ":ttl": _n(int(ttl_from) + MEMBER_TTL_S),
             },
             ReturnValues="UPDATED_NEW",
         )

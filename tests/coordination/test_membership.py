@@ -201,6 +201,32 @@ def test_a_vanished_row_counts_as_dead_once_we_have_watched_for_a_timeout(clock)
 # -- join, heartbeat, leave -----------------------------------------------------------------
 
 
+def test_ttl_counts_from_the_latest_members_clock_not_ours_alone(table, clock):
+    """Issue 11, defect 2: a wall clock a day behind set a TTL already past, and DynamoDB
+    removed the live member's row."""
+    mine = membership(table, clock)
+    mine.join(advancing(clock))
+    day_s = 86_400.0
+    clock.wall_offset_s -= day_s  # our clock falls a day behind the others
+    mine.heartbeat(ttl_floor_wall=clock.wall() + day_s)  # a peer's latest heartbeat time
+    item = table._db.get_item(TableName="members", Key=table._member_key("a"))["Item"]
+    assert float(item["ttl"]["N"]) >= clock.wall() + day_s + 23 * 3600
+
+
+def test_rejoin_registers_a_new_incarnation_and_refuses_a_live_one(table, clock):
+    mine = membership(table, clock)
+    mine.join(advancing(clock))
+    table.delete_member("a", epoch=mine.epoch)  # judged dead and removed, TTL, a hand
+    with pytest.raises(ConditionFailed):
+        mine.heartbeat()
+    first = mine.epoch
+    mine.rejoin()
+    assert mine.epoch != first and table.get_member("a").epoch == mine.epoch
+    mine.heartbeat()  # renewing again
+    with pytest.raises(DuplicateInstanceError):
+        mine.rejoin()  # the row is there: a live process holds the id
+
+
 def test_join_registers_and_heartbeats_move_the_counter(table, clock):
     mine = membership(table, clock)
     mine.join(advancing(clock))

@@ -79,6 +79,15 @@ def test_a_plan_whose_row_read_failed_is_made_next_round() -> None:
         (0, ("outage",)),  # defect 3: the fleet evicted after an outage, instances exited
         (4, ("outage",)),
         (5, ("outage",)),
+        (0, ("partition_one",)),  # defect 4: exited when the partition healed
+        (1, ("partition_one",)),
+        (2, ("partition_one",)),
+        (0, ("delete_member_row",)),  # defect 2: exited, queues left unowned
+        (1, ("delete_member_row",)),
+        (5, ("delete_member_row",)),
+        (0, ("wall_behind",)),  # defect 2: TTL removed a live member (clock a day behind)
+        (1, ("wall_behind",)),
+        (57, ("wall_behind",)),
     ],
 )
 def test_seeds_that_failed_before(seed: int, kinds: tuple[str, ...]) -> None:
