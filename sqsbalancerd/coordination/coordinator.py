@@ -26,6 +26,8 @@ at the same time.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import threading
 from collections import deque
@@ -38,6 +40,7 @@ from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
 from sqsbalancerd.coordination.ring import capacity, rebalance
+from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
     ConditionFailed,
@@ -79,6 +82,21 @@ class _View:
     members: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()
     changed_at_s: float = 0.0
+    # Every live member reports our queue set: only then may balance move a queue.
+    is_agreed: bool = True
+
+    @property
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        return self.members, self.queues, self.is_agreed
+
+
+def ring_signature(settings: CoordinationSettings) -> str:
+    """The ring parameters a member plans with, as published in its row."""
+    return f"{settings.virtual_nodes}/{settings.load_factor!r}"
+
+
+def queues_hash(queues: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(queues)).encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -131,6 +149,7 @@ class DynamoCoordinator:
             clock=clock,
             heartbeat_interval_s=settings.heartbeat_interval,
             heartbeat_timeout_s=settings.heartbeat_timeout,
+            ring=ring_signature(settings),
         )
         self._liveness = LivenessTracker(
             clock,
@@ -142,7 +161,7 @@ class DynamoCoordinator:
         self._stop = threading.Event()
         self._queues: dict[str, QueueInfo] = {}
         self._view = _View()
-        self._applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._applied: tuple[tuple[str, ...], tuple[str, ...], bool] | None = None
         self._target: frozenset[str] = frozenset()
         self._release_at_s = 0.0
         self._handoff: _Handoff | None = None
@@ -154,7 +173,16 @@ class DynamoCoordinator:
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
-        self._latest_wall_s = 0.0  # the latest heartbeat time any member recorded
+        self._latest_wall_s = 0.0
+        self._peers_agree = True
+        self._interval_s = settings.heartbeat_interval
+        self._next_sweep_s = 0.0
+        self._rows_seen: set[str] = set()
+        self._missing_since: dict[str, float] = {}
+        # A holder sweeps at least this often, then rewrites a row deleted under it.
+        self._vanished_wait_s = (
+            (SWEEP_ROUNDS + 1) * self._interval_s + settings.heartbeat_timeout
+        )  # the latest heartbeat time any member recorded
         # Views are stamped with the start of the round that saw them, so the delay is
         # counted in whole rounds (which start `interval` apart), not skewed by call latency.
         self._round_started_s = clock.monotonic()
@@ -198,6 +226,7 @@ class DynamoCoordinator:
     def on_discovered(self, result: DiscoveryResult) -> None:
         with self._lock:
             self._queues = {info.name: info for info in result.matched}
+            self._membership.queues_hash = queues_hash(self._queues)
         self._wake.set()
 
     def on_released(self, queue_name: str) -> None:
@@ -241,6 +270,7 @@ class DynamoCoordinator:
                 self._retry_releases()
                 self._rebalance_if_settled()
                 self._follow_handoff()
+                self._sweep()
                 self._give_up_untargeted()
             except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
@@ -277,9 +307,13 @@ class DynamoCoordinator:
         records = self._table.members()
         self._liveness.observe(records)
         self._latest_wall_s = max([self._latest_wall_s, *(r.heartbeat_at for r in records)])
-        members = tuple(sorted(r.instance_id for r in records if self._counts_in_ring(r)))
+        in_ring = [r for r in records if self._counts_in_ring(r)]
+        members = tuple(sorted(r.instance_id for r in in_ring))
         if self.instance_id not in members and not self._is_draining:
             members = tuple(sorted({*members, self.instance_id}))
+        mine = queues_hash(self._queues)
+        # "" is a member of a version that does not publish it: it cannot disagree.
+        self._peers_agree = all(r.queues_hash in ("", mine) for r in in_ring)
         self._note_view(members=members)
 
     def _counts_in_ring(self, record: MemberRecord) -> bool:
@@ -292,6 +326,19 @@ class DynamoCoordinator:
                         "instance": record.instance_id,
                         "protocol": record.protocol,
                         "ours": PROTOCOL_VERSION,
+                    },
+                )
+            return False
+        if record.ring and record.ring != self._membership.ring:
+            if record.instance_id not in self._incompatible_seen:
+                self._incompatible_seen.add(record.instance_id)
+                logger.error(
+                    "instance with other ring parameters (virtual_nodes/load_factor); "
+                    "not planning with it",
+                    extra={
+                        "instance": record.instance_id,
+                        "ring": record.ring,
+                        "ours": self._membership.ring,
                     },
                 )
             return False
@@ -318,14 +365,15 @@ class DynamoCoordinator:
     def _note_view(self, *, members: tuple[str, ...] | None = None) -> None:
         queues = tuple(sorted(self._queues))
         members = members if members is not None else self._view.members
-        if (members, queues) != (self._view.members, self._view.queues):
-            self._view = _View(members, queues, self._round_started_s)
+        agreed = self._peers_agree
+        if (members, queues, agreed) != self._view.key:
+            self._view = _View(members, queues, self._round_started_s, agreed)
 
     # -- assignment -----------------------------------------------------------------------
 
     def _rebalance_if_settled(self) -> None:
         self._note_view()
-        view = (self._view.members, self._view.queues)
+        view = self._view.key
         settled = self._round_started_s - self._view.changed_at_s >= self._settings.rebalance_delay
         if not settled or view == self._applied:
             return
@@ -352,6 +400,12 @@ class DynamoCoordinator:
             load_factor=self._settings.load_factor,
         )
         self._target = diff.owned_after
+        if not self._view.is_agreed:
+            # Members see different queue sets (discovery is not synchronised): moving a
+            # queue for balance now would move it back once they agree. Keep what we hold
+            # and take only free rows; the balance moves wait for agreement.
+            held = {q for q in self._holdings.leases if q in self._queues}
+            self._target |= frozenset(held) | self._free_known(owners)
         interval = self._settings.heartbeat_interval
         self._release_at_s = self._round_started_s + RELEASE_DELAY_ROUNDS * interval
         logger.info(
@@ -365,11 +419,101 @@ class DynamoCoordinator:
             },
         )
 
+    def _free_known(self, owners: dict[str, str]) -> frozenset[str]:
+        """Queues we know whose rows name no live member, up to our share."""
+        members = set(self._view.members)
+        free = sorted(q for q in self._queues if owners.get(q) not in members)
+        room = capacity(
+            queue_count=len(self._queues),
+            member_count=max(1, len(members)),
+            load_factor=self._settings.load_factor,
+        ) - len(self._target)
+        return frozenset(free[: max(0, room)])
+
     def _rows(self) -> dict[str, OwnershipRecord]:
         """The ownership rows, read at most once a round (a paginated query of every row)."""
         if self._round_rows is None:
             self._round_rows = self._table.ownership()
+            now = self._round_started_s
+            for queue in self._rows_seen - set(self._round_rows):
+                self._missing_since.setdefault(queue, now)
+            for queue in self._round_rows:
+                self._missing_since.pop(queue, None)
+            self._rows_seen |= set(self._round_rows)
         return self._round_rows
+
+    # -- sweep ----------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Once every SWEEP_ROUNDS outside a handoff read the rows; whenever they were read
+        this round, act on what differs from what we believe (see sweep.py)."""
+        is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
+        if self._is_draining or self._is_fenced or not (is_due or self._round_rows is not None):
+            return
+        if is_due:
+            self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
+        holdings = self._holdings
+        found = inspect(
+            self._rows(),
+            me=self.instance_id,
+            held=holdings.leases,
+            unreleased=holdings.unreleased,
+            wanted=self._target,
+            known=self._queues,
+            members=set(self._view.members),
+            is_dead=self._liveness.is_dead,
+        )
+        self._apply_sweep(found)
+        if found.needs_plan and self._handoff is None and self._applied == self._view.key:
+            logger.info("sweep found queues without a live owner; planning again")
+            self._plan(self._owners())
+            self._handoff = _Handoff(planned_at_s=self._round_started_s)
+
+    def _apply_sweep(self, found: SweepFindings) -> None:
+        holdings = self._holdings
+        for queue in sorted(found.lost):
+            logger.warning("our ownership row names another owner; stopped", extra={"queue": queue})
+            del holdings.leases[queue]
+        for queue in sorted(found.missing):
+            self._holdings.leases.pop(queue)
+            self._rewrite_row(queue)
+        for queue in sorted(found.repair):
+            holdings.unreleased.pop(queue, None)
+            if self._rewrite_row(queue) and queue not in self._target:
+                holdings.unreleased[queue] = holdings.leases.pop(queue)
+        holdings.leases.update(found.adopt)
+        holdings.unreleased.update(found.disown)  # released by _retry_releases
+        for queue, lease in sorted(found.stale.items()):
+            with contextlib.suppress(ConditionFailed):
+                self._table.delete_ownership(queue, lease=lease)
+                self._note_row(queue, None, None)
+                logger.info(
+                    "removed the row of a queue that no longer exists", extra={"queue": queue}
+                )
+        if found.lost or found.missing or found.adopt or found.repair:
+            self._push_owned()
+
+    def _rewrite_row(self, queue: str) -> bool:
+        """A row of ours deleted or damaged by hand: write it again (before anyone may take
+        it: an acquirer waits `_vanished_wait_s` for a row it saw vanish), or stop."""
+        info = self._queues.get(queue)
+        if info is None:
+            return False
+        previous = self._rows().get(queue)  # None, or ours with a damaged lease
+        try:
+            lease = self._table.acquire(
+                queue,
+                info.url,
+                owner=self.instance_id,
+                previous=previous,
+                now_wall=self._clock.wall(),
+            )
+            self._holdings.leases[queue] = lease
+            self._note_row(queue, self.instance_id, lease)
+        except ConditionFailed:
+            logger.warning("our ownership row was taken; stopped", extra={"queue": queue})
+            return False
+        return True
 
     def _owners(self) -> dict[str, str]:
         owners = {queue: row.owner for queue, row in self._rows().items() if row.owner}
@@ -393,12 +537,17 @@ class DynamoCoordinator:
             return  # planned from these very rows this round
         members, queues = self._view.members, self._view.queues
         current = {queue: owners.get(queue) for queue in queues}
-        settled = all(owner in members for owner in current.values()) and current == rebalance(
-            queues,
-            members,
-            owners,
-            virtual_nodes=self._settings.virtual_nodes,
-            load_factor=self._settings.load_factor,
+        is_owned = all(owner in members for owner in current.values())
+        settled = is_owned and (
+            not self._view.is_agreed
+            or current
+            == rebalance(
+                queues,
+                members,
+                owners,
+                virtual_nodes=self._settings.virtual_nodes,
+                load_factor=self._settings.load_factor,
+            )
         )
         # A queue we are still draining frees its row later: keep following until it has.
         if settled and not self._holdings.releasing & set(queues):
@@ -449,6 +598,10 @@ class DynamoCoordinator:
         self._push_owned()
 
     def _try_acquire(self, queue: str, row: OwnershipRecord | None) -> None:
+        missing_since = self._missing_since.get(queue)
+        vanished_s = None if missing_since is None else self._round_started_s - missing_since
+        if row is None and vanished_s is not None and vanished_s < self._vanished_wait_s:
+            return  # a row we saw vanish: its holder may still consume (see _sweep)
         if row is not None and row.owner and row.owner != self.instance_id:
             if not self._liveness.is_dead(row.owner):
                 return  # its owner is alive: it drains the queue and releases the row
@@ -467,6 +620,18 @@ class DynamoCoordinator:
         except ConditionFailed:
             return  # someone changed it since we read it; look again next round
         self._holdings.leases[queue] = lease
+        self._note_row(queue, self.instance_id, lease)
+
+    def _note_row(self, queue: str, owner: str | None, lease: int | None) -> None:
+        """Keep this round's copy of the rows true to our own writes (the sweep reads it)."""
+        rows = self._round_rows
+        if rows is None:
+            return
+        if lease is None:
+            rows.pop(queue, None)
+            return
+        url = self._queues[queue].url if queue in self._queues else ""
+        rows[queue] = OwnershipRecord(queue, url, owner, lease, self._clock.wall())
 
     def reconcile_released(self) -> None:
         with self._lock:
@@ -491,8 +656,10 @@ class DynamoCoordinator:
                 self._table.release(
                     queue, owner=self.instance_id, lease=lease, now_wall=self._clock.wall()
                 )
+                self._note_row(queue, None, lease + 1)
             else:
                 self._table.delete_ownership(queue, lease=lease)  # the queue is gone
+                self._note_row(queue, None, None)
         except ConditionFailed:
             logger.warning("ownership row changed before release", extra={"queue": queue})
         except TableGone:

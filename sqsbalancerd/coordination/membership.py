@@ -118,6 +118,7 @@ class Membership:
         clock: Clock,
         heartbeat_interval_s: float,
         heartbeat_timeout_s: float,
+        ring: str = "",
     ) -> None:
         self._table = table
         self.instance_id = instance_id
@@ -128,6 +129,8 @@ class Membership:
         self.status = "active"
         self.counter = 0
         self.is_registered = False
+        self.ring = ring  # published: peers refuse to plan with different ring parameters
+        self.queues_hash = ""  # published: balance moves wait until every member agrees
 
     def _record(self, counter: int) -> MemberRecord:
         now = self._clock.wall()
@@ -140,6 +143,8 @@ class Membership:
             protocol=PROTOCOL_VERSION,
             heartbeat_at=now,
             started_at=now,
+            ring=self.ring,
+            queues_hash=self.queues_hash,
         )
 
     def join(self, wait: Callable[[float], bool]) -> None:
@@ -188,6 +193,7 @@ class Membership:
             status=self.status,
             now_wall=now,
             ttl_wall=max(now, ttl_floor_wall),
+            queues_hash=self.queues_hash,
         )
 
     def rejoin(self) -> None:

@@ -88,8 +88,33 @@ def test_a_plan_whose_row_read_failed_is_made_next_round() -> None:
         (0, ("wall_behind",)),  # defect 2: TTL removed a live member (clock a day behind)
         (1, ("wall_behind",)),
         (57, ("wall_behind",)),
+        (4, ("delete_ownership_row",)),  # defect 8: two receivers after a hand-deleted row
+        (5, ("delete_ownership_row",)),
+        (9, ("delete_ownership_row",)),
+        (1, ("queue_del",)),  # defect 8: rows of deleted queues left behind
+        (2, ("queue_del",)),
+        (3, ("queue_del",)),
+        (205, ("queue_add", "queue_del")),  # defect 6: a new queue unowned, churn
+        (245, ("queue_add", "queue_del")),
+        (5, ("corrupt_lease", "join", "leave", "kill")),  # defect 8: lease edited by hand
+        (9, ("corrupt_lease", "join", "leave", "kill")),
+        (23, ("corrupt_lease", "join", "leave", "kill")),
     ],
 )
 def test_seeds_that_failed_before(seed: int, kinds: tuple[str, ...]) -> None:
     result = run(seed, kinds=kinds)
     assert not result.violations, [str(v) for v in result.violations]
+
+
+def test_members_with_other_ring_parameters_do_not_plan_together() -> None:
+    """Defect 8: only `protocol` was published, so instances with different virtual_nodes or
+    load_factor planned differently unnoticed. Now each refuses the other for planning."""
+    settings = Settings(coordination=coordination(), skewed={"b": {"virtual_nodes": 40}})
+    world = World(1, settings)
+    world.queues = {f"q-{index:02d}" for index in range(4)}
+    a, b = world.add_node("a"), world.add_node("b")
+    assert a is not None and b is not None
+    world.run_until(60.0)
+    assert a.coordinator._view.members == ("a",)
+    assert b.coordinator._view.members == ("b",)
+    assert not [v for v in world.violations if v.kind == "exclusive"]
