@@ -693,38 +693,41 @@ class DynamoCoordinator:
         return self._next_round_s - self._clock.monotonic()
 
     def _check_fence(self) -> None:
-        budget = self.receive_budget_s()
-        fenced = budget is not None and budget <= 0
-        if fenced and not self._is_fenced:
-            self._is_fenced = True
-            self._control.pause()
-            logger.error(
-                "heartbeat not renewed in time; stopped receiving (self-fenced)",
-                extra={"instance": self.instance_id},
-            )
-        elif not fenced and self._is_fenced:
-            self._is_fenced = False
-            self._drop_lost_leases()
-            self._control.resume()
-            logger.warning(
-                "heartbeat renewed; receiving again", extra={"instance": self.instance_id}
-            )
+        with self._lock:  # _drop_lost_leases changes the holdings (and reads the table)
+            budget = self.receive_budget_s()
+            fenced = budget is not None and budget <= 0
+            if fenced and not self._is_fenced:
+                self._is_fenced = True
+                self._control.pause()
+                logger.error(
+                    "heartbeat not renewed in time; stopped receiving (self-fenced)",
+                    extra={"instance": self.instance_id},
+                )
+            elif not fenced and self._is_fenced and self._drop_lost_leases():
+                self._is_fenced = False
+                self._control.resume()
+                logger.warning(
+                    "heartbeat renewed; receiving again", extra={"instance": self.instance_id}
+                )
 
-    def _drop_lost_leases(self) -> None:
-        """After a fence: keep consuming only the queues whose rows are still ours."""
+    def _drop_lost_leases(self) -> bool:
+        """After a fence: keep consuming only the queues whose rows are still ours. False
+        when the rows could not be read: we stay fenced and try again (issue 11, defect 8)."""
         try:
             rows = self._table.ownership()
         except Exception as exc:
             logger.warning(
-                "could not verify ownership after a fence", extra={"error": describe_error(exc)}
+                "could not verify ownership after a fence; still fenced",
+                extra={"error": describe_error(exc)},
             )
-            return
+            return False
         for queue, lease in list(self._holdings.leases.items()):
             row = rows.get(queue)
             if row is None or row.owner != self.instance_id or row.lease != lease:
                 logger.warning("lost a queue while fenced", extra={"queue": queue})
                 del self._holdings.leases[queue]
         self._push_owned()
+        return True
 
     # -- views ----------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ class SimEngine:
     # receive until then at most (world s).
     poll_ends: dict[str, float] = field(default_factory=dict)
     is_paused: bool = False
+    polls_end_s: float = 0.0
     budget: Callable[[], float | None] = lambda: None
 
     def set_owned(self, queues: Iterable[QueueInfo]) -> None:
@@ -83,6 +84,9 @@ class SimEngine:
                 self.owned.add(name)
 
     def pause(self) -> None:
+        # Polls in flight were cut to the budget they started with: none outlives it.
+        budget = self.budget()
+        self.polls_end_s = self.world.now + (float("inf") if budget is None else max(0, budget))
         self.is_paused = True
 
     def resume(self) -> None:
@@ -129,6 +133,8 @@ class SimEngine:
         if budget is not None and budget <= 0:
             return set()
         polling = {q for q in self.draining if self.poll_ends.get(q, 0.0) > self.world.now}
+        if self.is_paused and self.world.now >= self.polls_end_s:
+            return polling
         return self.owned | polling
 
     def consuming(self) -> set[str]:

@@ -118,3 +118,27 @@ def test_members_with_other_ring_parameters_do_not_plan_together() -> None:
     assert a.coordinator._view.members == ("a",)
     assert b.coordinator._view.members == ("b",)
     assert not [v for v in world.violations if v.kind == "exclusive"]
+
+
+def test_the_fence_holds_until_ownership_is_verified() -> None:
+    """Defect 8: the fence resumed even when reading the rows to verify them had failed."""
+    world = _world()
+    node = world.add_node("a")
+    assert node is not None
+    _settle(world)
+    node.client.faults.is_partitioned = True
+    world.run_until(world.now + 25.0)  # the budget (timeout - margin = 20 s) ran out
+    assert node.coordinator.snapshot().is_fenced and node.engine.is_paused
+    table: Any = node.coordinator._table
+    original = table.ownership
+
+    def unreadable() -> Any:
+        raise client_error("ThrottlingException", "rate exceeded")
+
+    table.ownership = unreadable
+    node.client.faults.is_partitioned = False
+    world.run_until(world.now + 15.0)  # heartbeats succeed, the rows cannot be read
+    assert node.coordinator.snapshot().is_fenced and node.engine.is_paused
+    table.ownership = original
+    world.run_until(world.now + 15.0)
+    assert not node.coordinator.snapshot().is_fenced and not node.engine.is_paused
