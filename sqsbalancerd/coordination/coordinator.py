@@ -311,7 +311,7 @@ class DynamoCoordinator:
         members = tuple(sorted(r.instance_id for r in in_ring))
         if self.instance_id not in members and not self._is_draining:
             members = tuple(sorted({*members, self.instance_id}))
-        mine = queues_hash(self._queues)
+        mine = self._membership.queues_hash
         # "" is a member of a version that does not publish it: it cannot disagree.
         self._peers_agree = all(r.queues_hash in ("", mine) for r in in_ring)
         self._note_view(members=members)

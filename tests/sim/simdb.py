@@ -263,6 +263,7 @@ class SimDynamoDB:
     ) -> None:
         self._now = now
         self.items: dict[str, dict[Key, Item]] = {}
+        self._sizes: dict[int, tuple[Item, int]] = {}  # id(item) -> (item, bytes)
         self.read_units_s = read_units_s
         self.write_units_s = write_units_s
         self.page_items = page_items
@@ -275,6 +276,20 @@ class SimDynamoDB:
             return self.items[name]
         except KeyError:
             raise client_error("ResourceNotFoundException", f"table {name} not found") from None
+
+    def size_of(self, item: Item | None) -> int:
+        """item_bytes, remembered per stored item (stored items are replaced, not changed,
+        except by a hand edit, whose size drift only the metering would see)."""
+        if item is None:
+            return 0
+        cached = self._sizes.get(id(item))
+        if cached is not None and cached[0] is item:
+            return cached[1]
+        size = item_bytes(item)
+        if len(self._sizes) > 100_000:
+            self._sizes.clear()
+        self._sizes[id(item)] = (item, size)
+        return size
 
     def spend(self, pk: str, kind: str, units: float) -> None:
         """Charge a partition; throttle beyond its per-second limit (DynamoDB's code)."""
@@ -375,7 +390,7 @@ class SimClient:
             table = self._db.table(kw["TableName"])
             item = _copy(kw["Item"])
             key = (item["pk"]["S"], item["sk"]["S"])
-            self._charge_write(key, max(item_bytes(item), item_bytes(table.get(key))))
+            self._charge_write(key, max(item_bytes(item), self._db.size_of(table.get(key))))
             self._check(kw, table.get(key))
             table[key] = item
             return {}
@@ -387,7 +402,7 @@ class SimClient:
             table = self._db.table(kw["TableName"])
             key = (kw["Key"]["pk"]["S"], kw["Key"]["sk"]["S"])
             current = table.get(key)
-            self._charge_write(key, item_bytes(current) or 1)
+            self._charge_write(key, self._db.size_of(current) or 1)
             self._check(kw, current)
             item = _copy(current) if current else _copy(kw["Key"])
             names, values = (
@@ -406,7 +421,7 @@ class SimClient:
         def apply() -> dict[str, Any]:
             table = self._db.table(kw["TableName"])
             key = (kw["Key"]["pk"]["S"], kw["Key"]["sk"]["S"])
-            self._charge_write(key, item_bytes(table.get(key)) or 1)
+            self._charge_write(key, self._db.size_of(table.get(key)) or 1)
             self._check(kw, table.get(key))
             table.pop(key, None)
             return {}
@@ -450,7 +465,7 @@ class SimClient:
             elif not condition.evaluate(item):
                 continue
             page.append(_copy(item))
-            size += item_bytes(item)
+            size += self._db.size_of(item)
             last = key
             if size >= PAGE_BYTES or (limit is not None and len(page) >= limit):
                 break

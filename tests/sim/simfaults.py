@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simdb import Faults, Meter
-from simworld import DAY_S, TABLE, Settings, Violation, World
+from simworld import DAY_S, TABLE, Node, Settings, Violation, World
 
 from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS
 
 INTERVAL_S = 10.0  # the defaults: heartbeat_interval, heartbeat_timeout, rebalance_delay
 TIMEOUT_S = 30.0
@@ -23,8 +24,9 @@ DELAY_S = 30.0
 DISCOVERY_S = 60.0
 VIRTUAL_NODES = 16  # small rings keep 2,000 schedules fast; the ring itself is tested apart
 # Once faults stop: discovery agrees within one refresh, a dead owner is judged within a
-# timeout, a plan waits the delay, then a handoff takes a few rounds.
-SETTLE_BOUND_S = DISCOVERY_S + TIMEOUT_S + DELAY_S + 12 * INTERVAL_S
+# timeout, a plan waits the delay (twice: once more when the queue sets come to agree),
+# then a handoff takes a few rounds.
+SETTLE_BOUND_S = DISCOVERY_S + TIMEOUT_S + 2 * DELAY_S + 12 * INTERVAL_S
 HOLD_S = 4 * INTERVAL_S  # settled must last this long at the end
 
 KINDS = (
@@ -254,9 +256,20 @@ def settle_until(world: World, end_s: float) -> None:
             since is not None
             and world.now - since >= 3 * INTERVAL_S
             and all(n.next_discovery_s - n.discovery_every_s >= end_s for n in nodes)
+            and all(swept_since(n, end_s) for n in nodes)
             and not any(n.coordinator.is_following_handoff for n in nodes)
+            # No plan pending (a view change still inside its rebalance_delay).
+            and all(n.coordinator._applied == n.coordinator._view.key for n in nodes)
         ):
             return
+
+
+def swept_since(node: Node, since_s: float) -> bool:
+    """The node swept after world time `since_s` (what a sweep repairs is part of settling)."""
+    coordinator = node.coordinator
+    last_sweep = coordinator._next_sweep_s - SWEEP_ROUNDS * coordinator._interval_s
+    offset = node.clock.monotonic() - node.clock._world.now
+    return last_sweep >= since_s + offset
 
 
 def check_quiet_table(world: World, writes_before_hold: int) -> None:
@@ -282,7 +295,9 @@ def run(
 ) -> Result:
     rng = random.Random(seed)
     end = faults_end_s if faults_end_s is not None else rng.uniform(100, 250)
-    world = World(seed, settings or Settings(coordination=coordination()))
+    # Small pages in one schedule of five (a stream of its own: the schedule stays the same).
+    page_items = 3 if random.Random(seed ^ 0x5EED).random() < 0.2 else None
+    world = World(seed, settings or Settings(coordination=coordination()), page_items=page_items)
     schedule = Schedule(world, kinds=kinds)
     schedule.build(end)
     world.run_until(end)

@@ -256,7 +256,7 @@ class World:
     def _wake_at(self, node: Node) -> float:
         times = [node.next_round_s, node.next_discovery_s, *node.engine.draining.values()]
         budget = node.coordinator.receive_budget_s()
-        if budget is not None and budget > 0 and not node.coordinator.snapshot().is_fenced:
+        if budget is not None and budget > 0 and not node.coordinator._is_fenced:
             times.append(self.now + budget + 1e-6)
         return max(min(times), node.paused_until_s)
 
