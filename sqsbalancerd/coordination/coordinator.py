@@ -295,13 +295,15 @@ class DynamoCoordinator:
             "lost our member row (judged dead, or removed); rejoining as a new incarnation",
             extra={"instance": self.instance_id, "queues": len(self._holdings.leases)},
         )
-        self._membership.rejoin()  # DuplicateInstanceError: a live process has our id
+        # Give up first: the registration below may fail, or succeed with its answer lost
+        # (the next heartbeat then renews the new epoch) — either way we hold nothing.
         self._target = frozenset()
         self._handoff = None
         self._applied = None
         self._holdings.releasing |= set(self._holdings.leases)
         self._push_owned()
         self._view = _View(self._view.members, self._view.queues, self._round_started_s)
+        self._membership.rejoin()  # DuplicateInstanceError: a live process has our id
 
     def _observe_members(self) -> None:
         records = self._table.members()
