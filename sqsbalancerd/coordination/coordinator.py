@@ -447,13 +447,12 @@ class DynamoCoordinator:
     # -- sweep ----------------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        """Once every SWEEP_ROUNDS outside a handoff read the rows; whenever they were read
-        this round, act on what differs from what we believe (see sweep.py)."""
+        """Once every SWEEP_ROUNDS outside a handoff: read the rows and act on what differs
+        from what we believe (see sweep.py). A handoff follows the rows on its own."""
         is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
-        if self._is_draining or self._is_fenced or not (is_due or self._round_rows is not None):
+        if self._is_draining or self._is_fenced or not is_due:
             return
-        if is_due:
-            self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
+        self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
         holdings = self._holdings
         found = inspect(
             self._rows(),
