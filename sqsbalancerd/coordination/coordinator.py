@@ -448,9 +448,13 @@ class DynamoCoordinator:
 
     def _sweep(self) -> None:
         """Once every SWEEP_ROUNDS outside a handoff: read the rows and act on what differs
-        from what we believe (see sweep.py). A handoff follows the rows on its own."""
+        from what we believe (see sweep.py). A handoff follows the rows on its own; in its
+        rounds only what we hold is checked."""
         is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
-        if self._is_draining or self._is_fenced or not is_due:
+        if self._is_draining or self._is_fenced or not (is_due or self._round_rows is not None):
+            return
+        if not is_due:
+            self._check_holdings()  # a handoff read the rows: guard what we hold, no more
             return
         self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
         holdings = self._holdings
@@ -469,6 +473,21 @@ class DynamoCoordinator:
             logger.info("sweep found queues without a live owner; planning again")
             self._plan(self._owners())
             self._handoff = _Handoff(planned_at_s=self._round_started_s)
+
+    def _check_holdings(self) -> None:
+        """Rows a handoff read this round: stop on a held row taken, rewrite one deleted
+        under us (an acquirer waiting for a vanished row must find it back)."""
+        found = inspect(
+            self._rows(),
+            me=self.instance_id,
+            held=self._holdings.leases,
+            unreleased=self._holdings.unreleased,
+            wanted=self._target,
+            known=self._queues,
+            members=set(self._view.members),
+            is_dead=self._liveness.is_dead,
+        )
+        self._apply_sweep(SweepFindings(lost=found.lost, missing=found.missing))
 
     def _apply_sweep(self, found: SweepFindings) -> None:
         holdings = self._holdings
