@@ -6,7 +6,7 @@ rolling deploy (a tenth of the instances replaced every minute: graceful leave, 
 joins). The simulated table meters every request in read and write units as DynamoDB
 bills them, and the busiest partition's units per second.
 
-    python -m bench.sim_cost 10 100        # markdown table on stdout
+    python -m bench.sim_cost 10 30         # markdown table on stdout
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> None:
             print(f"{name}: {seconds:.1f} s (worst of 30 seeds)")
         return
     costs: list[Cost] = []
-    for count in [int(a) for a in argv] or [10, 100]:
+    for count in [int(a) for a in argv] or [10, 30]:
         started = time.monotonic()
         costs.extend(measure(count))
         print(f"{count} instances simulated in {time.monotonic() - started:.0f} s", file=sys.stderr)
