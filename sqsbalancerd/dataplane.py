@@ -11,7 +11,9 @@ CA bundle, timeouts and connection pool apply).
 
 Anything that is not a plain 200 — an error response, a timeout, a dropped connection — is
 sent again through the boto3 client, which retries with its configured mode and raises the
-usual `ClientError`; callers see exactly what boto3 would have given them. A caller that
+usual `ClientError`; callers see exactly what boto3 would have given them. (The poller's
+`before-send` hook checks the receive budget before each of those attempts: a fenced
+instance's fallback or retry raises `ReceiveFenced` instead of polling.) A caller that
 retries on its own (the acks thread) asks for `resend_errors=False` instead: the failure is
 raised at once as the `ClientError` or botocore connection error boto3 would raise. Every
 other attribute is the boto3 client's. Off with `sqs.lean_requests = false`.

@@ -26,6 +26,8 @@ at the same time.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import threading
 from collections import deque
@@ -38,6 +40,7 @@ from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
 from sqsbalancerd.coordination.ring import capacity, rebalance
+from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
     ConditionFailed,
@@ -47,7 +50,7 @@ from sqsbalancerd.coordination.table import (
     TableGone,
 )
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
-from sqsbalancerd.errors import AwsUnavailableError, SqsBalancerError
+from sqsbalancerd.errors import AwsUnavailableError, DuplicateInstanceError, SqsBalancerError
 from sqsbalancerd.stats import CoordinationStats
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,9 @@ STALL_ROUNDS = 3
 # A row left free this many rounds (plans disagreed) is taken by a following instance with
 # room, whatever its plan says: a queue must not wait for the next view change.
 ORPHAN_ROUNDS = 2 * STALL_ROUNDS
+# Not having read the member rows for longer than this (rounds are one interval apart)
+# makes us restart every peer's liveness clock: our blindness is not their death.
+BLIND_ROUNDS = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,21 @@ class _View:
     members: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()
     changed_at_s: float = 0.0
+    # Every live member reports our queue set: only then may balance move a queue.
+    is_agreed: bool = True
+
+    @property
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        return self.members, self.queues, self.is_agreed
+
+
+def ring_signature(settings: CoordinationSettings) -> str:
+    """The ring parameters a member plans with, as published in its row."""
+    return f"{settings.virtual_nodes}/{settings.load_factor!r}"
+
+
+def queues_hash(queues: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(queues)).encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -92,6 +113,9 @@ class _Handoff:
 class _Holdings:
     leases: dict[str, int] = field(default_factory=dict)  # queue -> lease we hold
     releasing: set[str] = field(default_factory=set)  # draining in the engine
+    # Drained, but the release failed (throttled, say): the row still names us, so the
+    # planned owner waits for it. Retried until it succeeds or the row is not ours.
+    unreleased: dict[str, int] = field(default_factory=dict)
     # Appended from the engine's thread without our lock (a slow DynamoDB call holds it).
     drained: deque[str] = field(default_factory=deque)
 
@@ -125,14 +149,19 @@ class DynamoCoordinator:
             clock=clock,
             heartbeat_interval_s=settings.heartbeat_interval,
             heartbeat_timeout_s=settings.heartbeat_timeout,
+            ring=ring_signature(settings),
         )
-        self._liveness = LivenessTracker(clock, timeout_s=settings.heartbeat_timeout)
+        self._liveness = LivenessTracker(
+            clock,
+            timeout_s=settings.heartbeat_timeout,
+            blind_after_s=BLIND_ROUNDS * settings.heartbeat_interval,
+        )
         self._lock = threading.RLock()  # table I/O and state: loop thread vs main thread
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._queues: dict[str, QueueInfo] = {}
         self._view = _View()
-        self._applied: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._applied: tuple[tuple[str, ...], tuple[str, ...], bool] | None = None
         self._target: frozenset[str] = frozenset()
         self._release_at_s = 0.0
         self._handoff: _Handoff | None = None
@@ -144,6 +173,16 @@ class DynamoCoordinator:
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
+        self._latest_wall_s = 0.0
+        self._peers_agree = True
+        self._interval_s = settings.heartbeat_interval
+        self._next_sweep_s = 0.0
+        self._rows_seen: set[str] = set()
+        self._missing_since: dict[str, float] = {}
+        # A holder sweeps at least this often, then rewrites a row deleted under it.
+        self._vanished_wait_s = (
+            (SWEEP_ROUNDS + 1) * self._interval_s + settings.heartbeat_timeout
+        )  # the latest heartbeat time any member recorded
         # Views are stamped with the start of the round that saw them, so the delay is
         # counted in whole rounds (which start `interval` apart), not skewed by call latency.
         self._round_started_s = clock.monotonic()
@@ -187,6 +226,7 @@ class DynamoCoordinator:
     def on_discovered(self, result: DiscoveryResult) -> None:
         with self._lock:
             self._queues = {info.name: info for info in result.matched}
+            self._membership.queues_hash = queues_hash(self._queues)
         self._wake.set()
 
     def on_released(self, queue_name: str) -> None:
@@ -208,9 +248,11 @@ class DynamoCoordinator:
         """After the engine drained: release every row we hold, remove our member row."""
         self._stop.set()
         with self._lock:
-            for queue, lease in sorted(self._holdings.leases.items()):
-                self._release_row(queue, lease)
+            held = {**self._holdings.unreleased, **self._holdings.leases}
+            for queue, lease in sorted(held.items()):
+                self._release_row(queue, lease)  # what fails frees when we are judged dead
             self._holdings.leases.clear()
+            self._holdings.unreleased.clear()
             self._membership.leave()
         logger.info("left the cluster", extra={"instance": self.instance_id})
 
@@ -225,32 +267,55 @@ class DynamoCoordinator:
                 self._observe_members()
                 self._remove_dead_rows()
                 self.reconcile_released()
+                self._retry_releases()
                 self._rebalance_if_settled()
                 self._follow_handoff()
+                self._sweep()
                 self._give_up_untargeted()
-            except TableGone as exc:
+            except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
-            except ConditionFailed:
-                self._fail(
-                    f'instance "{self.instance_id}" lost its identity in the table '
-                    "(another instance took it over after judging it dead)"
-                )
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
                 logger.warning("coordination round failed", extra={"error": describe_error(exc)})
             self._check_fence()
 
     def _renew(self) -> None:
         started = self._clock.monotonic()
-        self._membership.heartbeat()
+        try:
+            self._membership.heartbeat(ttl_floor_wall=self._latest_wall_s)
+        except ConditionFailed:
+            self._rejoin()
         self._renewed_at_s = started
         self._control.renewed()
+
+    def _rejoin(self) -> None:
+        """Our row was removed (we were judged dead during a partition, or TTL or a hand
+        deleted it). Peers may have taken our queues: give every one up (drained, then
+        released if the row is still ours), register as a new incarnation, plan again."""
+        logger.warning(
+            "lost our member row (judged dead, or removed); rejoining as a new incarnation",
+            extra={"instance": self.instance_id, "queues": len(self._holdings.leases)},
+        )
+        # Give up first: the registration below may fail, or succeed with its answer lost
+        # (the next heartbeat then renews the new epoch) — either way we hold nothing.
+        self._target = frozenset()
+        self._handoff = None
+        self._applied = None
+        self._holdings.releasing |= set(self._holdings.leases)
+        self._push_owned()
+        self._view = _View(self._view.members, self._view.queues, self._round_started_s)
+        self._membership.rejoin()  # DuplicateInstanceError: a live process has our id
 
     def _observe_members(self) -> None:
         records = self._table.members()
         self._liveness.observe(records)
-        members = tuple(sorted(r.instance_id for r in records if self._counts_in_ring(r)))
+        self._latest_wall_s = max([self._latest_wall_s, *(r.heartbeat_at for r in records)])
+        in_ring = [r for r in records if self._counts_in_ring(r)]
+        members = tuple(sorted(r.instance_id for r in in_ring))
         if self.instance_id not in members and not self._is_draining:
             members = tuple(sorted({*members, self.instance_id}))
+        mine = self._membership.queues_hash
+        # "" is a member of a version that does not publish it: it cannot disagree.
+        self._peers_agree = all(r.queues_hash in ("", mine) for r in in_ring)
         self._note_view(members=members)
 
     def _counts_in_ring(self, record: MemberRecord) -> bool:
@@ -263,6 +328,19 @@ class DynamoCoordinator:
                         "instance": record.instance_id,
                         "protocol": record.protocol,
                         "ours": PROTOCOL_VERSION,
+                    },
+                )
+            return False
+        if record.ring and record.ring != self._membership.ring:
+            if record.instance_id not in self._incompatible_seen:
+                self._incompatible_seen.add(record.instance_id)
+                logger.error(
+                    "instance with other ring parameters (virtual_nodes/load_factor); "
+                    "not planning with it",
+                    extra={
+                        "instance": record.instance_id,
+                        "ring": record.ring,
+                        "ours": self._membership.ring,
                     },
                 )
             return False
@@ -289,26 +367,29 @@ class DynamoCoordinator:
     def _note_view(self, *, members: tuple[str, ...] | None = None) -> None:
         queues = tuple(sorted(self._queues))
         members = members if members is not None else self._view.members
-        if (members, queues) != (self._view.members, self._view.queues):
-            self._view = _View(members, queues, self._round_started_s)
+        agreed = self._peers_agree
+        if (members, queues, agreed) != self._view.key:
+            self._view = _View(members, queues, self._round_started_s, agreed)
 
     # -- assignment -----------------------------------------------------------------------
 
     def _rebalance_if_settled(self) -> None:
         self._note_view()
-        view = (self._view.members, self._view.queues)
+        view = self._view.key
         settled = self._round_started_s - self._view.changed_at_s >= self._settings.rebalance_delay
         if not settled or view == self._applied:
             return
-        if self._applied is not None:
-            self._rebalances += 1
-        self._applied = view
         if self._is_draining:
             self._target = frozenset()
             self._release_at_s = self._round_started_s
-            return
-        self._plan(self._owners())
-        self._handoff = _Handoff(planned_at_s=self._round_started_s)
+        else:
+            # Reading the rows may fail (throttled): the view counts as applied only once
+            # planned, or it would never be planned at all.
+            self._plan(self._owners())
+            self._handoff = _Handoff(planned_at_s=self._round_started_s)
+        if self._applied is not None:
+            self._rebalances += 1
+        self._applied = view
 
     def _plan(self, owners: dict[str, str]) -> None:
         diff = plan(
@@ -321,6 +402,12 @@ class DynamoCoordinator:
             load_factor=self._settings.load_factor,
         )
         self._target = diff.owned_after
+        if not self._view.is_agreed:
+            # Members see different queue sets (discovery is not synchronised): moving a
+            # queue for balance now would move it back once they agree. Keep what we hold
+            # and take only free rows; the balance moves wait for agreement.
+            held = {q for q in self._holdings.leases if q in self._queues}
+            self._target |= frozenset(held) | self._free_known(owners)
         interval = self._settings.heartbeat_interval
         self._release_at_s = self._round_started_s + RELEASE_DELAY_ROUNDS * interval
         logger.info(
@@ -334,11 +421,119 @@ class DynamoCoordinator:
             },
         )
 
+    def _free_known(self, owners: dict[str, str]) -> frozenset[str]:
+        """Queues we know whose rows name no live member, up to our share."""
+        members = set(self._view.members)
+        free = sorted(q for q in self._queues if owners.get(q) not in members)
+        room = capacity(
+            queue_count=len(self._queues),
+            member_count=max(1, len(members)),
+            load_factor=self._settings.load_factor,
+        ) - len(self._target)
+        return frozenset(free[: max(0, room)])
+
     def _rows(self) -> dict[str, OwnershipRecord]:
         """The ownership rows, read at most once a round (a paginated query of every row)."""
         if self._round_rows is None:
             self._round_rows = self._table.ownership()
+            now = self._round_started_s
+            for queue in self._rows_seen - set(self._round_rows):
+                self._missing_since.setdefault(queue, now)
+            for queue in self._round_rows:
+                self._missing_since.pop(queue, None)
+            self._rows_seen |= set(self._round_rows)
         return self._round_rows
+
+    # -- sweep ----------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Once every SWEEP_ROUNDS outside a handoff: read the rows and act on what differs
+        from what we believe (see sweep.py). A handoff follows the rows on its own; in its
+        rounds only what we hold is checked."""
+        is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
+        if self._is_draining or self._is_fenced or not (is_due or self._round_rows is not None):
+            return
+        if not is_due:
+            self._check_holdings()  # a handoff read the rows: guard what we hold, no more
+            return
+        self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
+        holdings = self._holdings
+        found = inspect(
+            self._rows(),
+            me=self.instance_id,
+            held=holdings.leases,
+            unreleased=holdings.unreleased,
+            wanted=self._target,
+            known=self._queues,
+            members=set(self._view.members),
+            is_dead=self._liveness.is_dead,
+        )
+        self._apply_sweep(found)
+        if found.needs_plan and self._handoff is None and self._applied == self._view.key:
+            logger.info("sweep found queues without a live owner; planning again")
+            self._plan(self._owners())
+            self._handoff = _Handoff(planned_at_s=self._round_started_s)
+
+    def _check_holdings(self) -> None:
+        """Rows a handoff read this round: stop on a held row taken, rewrite one deleted
+        under us (an acquirer waiting for a vanished row must find it back)."""
+        found = inspect(
+            self._rows(),
+            me=self.instance_id,
+            held=self._holdings.leases,
+            unreleased=self._holdings.unreleased,
+            wanted=self._target,
+            known=self._queues,
+            members=set(self._view.members),
+            is_dead=self._liveness.is_dead,
+        )
+        self._apply_sweep(SweepFindings(lost=found.lost, missing=found.missing))
+
+    def _apply_sweep(self, found: SweepFindings) -> None:
+        holdings = self._holdings
+        for queue in sorted(found.lost):
+            logger.warning("our ownership row names another owner; stopped", extra={"queue": queue})
+            del holdings.leases[queue]
+        for queue in sorted(found.missing):
+            self._holdings.leases.pop(queue)
+            self._rewrite_row(queue)
+        for queue in sorted(found.repair):
+            holdings.unreleased.pop(queue, None)
+            if self._rewrite_row(queue) and queue not in self._target:
+                holdings.unreleased[queue] = holdings.leases.pop(queue)
+        holdings.leases.update(found.adopt)
+        holdings.unreleased.update(found.disown)  # released by _retry_releases
+        for queue, lease in sorted(found.stale.items()):
+            with contextlib.suppress(ConditionFailed):
+                self._table.delete_ownership(queue, lease=lease)
+                self._note_row(queue, None, None)
+                logger.info(
+                    "removed the row of a queue that no longer exists", extra={"queue": queue}
+                )
+        if found.lost or found.missing or found.adopt or found.repair:
+            self._push_owned()
+
+    def _rewrite_row(self, queue: str) -> bool:
+        """A row of ours deleted or damaged by hand: write it again (before anyone may take
+        it: an acquirer waits `_vanished_wait_s` for a row it saw vanish), or stop."""
+        info = self._queues.get(queue)
+        if info is None:
+            return False
+        previous = self._rows().get(queue)  # None, or ours with a damaged lease
+        try:
+            lease = self._table.acquire(
+                queue,
+                info.url,
+                owner=self.instance_id,
+                previous=previous,
+                now_wall=self._clock.wall(),
+            )
+            self._holdings.leases[queue] = lease
+            self._note_row(queue, self.instance_id, lease)
+        except ConditionFailed:
+            logger.warning("our ownership row was taken; stopped", extra={"queue": queue})
+            return False
+        return True
 
     def _owners(self) -> dict[str, str]:
         owners = {queue: row.owner for queue, row in self._rows().items() if row.owner}
@@ -362,12 +557,17 @@ class DynamoCoordinator:
             return  # planned from these very rows this round
         members, queues = self._view.members, self._view.queues
         current = {queue: owners.get(queue) for queue in queues}
-        settled = all(owner in members for owner in current.values()) and current == rebalance(
-            queues,
-            members,
-            owners,
-            virtual_nodes=self._settings.virtual_nodes,
-            load_factor=self._settings.load_factor,
+        is_owned = all(owner in members for owner in current.values())
+        settled = is_owned and (
+            not self._view.is_agreed
+            or current
+            == rebalance(
+                queues,
+                members,
+                owners,
+                virtual_nodes=self._settings.virtual_nodes,
+                load_factor=self._settings.load_factor,
+            )
         )
         # A queue we are still draining frees its row later: keep following until it has.
         if settled and not self._holdings.releasing & set(queues):
@@ -418,6 +618,10 @@ class DynamoCoordinator:
         self._push_owned()
 
     def _try_acquire(self, queue: str, row: OwnershipRecord | None) -> None:
+        missing_since = self._missing_since.get(queue)
+        vanished_s = None if missing_since is None else self._round_started_s - missing_since
+        if row is None and vanished_s is not None and vanished_s < self._vanished_wait_s:
+            return  # a row we saw vanish: its holder may still consume (see _sweep)
         if row is not None and row.owner and row.owner != self.instance_id:
             if not self._liveness.is_dead(row.owner):
                 return  # its owner is alive: it drains the queue and releases the row
@@ -436,31 +640,57 @@ class DynamoCoordinator:
         except ConditionFailed:
             return  # someone changed it since we read it; look again next round
         self._holdings.leases[queue] = lease
+        self._note_row(queue, self.instance_id, lease)
+
+    def _note_row(self, queue: str, owner: str | None, lease: int | None) -> None:
+        """Keep this round's copy of the rows true to our own writes (the sweep reads it)."""
+        rows = self._round_rows
+        if rows is None:
+            return
+        if lease is None:
+            rows.pop(queue, None)
+            return
+        url = self._queues[queue].url if queue in self._queues else ""
+        rows[queue] = OwnershipRecord(queue, url, owner, lease, self._clock.wall())
 
     def reconcile_released(self) -> None:
         with self._lock:
-            while self._holdings.drained:
-                queue = self._holdings.drained.popleft()
-                self._holdings.releasing.discard(queue)
-                lease = self._holdings.leases.pop(queue, None)
-                if lease is not None:
-                    self._release_row(queue, lease)
+            holdings = self._holdings
+            while holdings.drained:
+                queue = holdings.drained.popleft()
+                holdings.releasing.discard(queue)
+                lease = holdings.leases.pop(queue, None)
+                if lease is not None and not self._release_row(queue, lease):
+                    holdings.unreleased[queue] = lease
 
-    def _release_row(self, queue: str, lease: int) -> None:
+    def _retry_releases(self) -> None:
+        """Once a round (not between rounds: a throttled table gets no faster for it)."""
+        for queue, lease in sorted(self._holdings.unreleased.items()):
+            if self._release_row(queue, lease):
+                del self._holdings.unreleased[queue]
+
+    def _release_row(self, queue: str, lease: int) -> bool:
+        """Release (or, for a deleted queue, delete) our row; False to try again later."""
         try:
             if queue in self._queues:
                 self._table.release(
                     queue, owner=self.instance_id, lease=lease, now_wall=self._clock.wall()
                 )
+                self._note_row(queue, None, lease + 1)
             else:
                 self._table.delete_ownership(queue, lease=lease)  # the queue is gone
+                self._note_row(queue, None, None)
         except ConditionFailed:
             logger.warning("ownership row changed before release", extra={"queue": queue})
+        except TableGone:
+            raise
         except Exception as exc:
             logger.warning(
-                "could not release a queue; it frees when we are judged dead",
+                "could not release a queue; retrying",
                 extra={"queue": queue, "error": describe_error(exc)},
             )
+            return False
+        return True
 
     def _push_owned(self) -> None:
         consuming = set(self._holdings.leases) - self._holdings.releasing
@@ -483,38 +713,41 @@ class DynamoCoordinator:
         return self._next_round_s - self._clock.monotonic()
 
     def _check_fence(self) -> None:
-        budget = self.receive_budget_s()
-        fenced = budget is not None and budget <= 0
-        if fenced and not self._is_fenced:
-            self._is_fenced = True
-            self._control.pause()
-            logger.error(
-                "heartbeat not renewed in time; stopped receiving (self-fenced)",
-                extra={"instance": self.instance_id},
-            )
-        elif not fenced and self._is_fenced:
-            self._is_fenced = False
-            self._drop_lost_leases()
-            self._control.resume()
-            logger.warning(
-                "heartbeat renewed; receiving again", extra={"instance": self.instance_id}
-            )
+        with self._lock:  # _drop_lost_leases changes the holdings (and reads the table)
+            budget = self.receive_budget_s()
+            fenced = budget is not None and budget <= 0
+            if fenced and not self._is_fenced:
+                self._is_fenced = True
+                self._control.pause()
+                logger.error(
+                    "heartbeat not renewed in time; stopped receiving (self-fenced)",
+                    extra={"instance": self.instance_id},
+                )
+            elif not fenced and self._is_fenced and self._drop_lost_leases():
+                self._is_fenced = False
+                self._control.resume()
+                logger.warning(
+                    "heartbeat renewed; receiving again", extra={"instance": self.instance_id}
+                )
 
-    def _drop_lost_leases(self) -> None:
-        """After a fence: keep consuming only the queues whose rows are still ours."""
+    def _drop_lost_leases(self) -> bool:
+        """After a fence: keep consuming only the queues whose rows are still ours. False
+        when the rows could not be read: we stay fenced and try again (issue 11, defect 8)."""
         try:
             rows = self._table.ownership()
         except Exception as exc:
             logger.warning(
-                "could not verify ownership after a fence", extra={"error": describe_error(exc)}
+                "could not verify ownership after a fence; still fenced",
+                extra={"error": describe_error(exc)},
             )
-            return
+            return False
         for queue, lease in list(self._holdings.leases.items()):
             row = rows.get(queue)
             if row is None or row.owner != self.instance_id or row.lease != lease:
                 logger.warning("lost a queue while fenced", extra={"queue": queue})
                 del self._holdings.leases[queue]
         self._push_owned()
+        return True
 
     # -- views ----------------------------------------------------------------------------
 

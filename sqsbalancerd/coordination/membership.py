@@ -30,44 +30,81 @@ logger = logging.getLogger(__name__)
 class _Seen:
     record: MemberRecord
     changed_at_s: float
+    has_row: bool = True
 
 
 class LivenessTracker:
-    def __init__(self, clock: Clock, *, timeout_s: float) -> None:
+    """Death verdicts that can only come late, never early.
+
+    - A vanished row (deleted by hand, by TTL, by a peer) is not dead at once: it dies a
+      full timeout after its last observed change, like a row that stopped moving.
+    - An observer that could not read for longer than `blind_after_s` restarts every
+      peer's clock: a DynamoDB outage stopped their renewals and our reads alike, and
+      counting our blind period against them would evict the whole fleet.
+    - An owner never seen at all is dead a timeout after we first asked about it.
+    """
+
+    def __init__(
+        self, clock: Clock, *, timeout_s: float, blind_after_s: float | None = None
+    ) -> None:
         self._clock = clock
         self._timeout_s = timeout_s
+        self._blind_after_s = blind_after_s
         self._seen: dict[str, _Seen] = {}
-        self._started_s = clock.monotonic()
+        self._asked_s: dict[str, float] = {}  # never seen: when we first asked
+        self._observed_s: float | None = None
 
     def observe(self, records: Iterable[MemberRecord]) -> None:
         now = self._clock.monotonic()
+        if self._is_blind_since_last(now):
+            self._restart_clocks(now)
+        self._observed_s = now
         current = {r.instance_id: r for r in records}
         for instance_id, record in current.items():
             seen = self._seen.get(instance_id)
-            if seen is None or seen.record.counter != record.counter:
-                # First sight counts as a change: a newcomer gets a full timeout.
+            if seen is None or seen.record.counter != record.counter or not seen.has_row:
+                # First sight (or a row back) counts as a change: a full timeout from now.
                 self._seen[instance_id] = _Seen(record, now)
             else:
                 seen.record = record
-        for instance_id in list(self._seen):
+        for instance_id, seen in list(self._seen.items()):
             if instance_id not in current:
-                del self._seen[instance_id]
+                seen.has_row = False
+                if now - seen.changed_at_s >= 10 * self._timeout_s:
+                    del self._seen[instance_id]  # long dead; forgetting it only delays
+
+    def _is_blind_since_last(self, now: float) -> bool:
+        last, limit = self._observed_s, self._blind_after_s
+        return last is not None and limit is not None and now - last > limit
+
+    def _restart_clocks(self, now: float) -> None:
+        for seen in self._seen.values():
+            seen.changed_at_s = now
+        self._asked_s = dict.fromkeys(self._asked_s, now)
 
     def is_alive(self, instance_id: str) -> bool:
         seen = self._seen.get(instance_id)
-        return seen is not None and self._clock.monotonic() - seen.changed_at_s < self._timeout_s
+        if seen is None or not seen.has_row:
+            return False  # out of the ring (but not dead: see is_dead)
+        return self._clock.monotonic() - seen.changed_at_s < self._timeout_s
 
     def is_dead(self, instance_id: str) -> bool:
         """Safe to take its queues: no counter change (or no row) for a whole timeout."""
+        now = self._clock.monotonic()
         seen = self._seen.get(instance_id)
-        since = seen.changed_at_s if seen else self._started_s
-        return self._clock.monotonic() - since >= self._timeout_s
+        since = seen.changed_at_s if seen else self._asked_s.setdefault(instance_id, now)
+        return now - since >= self._timeout_s
 
     def records(self) -> list[MemberRecord]:
-        return [s.record for s in self._seen.values()]
+        return [s.record for s in self._seen.values() if s.has_row]
 
     def dead_records(self) -> list[MemberRecord]:
-        return [s.record for s in self._seen.values() if self.is_dead(s.record.instance_id)]
+        """Dead members whose rows are still there (to delete, conditional on the counter)."""
+        return [
+            s.record
+            for s in self._seen.values()
+            if s.has_row and self.is_dead(s.record.instance_id)
+        ]
 
 
 class Membership:
@@ -81,6 +118,7 @@ class Membership:
         clock: Clock,
         heartbeat_interval_s: float,
         heartbeat_timeout_s: float,
+        ring: str = "",
     ) -> None:
         self._table = table
         self.instance_id = instance_id
@@ -91,6 +129,8 @@ class Membership:
         self.status = "active"
         self.counter = 0
         self.is_registered = False
+        self.ring = ring  # published: peers refuse to plan with different ring parameters
+        self.queues_hash = ""  # published: balance moves wait until every member agrees
 
     def _record(self, counter: int) -> MemberRecord:
         now = self._clock.wall()
@@ -103,6 +143,8 @@ class Membership:
             protocol=PROTOCOL_VERSION,
             heartbeat_at=now,
             started_at=now,
+            ring=self.ring,
+            queues_hash=self.queues_hash,
         )
 
     def join(self, wait: Callable[[float], bool]) -> None:
@@ -140,10 +182,29 @@ class Membership:
         self.counter = existing.counter + 1
         return None
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, *, ttl_floor_wall: float = 0.0) -> None:
+        """Advance our counter. The row's TTL counts from the latest wall clock among the
+        members (`ttl_floor_wall`), not ours alone: a clock a day behind must not let
+        DynamoDB expire a live member."""
+        now = self._clock.wall()
         self.counter = self._table.heartbeat(
-            self.instance_id, epoch=self.epoch, status=self.status, now_wall=self._clock.wall()
+            self.instance_id,
+            epoch=self.epoch,
+            status=self.status,
+            now_wall=now,
+            ttl_wall=max(now, ttl_floor_wall),
+            queues_hash=self.queues_hash,
         )
+
+    def rejoin(self) -> None:
+        """Our row is gone (judged dead and removed, TTL, a hand): register again as a new
+        incarnation of the same id. A row in its place means a live second process."""
+        self.epoch = uuid.uuid4().hex
+        try:
+            self._table.create_member(self._record(self.counter + 1))
+        except ConditionFailed:
+            raise DuplicateInstanceError(_duplicate_message(self.instance_id)) from None
+        self.counter += 1
 
     def leave(self) -> None:
         if self.is_registered:

@@ -50,6 +50,10 @@ class MemberRecord:
     protocol: int
     heartbeat_at: float
     started_at: float
+    # What the member plans with: instances planning with other ring parameters, or
+    # from another queue set, must not act on each other's plans.
+    ring: str = ""  # "<virtual_nodes>/<load_factor>"; "" from versions before it
+    queues_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,9 @@ class OwnershipRecord:
     owner: str | None
     lease: int
     updated_at: float
+    # The lease as stored when it is not a number (edited by hand): ("", "") when absent,
+    # else its type and value. Such a row is acquired conditional on exactly that.
+    damaged_lease: tuple[str, str] | None = None
 
 
 def _s(value: str) -> dict[str, str]:
@@ -79,18 +86,34 @@ def _member_from_item(item: dict[str, Any]) -> MemberRecord:
         protocol=int(item.get("protocol", {}).get("N", "0")),
         heartbeat_at=float(item.get("heartbeat_at", {}).get("N", "0")),
         started_at=float(item.get("started_at", {}).get("N", "0")),
+        ring=item.get("ring", {}).get("S", ""),
+        queues_hash=item.get("queues_hash", {}).get("S", ""),
     )
 
 
 def _ownership_from_item(item: dict[str, Any]) -> OwnershipRecord:
     owner = item.get("owner", {}).get("S") or None
+    lease, damaged = _lease_of(item.get("lease"))
     return OwnershipRecord(
         queue=item["sk"]["S"].removeprefix(QUEUE_PREFIX),
         queue_url=item.get("queue_url", {}).get("S", ""),
         owner=owner,
-        lease=int(item.get("lease", {}).get("N", "0")),
+        lease=lease,
         updated_at=float(item.get("updated_at", {}).get("N", "0")),
+        damaged_lease=damaged,
     )
+
+
+def _lease_of(value: dict[str, Any] | None) -> tuple[int, tuple[str, str] | None]:
+    if not value:
+        return 0, ("", "")
+    (kind, raw), *_ = value.items()
+    if kind == "N":
+        try:
+            return int(raw), None
+        except ValueError:  # a fraction typed by hand
+            pass
+    return 0, (kind, str(raw))
 
 
 class CoordinationTable:
@@ -172,6 +195,8 @@ class CoordinationTable:
             "heartbeat_at": _n(record.heartbeat_at),
             "started_at": _n(record.started_at),
             "ttl": _n(int(record.heartbeat_at) + MEMBER_TTL_S),
+            "ring": _s(record.ring),
+            "queues_hash": _s(record.queues_hash),
         }
 
     def create_member(self, record: MemberRecord) -> None:
@@ -197,12 +222,25 @@ class CoordinationTable:
         found = item.get("Item")
         return _member_from_item(found) if found else None
 
-    def heartbeat(self, instance_id: str, *, epoch: str, status: str, now_wall: float) -> int:
+    def heartbeat(
+        self,
+        instance_id: str,
+        *,
+        epoch: str,
+        status: str,
+        now_wall: float,
+        ttl_wall: float | None = None,
+        queues_hash: str = "",
+    ) -> int:
         """Advance our counter; ConditionFailed if our identity was taken over."""
+        ttl_from = now_wall if ttl_wall is None else ttl_wall
         response = self._write(
             "update_item",
             Key=self._member_key(instance_id),
-            UpdateExpression="SET #c = #c + :one, heartbeat_at = :now, #s = :status, #t = :ttl",
+            UpdateExpression=(
+                "SET #c = #c + :one, heartbeat_at = :now, #s = :status, #t = :ttl,"
+                " queues_hash = :qh"
+            ),
             ConditionExpression="epoch = :epoch",
             ExpressionAttributeNames={"#c": "counter", "#s": "status", "#t": "ttl"},
             ExpressionAttributeValues={
@@ -210,7 +248,8 @@ class CoordinationTable:
                 ":now": _n(now_wall),
                 ":status": _s(status),
                 ":epoch": _s(epoch),
-                ":ttl": _n(int(now_wall) + MEMBER_TTL_S),
+                ":ttl": _n(int(ttl_from) + MEMBER_TTL_S),
+                ":qh": _s(queues_hash),
             },
             ReturnValues="UPDATED_NEW",
         )
@@ -260,12 +299,16 @@ class CoordinationTable:
     ) -> int:
         """Take a free queue, or one whose owner we judged dead; returns the new lease."""
         lease = (previous.lease if previous else 0) + 1
+        values: dict[str, Any] = {}
         if previous is None:
             condition = "attribute_not_exists(sk)"
-            values: dict[str, Any] = {}
+        elif previous.damaged_lease == ("", ""):
+            condition = "attribute_exists(sk) AND attribute_not_exists(lease)"
+        elif previous.damaged_lease is not None:
+            kind, raw = previous.damaged_lease
+            condition, values = "lease = :lease", {":lease": {kind: raw}}
         else:
-            condition = "lease = :lease"
-            values = {":lease": _n(previous.lease)}
+            condition, values = "lease = :lease", {":lease": _n(previous.lease)}
         item = {
             **self._queue_key(queue),
             "owner": _s(owner),

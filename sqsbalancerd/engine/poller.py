@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import uuid
@@ -43,6 +44,10 @@ MAX_PENDING_ACKS_TOTAL = 10 * BATCH_LIMIT  # for all queues: one thread sends th
 _ACKS_BEHIND_WAIT_S = 0.05
 # Upper bound on how long a receive's answer takes to reach us after SQS hid its messages.
 RECEIVE_LATENCY_MARGIN_S = 1.0
+
+
+class ReceiveFenced(Exception):
+    """A receive attempt (a retry, or the lean path's fallback) found the budget spent."""
 
 
 class ReceiveGate:
@@ -99,6 +104,16 @@ class ReceiveGate:
         allowed = int(budget) - 1  # a second's slack for the request's own round trip
         return None if allowed < 0 else min(wanted_s, allowed)
 
+    def check_attempt(self, request: Any = None, **_: Any) -> None:
+        """botocore's `before-send` hook for ReceiveMessage: every attempt — the first one
+        through boto3, each of its retries, the fallback after a failed lean request — must
+        still fit in the budget, or the retry would receive after we may be judged dead."""
+        budget = self._budget_s()
+        if budget is None:
+            return
+        if int(budget) - 1 < _wait_time_of(request):
+            raise ReceiveFenced(f"receive budget spent ({budget:.1f}s left)")
+
     def _after_imminent_renewal(self, budget: float) -> float:
         """A renewal due in a moment restores the full budget: a short wait for it keeps
         polls long (cut polls would cost up to twice the idle requests)."""
@@ -109,6 +124,27 @@ class ReceiveGate:
             self._renewed.wait(due_s + 1.0)
         renewed = self._budget_s()
         return budget if renewed is None else renewed
+
+
+def _wait_time_of(request: Any) -> int:
+    """WaitTimeSeconds of a prepared ReceiveMessage (JSON protocol); 0 if unreadable."""
+    try:
+        body = request.body
+        params = json.loads(body.decode() if isinstance(body, bytes) else body or "{}")
+        return int(params.get("WaitTimeSeconds", 0))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def fence_receive_attempts(sqs: Any, gate: ReceiveGate) -> None:
+    """Check the gate before every ReceiveMessage attempt botocore makes on this client."""
+    events = getattr(getattr(sqs, "meta", None), "events", None)
+    if events is not None:
+        events.register(
+            "before-send.sqs.ReceiveMessage",
+            gate.check_attempt,
+            unique_id=f"sqsbalancerd-fence-{id(gate)}",
+        )
 
 
 class Poller:
@@ -136,6 +172,7 @@ class Poller:
         self._stats = stats
         self._clock = clock
         self._on_gone = on_gone
+        fence_receive_attempts(sqs, gate)
         self._failures = 0
         self._is_idle = True  # the last receive returned nothing
         self.last_received = 0
@@ -315,6 +352,8 @@ class Poller:
         ]
 
     def _on_error(self, exc: Exception) -> float:
+        if isinstance(exc, ReceiveFenced):
+            return 0.2  # as when the gate refused before the call: wait for a renewal
         code = error_code(exc)
         if isinstance(exc, ClientError) and code in _QUEUE_GONE:
             logger.warning(

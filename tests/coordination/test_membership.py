@@ -111,6 +111,42 @@ def test_a_counter_that_moves_again_resurrects(clock):
     assert tracker.is_alive("a") and not tracker.is_dead("a")
 
 
+def test_a_vanished_row_dies_only_a_timeout_after_its_last_change(clock):
+    """Issue 11, defect 2: a row deleted by hand or by TTL was judged dead at once (against the
+    observer's start), while its owner still received."""
+    tracker = LivenessTracker(clock, timeout_s=TIMEOUT_S)
+    clock.advance(10 * TIMEOUT_S)  # an observer that has run for a while
+    tracker.observe([record(counter=7)])
+    clock.advance(INTERVAL_S)
+    tracker.observe([])  # the row is gone
+    assert not tracker.is_dead("a")
+    assert tracker.dead_records() == []  # no row to delete
+    clock.advance(TIMEOUT_S - INTERVAL_S)
+    assert tracker.is_dead("a")
+
+
+def test_an_owner_never_seen_dies_a_timeout_after_first_asked(clock):
+    tracker = LivenessTracker(clock, timeout_s=TIMEOUT_S)
+    clock.advance(10 * TIMEOUT_S)
+    assert not tracker.is_dead("stranger")
+    clock.advance(TIMEOUT_S)
+    assert tracker.is_dead("stranger")
+
+
+def test_an_observer_blind_for_longer_than_an_interval_restarts_every_clock(clock):
+    """Issue 11, defect 3: after a DynamoDB outage longer than the timeout the first instance
+    to read again saw every counter unchanged and judged the whole fleet dead."""
+    tracker = LivenessTracker(clock, timeout_s=TIMEOUT_S, blind_after_s=1.5 * INTERVAL_S)
+    tracker.observe([record(counter=3)])
+    clock.advance(3 * TIMEOUT_S)  # nobody could write, and we could not read
+    tracker.observe([record(counter=3)])
+    assert tracker.is_alive("a") and not tracker.is_dead("a")
+    for _ in range(int(TIMEOUT_S / INTERVAL_S)):  # now it really stopped, with us watching
+        clock.advance(INTERVAL_S)
+        tracker.observe([record(counter=3)])
+    assert tracker.is_dead("a")
+
+
 @pytest.mark.parametrize("skewed_wall_s", [0.0, 1e8, 1e11, 4e12])
 def test_wall_clock_time_in_the_record_changes_nothing(clock, skewed_wall_s):
     """Clock skew can neither kill a live member nor resurrect a dead one."""
@@ -163,6 +199,32 @@ def test_a_vanished_row_counts_as_dead_once_we_have_watched_for_a_timeout(clock)
 
 
 # -- join, heartbeat, leave -----------------------------------------------------------------
+
+
+def test_ttl_counts_from_the_latest_members_clock_not_ours_alone(table, clock):
+    """Issue 11, defect 2: a wall clock a day behind set a TTL already past, and DynamoDB
+    removed the live member's row."""
+    mine = membership(table, clock)
+    mine.join(advancing(clock))
+    day_s = 86_400.0
+    clock.wall_offset_s -= day_s  # our clock falls a day behind the others
+    mine.heartbeat(ttl_floor_wall=clock.wall() + day_s)  # a peer's latest heartbeat time
+    item = table._db.get_item(TableName="members", Key=table._member_key("a"))["Item"]
+    assert float(item["ttl"]["N"]) >= clock.wall() + day_s + 23 * 3600
+
+
+def test_rejoin_registers_a_new_incarnation_and_refuses_a_live_one(table, clock):
+    mine = membership(table, clock)
+    mine.join(advancing(clock))
+    table.delete_member("a", epoch=mine.epoch)  # judged dead and removed, TTL, a hand
+    with pytest.raises(ConditionFailed):
+        mine.heartbeat()
+    first = mine.epoch
+    mine.rejoin()
+    assert mine.epoch != first and table.get_member("a").epoch == mine.epoch
+    mine.heartbeat()  # renewing again
+    with pytest.raises(DuplicateInstanceError):
+        mine.rejoin()  # the row is there: a live process holds the id
 
 
 def test_join_registers_and_heartbeats_move_the_counter(table, clock):

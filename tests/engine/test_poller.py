@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from botocore.exceptions import EndpointConnectionError
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from enginekit import CallLog, Rig, Throttle, standalone_settings
 from support import FakeClock, wait_until
 
@@ -452,3 +452,26 @@ def test_a_message_received_again_before_its_delete_went_out_is_deleted_not_reru
     [deleted] = log.entries("DeleteMessageBatch")
     assert deleted["ReceiptHandle"] == delivery.message.receipt_handle != first_receipt
     assert rig.depth() == (0, 0)
+
+
+def test_a_retried_receive_is_fenced_once_the_budget_is_spent(moto_sqs):
+    """Issue 11, defect 1: botocore retried a failed ReceiveMessage (5 attempts, each with the
+    same WaitTimeSeconds) without asking the gate, so a fenced instance kept polling."""
+    rig = Rig(moto_sqs, clock=FakeClock(), wait_time_s=5)
+    budget: list[float] = [30.0]
+    rig.gate.set_budget(lambda: budget[0])
+    attempts: list[float] = []
+
+    def time_out_and_spend_the_budget(**_: object) -> None:
+        attempts.append(budget[0])
+        budget[0] = 3.0  # while the attempt hung, peers' clocks ran on: a 5 s poll won't fit
+        raise ReadTimeoutError(endpoint_url=rig.url)
+
+    moto_sqs.meta.events.register("before-send.sqs.ReceiveMessage", time_out_and_spend_the_budget)
+    assert rig.poller.run_once() > 0  # backs off, as when the gate refuses up front
+    assert attempts == [30.0]  # no retry: the gate refused it
+
+    budget[0] = 30.0  # renewed: retries are allowed again while they fit
+    moto_sqs.meta.events.unregister("before-send.sqs.ReceiveMessage", time_out_and_spend_the_budget)
+    rig.send("x")
+    assert rig.receive() == 1

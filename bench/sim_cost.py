@@ -1,0 +1,180 @@
+"""DynamoDB cost of coordination, computed by the deterministic simulation (tests/sim).
+
+N real coordinators at the default timings over the simulated DynamoDB, 20 queues per
+instance; after the cluster settles, a measured window of steady state, then one of a
+rolling deploy (a tenth of the instances replaced every minute: graceful leave, new id
+joins). The simulated table meters every request in read and write units as DynamoDB
+bills them, and the busiest partition's units per second.
+
+    python -m bench.sim_cost 10 30         # markdown table on stdout
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / "sim")]
+
+from simdb import Meter  # noqa: E402
+from simworld import TABLE, Settings, World, quiet  # noqa: E402
+
+from sqsbalancerd.config import CoordinationSettings  # noqa: E402
+
+QUEUES_PER_INSTANCE = 20
+WINDOW_S = 300.0
+# On-demand prices, us-east-1 (since November 2024): per million request units.
+WRITE_PRICE_PER_MILLION = 0.625
+READ_PRICE_PER_MILLION = 0.125
+MINUTES_PER_MONTH = 30 * 24 * 60
+
+
+@dataclass(frozen=True)
+class Cost:
+    instances: int
+    phase: str
+    requests_min: float  # per instance per minute
+    read_units_min: float
+    write_units_min: float
+    peak_read_units_s: float  # busiest partition
+    peak_write_units_s: float
+
+    @property
+    def monthly_usd(self) -> float:
+        """The whole cluster, for a month at this rate."""
+        per_minute = (
+            self.read_units_min * READ_PRICE_PER_MILLION
+            + self.write_units_min * WRITE_PRICE_PER_MILLION
+        ) / 1e6
+        return per_minute * self.instances * MINUTES_PER_MONTH
+
+
+def _total(world: World) -> Meter:
+    total = Meter()
+    for meter in world.meters().values():
+        total.add(meter)
+    return total
+
+
+def _window(world: World, instances: int, phase: str, seconds: float) -> Cost:
+    before = _total(world)
+    world.db.peak_units.clear()
+    world.run_until(world.now + seconds)
+    after = _total(world)
+    minutes = seconds / 60.0
+    per = instances * minutes
+    peaks = world.db.peak_units
+    return Cost(
+        instances,
+        phase,
+        sum((after.requests - before.requests).values()) / per,
+        (after.read_units - before.read_units) / per,
+        (after.write_units - before.write_units) / per,
+        max((v for (_, kind), v in peaks.items() if kind == "r"), default=0.0),
+        max((v for (_, kind), v in peaks.items() if kind == "w"), default=0.0),
+    )
+
+
+def measure(instances: int) -> list[Cost]:
+    world = World(1, Settings(coordination=CoordinationSettings(table_name=TABLE)), page_items=None)
+    world.queues = {f"q-{i:05d}" for i in range(QUEUES_PER_INSTANCE * instances)}
+    rng = random.Random(instances)
+    ids = [f"i{i:04d}" for i in range(instances)]
+    for instance_id in ids:
+        world.at(rng.uniform(0, 10), "start", lambda i=instance_id: world.add_node(i))
+    world.is_checking_settled = True
+    world.run_until(15.0)
+    while world.now < 900 and not (
+        world.is_settled()
+        and not any(n.coordinator.is_following_handoff for n in world.nodes.values())
+    ):
+        world.run_until(world.now + 10)
+    costs = [_window(world, instances, "steady", WINDOW_S)]
+    batch = max(1, instances // 10)
+    for step in range(10):
+        at = world.now + 60.0 * step
+        for offset, old in enumerate(ids[step * batch : (step + 1) * batch]):
+            new = f"{old}-v2"
+            world.at(at + offset * 0.5, "leave", lambda o=old: world.leave(o))
+            world.at(at + offset * 0.5 + 5, "join", lambda n=new: world.add_node(n))
+    costs.append(_window(world, instances, "rolling deploy", 600.0))
+    return costs
+
+
+def _settled_cluster(seed: int, instances: int = 3, queues: int = 12) -> World:
+    world = World(
+        seed, Settings(coordination=CoordinationSettings(table_name=TABLE)), page_items=None
+    )
+    world.queues = {f"q-{i:02d}" for i in range(queues)}
+    rng = random.Random(seed)
+    for index in range(instances):
+        world.at(rng.uniform(0, 10), "start", lambda i=index: world.add_node(f"i{i}"))
+    world.run_until(300.0)
+    world.is_checking_settled = True
+    return world
+
+
+def _time_until(world: World, done: Callable[[], bool], limit_s: float = 600.0) -> float:
+    started = world.now
+    while not done() and world.now - started < limit_s:
+        world.run_until(world.now + 0.5)
+    return world.now - started
+
+
+def _has_share(world: World) -> bool:
+    return world.is_settled() and len(world.nodes["new"].engine.consuming()) >= 12 // 4
+
+
+def bounds(seeds: int = 30) -> dict[str, float]:
+    """Worst case over seeds, at the default timings: a join until the newcomer consumes its
+    share, a SIGKILL until every queue is consumed again, a graceful leave likewise."""
+    worst = {"join": 0.0, "kill": 0.0, "leave": 0.0}
+    for seed in range(seeds):
+        world = _settled_cluster(seed)
+        world.add_node("new")
+        worst["join"] = max(worst["join"], _time_until(world, partial(_has_share, world)))
+        world = _settled_cluster(seed)
+        world.kill("i0")
+        worst["kill"] = max(worst["kill"], _time_until(world, world.is_settled))
+        world = _settled_cluster(seed)
+        world.leave("i0")
+        worst["leave"] = max(worst["leave"], _time_until(world, world.is_settled))
+    return worst
+
+
+def render(costs: list[Cost]) -> str:
+    lines = [
+        "| instances | queues | phase | requests/instance/min | RCU/instance/min | "
+        "WCU/instance/min | busiest partition RCU/s | WCU/s | cluster $/month (on-demand) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in costs:
+        lines.append(
+            f"| {c.instances} | {c.instances * QUEUES_PER_INSTANCE} | {c.phase} | "
+            f"{c.requests_min:.1f} | {c.read_units_min:.1f} | {c.write_units_min:.1f} | "
+            f"{c.peak_read_units_s:.0f} | {c.peak_write_units_s:.0f} | {c.monthly_usd:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    quiet(None)
+    if argv == ["bounds"]:
+        for name, seconds in bounds().items():
+            print(f"{name}: {seconds:.1f} s (worst of 30 seeds)")
+        return
+    costs: list[Cost] = []
+    for count in [int(a) for a in argv] or [10, 30]:
+        started = time.monotonic()
+        costs.extend(measure(count))
+        print(f"{count} instances simulated in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    print(render(costs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
