@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqsbalancerd.aws import (
     THROTTLING_CODES,
@@ -28,7 +28,7 @@ from sqsbalancerd.config import Settings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
 from sqsbalancerd.coordination.standalone import StandaloneCoordinator
 from sqsbalancerd.coordination.table import CoordinationTable
-from sqsbalancerd.dataplane import LeanSqs
+from sqsbalancerd.dataplane import lean_or_plain
 from sqsbalancerd.discovery import Discovery, DiscoveryLoop, DiscoveryResult, QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet
 from sqsbalancerd.engine.workers import Tracing
@@ -169,8 +169,7 @@ class Application:
         client = sqs_client(options, self.stats)
         if not self.settings.sqs.lean_requests:
             return client
-        lean = LeanSqs(client, self.stats, resend_errors=resend_errors)
-        return cast("SQSClient", lean)
+        return lean_or_plain(client, self.stats, resend_errors=resend_errors)
 
     # -- Service --------------------------------------------------------------------------
 

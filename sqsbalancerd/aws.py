@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_SQS and AWS_ENDPOINT_URL_DYNAMODB keep workin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -42,6 +43,15 @@ THROTTLING_CODES = frozenset(
 
 # Seconds a long poll may take beyond WaitTimeSeconds before the read is considered hung.
 LONG_POLL_READ_MARGIN_S = 10.0
+# Named in every request's User-Agent, so AWS-side logs (CloudTrail) show who called.
+def _own_version() -> str:
+    try:
+        return version("sqsbalancerd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+USER_AGENT_PRODUCT = f"sqsbalancerd/{_own_version()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +71,7 @@ class AwsOptions:
 def _boto_config(options: AwsOptions) -> BotoConfig:
     return BotoConfig(
         region_name=options.region,
+        user_agent_extra=USER_AGENT_PRODUCT,
         retries={"mode": options.retry_mode, "total_max_attempts": options.max_attempts},  # type: ignore[arg-type]
         connect_timeout=options.connect_timeout_s,
         read_timeout=options.read_timeout_s,

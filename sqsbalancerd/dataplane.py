@@ -23,26 +23,50 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import botocore
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sqsbalancerd.aws import outcome_for_status
+from sqsbalancerd.aws import USER_AGENT_PRODUCT, outcome_for_status
 from sqsbalancerd.stats import Stats
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
+
+logger = logging.getLogger(__name__)
 
 _TARGET_PREFIX = "AmazonSQS."
 _HEADERS = {
     "Content-Type": "application/x-amz-json-1.0",
     # As botocore sends for SQS (awsQueryCompatible): errors carry the query-API codes.
     "x-amzn-query-mode": "true",
+    "User-Agent": f"{USER_AGENT_PRODUCT} Botocore/{botocore.__version__} lean",
 }
+
+
+class LeanUnavailable(Exception):
+    """The botocore internals the lean path reads are not there (a botocore upgrade)."""
+
+
+def lean_or_plain(
+    client: SQSClient, stats: Stats | None = None, *, resend_errors: bool = True
+) -> SQSClient:
+    """The lean client, or the boto3 client itself (one warning) when this botocore does not
+    have what the lean path reads: a botocore upgrade must slow the daemon, not stop it."""
+    try:
+        return cast("SQSClient", LeanSqs(client, stats, resend_errors=resend_errors))
+    except LeanUnavailable as exc:
+        logger.warning(
+            "sqs.lean_requests: falling back to plain boto3 calls",
+            extra={"error": str(exc), "botocore": botocore.__version__},
+        )
+        return client
 
 
 class LeanSqs:
@@ -60,8 +84,13 @@ class LeanSqs:
         self._region = client.meta.region_name
         # botocore internals, stable for years: the credentials the client signs with
         # (refreshable ones renew in get_frozen_credentials) and its HTTP session.
-        self._credentials = client._request_signer._credentials  # type: ignore[attr-defined]
-        self._http = client._endpoint.http_session  # type: ignore[attr-defined]
+        try:
+            self._credentials = client._request_signer._credentials  # type: ignore[attr-defined]
+            self._http = client._endpoint.http_session  # type: ignore[attr-defined]
+        except AttributeError as exc:
+            raise LeanUnavailable(f"botocore internals missing: {exc}") from None
+        if not callable(getattr(self._http, "send", None)):
+            raise LeanUnavailable("botocore's HTTP session has no send()")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -88,13 +117,15 @@ class LeanSqs:
         try:
             response = self._send(action, params)
         except BotoCoreError:  # the session maps network failures to botocore's errors
-            self._record(action, "network_error")
             if not self._resend_errors:
+                self._record(action, "network_error")
                 raise
-            return dict(fallback(**params))  # boto3 retries and raises as usual
+            # boto3 retries, raises as usual and counts the call's outcome once: as with its
+            # own retries, an attempt that failed before is not a failure of its own.
+            return dict(fallback(**params))
         if response.status_code != 200:
-            self._record(action, outcome_for_status(response.status_code, response.content))
             if not self._resend_errors:
+                self._record(action, outcome_for_status(response.status_code, response.content))
                 raise _client_error(action, response)
             return dict(fallback(**params))
         self._record(action, "ok")

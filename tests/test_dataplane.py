@@ -14,14 +14,15 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from sqsbalancerd.aws import AwsOptions, error_code, is_transient, sqs_client
-from sqsbalancerd.dataplane import LeanSqs
+from sqsbalancerd.dataplane import LeanSqs, lean_or_plain
 from sqsbalancerd.local import free_port
 from sqsbalancerd.stats import Stats
 
 
 def lean_client(endpoint: str, stats: Stats | None = None, *, resend: bool = True) -> LeanSqs:
+    """As the daemon builds it: the boto3 client under it counts its calls in `stats` too."""
     options = AwsOptions(region="us-east-1", endpoint_url=endpoint, max_attempts=2)
-    return LeanSqs(sqs_client(options), stats, resend_errors=resend)
+    return LeanSqs(sqs_client(options, stats), stats, resend_errors=resend)
 
 
 def counted(stats: Stats) -> dict[tuple[str, str, str], int]:
@@ -108,18 +109,21 @@ def test_an_error_goes_through_boto3_and_raises_its_client_error(endpoint):
 
     assert "NonExistentQueue" in str(raised.value) or "QueueDoesNotExist" in str(raised.value)
     calls = counted(stats)
-    assert calls[("sqs", "ReceiveMessage", "client_error")] == 1  # the lean attempt
+    # Once: the lean attempt and boto3's resend are one logical call, like boto3's retries.
+    assert calls == {("sqs", "ReceiveMessage", "client_error"): 1}
 
 
 class Flaky(BaseHTTPRequestHandler):
-    """Answers every request 503 and records its X-Amz-Target."""
+    """Answers every request 503 and records its X-Amz-Target and User-Agent."""
 
     seen: ClassVar[list[str]] = []
+    agents: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         self.rfile.read(length)
         type(self).seen.append(self.headers.get("X-Amz-Target", ""))
+        type(self).agents.append(self.headers.get("User-Agent", ""))
         body = b'{"__type":"ServiceUnavailable","message":"try later"}'
         self.send_response(503)
         self.send_header("Content-Type", "application/x-amz-json-1.0")
@@ -135,6 +139,7 @@ class Flaky(BaseHTTPRequestHandler):
 def failing_sqs() -> Iterator[str]:
     """An endpoint answering every request 503 (Flaky.seen lists them)."""
     Flaky.seen = []
+    Flaky.agents = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     thread = threading.Thread(target=server.serve_forever, name="flaky-sqs", daemon=True)
     thread.start()
@@ -151,7 +156,10 @@ def test_a_server_error_is_retried_by_boto3_with_its_own_attempts(failing_sqs):
         lean.delete_message_batch(QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}])
     # One lean attempt, then boto3's two (max_attempts=2): nothing swallowed, nothing looped.
     assert Flaky.seen == ["AmazonSQS.DeleteMessageBatch"] * 3
-    assert counted(stats)[("sqs", "DeleteMessageBatch", "throttled")] == 1  # 503: slow down
+    # Counted once (503: slow down), not once for the lean attempt and once for boto3's.
+    assert counted(stats) == {("sqs", "DeleteMessageBatch", "throttled"): 1}
+    # Every request names the daemon, the lean one and boto3's alike.
+    assert all("sqsbalancerd/" in agent for agent in Flaky.agents), Flaky.agents
 
 
 def test_without_resending_a_server_error_is_raised_at_once_as_boto3_would(failing_sqs):
@@ -188,3 +196,13 @@ def test_other_attributes_are_the_boto3_clients(sqs, endpoint):
         "QueueArn"
     ].endswith("lean-other")
     assert lean.exceptions.QueueDoesNotExist is not None
+
+
+def test_a_botocore_without_the_internals_falls_back_to_plain_boto3_with_one_warning(
+    endpoint, caplog
+):
+    client = sqs_client(AwsOptions(region="us-east-1", endpoint_url=endpoint))
+    del client._endpoint.http_session  # as a botocore release that renamed it would look
+    assert lean_or_plain(client) is client
+    [line] = [r for r in caplog.records if "falling back to plain boto3" in r.getMessage()]
+    assert "http_session" in line.error
