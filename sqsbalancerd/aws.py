@@ -43,6 +43,8 @@ THROTTLING_CODES = frozenset(
 
 # Seconds a long poll may take beyond WaitTimeSeconds before the read is considered hung.
 LONG_POLL_READ_MARGIN_S = 10.0
+
+
 # Named in every request's User-Agent, so AWS-side logs (CloudTrail) show who called.
 def _own_version() -> str:
     try:

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_LIMIT = 10
+# Backpressure on receiving: while this many operations wait to be sent for one queue (or
+# for all: one thread sends them), its pollers wait (see Acknowledger.is_behind).
+MAX_PENDING_PER_QUEUE = 2 * BATCH_LIMIT
+MAX_PENDING_TOTAL = 10 * BATCH_LIMIT
 # Attempts for any failure; transient ones (throttling, 5xx, network) go on past this while
 # the receipt handle is still ours (see `_should_retry`).
 MAX_ATTEMPTS = 5
@@ -80,7 +84,13 @@ class Acknowledger:
         self._clock = clock
         self._linger_s = linger_s
         self._on_settled = on_settled
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # this thread's own wait
+        # Pollers held back while acks are behind wait here; woken when the backlog drops
+        # below a limit, not polled (a thousand pollers spinning starved this thread).
+        self._caught_up = threading.Condition(self._lock)
+        self._listed = 0  # operations in the lists (kept as a count: summing is O(queues))
+        self._in_flight_total = 0
         self._deletes: dict[str, list[PendingOp]] = defaultdict(list)
         self._changes: dict[str, list[PendingOp]] = defaultdict(list)
         # Taken for a call not yet answered: still pending for backpressure and draining.
@@ -113,6 +123,7 @@ class Acknowledger:
                     continue
                 ops = self._deletes[delivery.queue.url]
                 ops.append(PendingOp(delivery, None, "delete", due_s=now + self._linger_s))
+                self._listed += 1
                 # The first one starts the linger: wake the thread so it waits 0.1 s, not 1 s.
                 if len(ops) == 1 or len(ops) >= BATCH_LIMIT:
                     self._cond.notify()
@@ -130,6 +141,7 @@ class Acknowledger:
                     continue
                 op = PendingOp(delivery, max(0, min(43_200, timeout_s)), reason, due_s=now)
                 self._changes[delivery.queue.url].append(op)
+                self._listed += 1
             self._cond.notify()
         self._send_now_if_stopped()
 
@@ -143,10 +155,30 @@ class Acknowledger:
 
     def pending_total(self) -> int:
         with self._cond:
-            return (
-                sum(map(len, self._deletes.values()))
-                + sum(map(len, self._changes.values()))
-                + sum(self._in_flight.values())
+            return self._listed + self._in_flight_total
+
+    def is_behind(self, queue_url: str) -> bool:
+        """Too many of this queue's (or everyone's) operations wait to be sent: receive no
+        more until they are. Otherwise a slow or throttled delete path lets handled but
+        undeleted messages outlive their visibility and come back, by the thousand."""
+        with self._cond:
+            return self._is_behind_locked(queue_url)
+
+    def _is_behind_locked(self, queue_url: str) -> bool:
+        if self._listed + self._in_flight_total >= MAX_PENDING_TOTAL:
+            return True
+        queue_pending = (
+            len(self._deletes.get(queue_url, ()))
+            + len(self._changes.get(queue_url, ()))
+            + self._in_flight.get(queue_url, 0)
+        )
+        return queue_pending >= MAX_PENDING_PER_QUEUE
+
+    def wait_caught_up(self, queue_url: str, timeout_s: float) -> bool:
+        """Wait until `is_behind(queue_url)` is false (True) or the timeout (False)."""
+        with self._cond:
+            return self._caught_up.wait_for(
+                lambda: not self._is_behind_locked(queue_url), timeout=timeout_s
             )
 
     def retrying_deletes(self) -> list[Delivery]:
@@ -240,6 +272,8 @@ class Acknowledger:
                 if not ops:
                     del table[url]  # queues come and go: keep no empty list per URL
                 self._in_flight[url] += len(ready)
+                self._listed -= len(ready)
+                self._in_flight_total += len(ready)
                 for start in range(0, len(ready), BATCH_LIMIT):
                     batches.append((url, ready[start : start + BATCH_LIMIT]))
         return batches
@@ -284,13 +318,18 @@ class Acknowledger:
     ) -> None:
         table = self._deletes if kind == "delete" else self._changes
         with self._cond:
+            was_behind = self._is_behind_locked(url)
             # Back in the list before the in-flight count drops: never seen as not pending.
             if retry:
                 table[url].extend(retry)
+                self._listed += len(retry)
             if taken:
                 self._in_flight[url] -= len(batch)
+                self._in_flight_total -= len(batch)
                 if not self._in_flight[url]:
                     del self._in_flight[url]
+            if was_behind and not self._is_behind_locked(url):
+                self._caught_up.notify_all()  # waiters recheck their own queue's count
         self._notify_settled(batch)
 
     def _still_in_flight(self, batch: list[PendingOp]) -> list[PendingOp]:
@@ -317,7 +356,9 @@ class Acknowledger:
             delivery.decision = delivery.decision or "lapsed"
             if self._on_lapsed is not None:
                 self._on_lapsed(delivery)
-        logger.warning(
+        # A release that comes too late changes nothing (the message is visible already).
+        log = logger.debug if op.reason == "release" else logger.warning
+        log(
             "visibility ran out before the change was sent; dropped",
             extra={
                 "queue": delivery.queue.name,
@@ -409,6 +450,8 @@ class Acknowledger:
             ]
             self._deletes.clear()
             self._changes.clear()
+            self._listed = 0
+            self._caught_up.notify_all()
         for op in leftovers:
             self._count_failure(op, "shutdown")
 

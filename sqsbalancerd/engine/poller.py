@@ -35,13 +35,8 @@ _QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNo
 _MAX_BACKOFF_S = 30.0
 # Longest a poller waits for a heartbeat renewal that is about to lengthen its budget.
 RENEWAL_WAIT_S = 2.0
-# Backpressure from the acknowledger: while this many of a queue's deletes/visibility changes
-# wait to be sent, receive no more from it. Otherwise a slow or throttled delete path lets
-# handled-but-undeleted messages outlive their visibility timeout and come back, by the
-# thousand (each redelivery adding to the backlog).
-MAX_PENDING_ACKS = 2 * BATCH_LIMIT  # for this queue
-MAX_PENDING_ACKS_TOTAL = 10 * BATCH_LIMIT  # for all queues: one thread sends them
-_ACKS_BEHIND_WAIT_S = 0.05
+# Longest a held-back poller waits before looking at its stop flags again.
+ACKS_BEHIND_WAIT_S = 0.5
 # Upper bound on how long a receive's answer takes to reach us after SQS hid its messages.
 RECEIVE_LATENCY_MARGIN_S = 1.0
 
@@ -197,8 +192,9 @@ class Poller:
         if self._gate.is_paused:
             self._gate.wait_resumed(0.5)
             return 0.0
-        if self._is_acks_behind():
-            return _ACKS_BEHIND_WAIT_S  # let the deletes catch up first
+        if self._acks.is_behind(self.queue.url):  # let the deletes catch up first
+            self._acks.wait_caught_up(self.queue.url, ACKS_BEHIND_WAIT_S)
+            return 0.0
         # While a FIFO message waits to be redriven, receive one at a time so that its
         # group-mates are not received (and counted) along with it each time it bounces.
         is_redriving = self.queue.has_exhausted(self._clock.monotonic())
@@ -248,12 +244,6 @@ class Poller:
 
     def _is_stopping(self) -> bool:
         return self.queue.is_stopping or self.queue.is_gone or self._dispatcher.is_receiving_stopped
-
-    def _is_acks_behind(self) -> bool:
-        return (
-            self._acks.pending_for(self.queue.url) >= MAX_PENDING_ACKS
-            or self._acks.pending_total() >= MAX_PENDING_ACKS_TOTAL
-        )
 
     def _receive(self, count: int, wait_s: int) -> list[dict[str, Any]]:
         policy = self.queue.policy

@@ -424,3 +424,24 @@ def test_a_release_after_the_acks_thread_stopped_is_sent_from_the_caller(moto_sq
     rig.acks.change_visibility(rig.dispatcher.stop_receiving(), 0, reason="release")
     assert [e["VisibilityTimeout"] for e in log.entries("ChangeMessageVisibilityBatch")] == [0]
     assert rig.depth() == (1, 0)
+
+
+def test_a_poller_held_back_by_the_backlog_is_woken_when_it_drains(moto_sqs):
+    """Held-back pollers wait on the acknowledger instead of re-checking every 50 ms: a
+    thousand of them spinning starved the one thread that sends the acks."""
+    clock = FakeClock()
+    rig = handled_rig(moto_sqs, acks_module.MAX_PENDING_PER_QUEUE, clock=clock)
+    assert rig.acks.is_behind(rig.url)
+    woke: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: woke.append(rig.acks.wait_caught_up(rig.url, timeout_s=10)),
+        name="sqsb-test-waiter",
+    )
+    started = time.monotonic()
+    waiter.start()
+    clock.advance(0.1)
+    rig.acks.run_once()  # the deletes go out
+    waiter.join(10)
+    assert woke == [True]
+    assert time.monotonic() - started < 5  # woken, not timed out
+    assert rig.acks.pending_total() == 0
