@@ -1,0 +1,51 @@
+"""Sizes of the skew scenarios, full and quick."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SKEW_SECTIONS = ("neighbours", "zipf", "fanout", "idle", "cpu")
+
+
+@dataclass
+class SkewPlan:
+    sections: tuple[str, ...] = SKEW_SECTIONS
+    cap_s: float = 60.0
+    repeats: int = 2  # neighbours and cpu: interleaved rounds, best kept
+    hot_messages: int = 3000
+    neighbours: tuple[int, ...] = (0, 50, 200, 500)
+    neighbour_contenders: tuple[str, ...] = ("after", "before", "batched")
+    peers: tuple[str, ...] = ("ceiling",)  # also at 0 and 200 neighbours
+    zipf_queues: int = 100
+    zipf_messages: int = 3000
+    zipf_contenders: tuple[str, ...] = ("after", "before", "batched", "ceiling")
+    fanout_queues: int = 1000
+    fanout_each: int = 10
+    fanout_contenders: tuple[str, ...] = ("after", "before", "batched")
+    idle_queues: int = 5000
+    idle_window_s: float = 20.0
+    idle_contenders: tuple[str, ...] = ("after", "before")
+    cpu_loads: tuple[tuple[float, int], ...] = ((0.0, 1000), (10.0, 600), (50.0, 200))
+    cpu_contenders: tuple[str, ...] = ("after", "before", "batched", "pylib", "ceiling")
+
+
+def full_plan() -> SkewPlan:
+    return SkewPlan()
+
+
+def quick_plan() -> SkewPlan:
+    return SkewPlan(
+        cap_s=30.0,
+        repeats=1,
+        hot_messages=1000,
+        neighbours=(0, 200),
+        peers=("ceiling",),
+        zipf_messages=1000,
+        zipf_contenders=("after", "before", "batched"),
+        fanout_queues=300,
+        idle_queues=500,
+        idle_window_s=5.0,
+        idle_contenders=("after",),
+        cpu_loads=((0.0, 300), (10.0, 300)),
+        cpu_contenders=("after", "before", "batched"),
+    )
