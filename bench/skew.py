@@ -15,6 +15,7 @@ sleep). Results go to bench/results/skew-<time>/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -117,6 +118,7 @@ def fanout(setting: Setting, pool: dict[str, Contender], plan: SkewPlan) -> dict
     """Scenario 3: 10 messages to each of 1,000 idle queues, default pool (10) and bounds."""
     load = SkewLoad("fanout", [plan.fanout_each] * plan.fanout_queues, 10.0, pool_size=10)
     logger.info("fan-out: %d x %d", plan.fanout_queues, plan.fanout_each)
+    setting = dataclasses.replace(setting, cap_s=plan.fanout_cap_s)
     return {
         "bound_held": 100 + 10,  # workers.queue_size default + one receive
         **_each(setting, pool, plan.fanout_contenders, load),

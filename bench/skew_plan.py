@@ -21,6 +21,7 @@ class SkewPlan:
     zipf_contenders: tuple[str, ...] = ("after", "before", "batched", "ceiling")
     fanout_queues: int = 1000
     fanout_each: int = 10
+    fanout_cap_s: float = 120.0  # pool 10 x 10 ms: 10,000 messages need 10 s at best
     fanout_contenders: tuple[str, ...] = ("after", "before", "batched")
     idle_queues: int = 5000
     idle_window_s: float = 20.0

@@ -164,6 +164,8 @@ def fanout_table(section: dict[str, Any]) -> list[str]:
             _num(bound) if key == "after" else "none",
             _num(r.get("peak_busy")),
             _num(r.get("peak_rss_mb")),
+            f"{r.get('handled')}/{r.get('sent')}",
+            _num(r.get("fill_s")),
             _num(r.get("drain_s")),
             _num(r.get("msgs_per_s")),
             _num(_calls(r), 3),
@@ -173,7 +175,8 @@ def fanout_table(section: dict[str, Any]) -> list[str]:
         if isinstance(r, dict)
     ]
     header = ["contender", "peak held (not started)", "bound", "peak busy", "peak RSS MB"]
-    return _table([*header, "drain s", "msgs/s", "SQS calls/msg", "lost/dup"], rows)
+    header += ["handled/sent", "fill s", "drain s"]
+    return _table([*header, "msgs/s", "SQS calls/msg", "lost/dup"], rows)
 
 
 def idle_table(section: dict[str, Any]) -> list[str]:
