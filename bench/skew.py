@@ -187,6 +187,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--before-root", type=Path, default=Path("/work/wt-before"))
     parser.add_argument("--idle-queues", type=int, help="scenario 4: owned idle queues")
+    parser.add_argument("--repeats", type=int, help="rounds per contender (neighbours, cpu)")
     parser.add_argument("--write-docs", action="store_true", help="docs/bench-skew.md + plot")
     parser.add_argument("--report", type=Path, help="re-render a results.json, run nothing")
     return parser.parse_args(argv)
@@ -204,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan.sections = tuple(s for s in args.only.split(",") if s)
         if args.idle_queues:
             plan.idle_queues = args.idle_queues
+        if args.repeats:
+            plan.repeats = args.repeats
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
         out = REPO / "bench" / "results" / f"skew-{stamp}"
         out.mkdir(parents=True, exist_ok=True)

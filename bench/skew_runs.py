@@ -138,7 +138,10 @@ def wait_polling(setting: Setting, keys: list[str], queues: int, timeout_s: floa
     started = time.monotonic()
 
     def polling() -> bool:
-        counts = requests_of(setting.emulator.counts(), keys)
+        try:
+            counts = requests_of(setting.emulator.counts(), keys)
+        except OSError:  # moto too busy to answer (thousands of open long polls)
+            return False
         return counts.get("sqs:ReceiveMessage", 0) >= queues
 
     wait_until(polling, timeout_s=timeout_s, every_s=0.25)
