@@ -154,6 +154,14 @@ def profile(setting: Setting, pool: dict[str, Contender], plan: SkewPlan) -> dic
     return {"run": result, "top": skew_report.top_entries(out)}
 
 
+def profile_fanout(setting: Setting, pool: dict[str, Contender], plan: SkewPlan) -> dict[str, Any]:
+    """`after` on the fan-out under cProfile: where the time goes while it falls behind."""
+    out = setting.results_dir / "skew-profile-fanout.prof"
+    load = SkewLoad("proffan", [plan.fanout_each] * plan.fanout_queues, 10.0, pool_size=10)
+    result = run_skew(setting, pool["after"], load, profile_out=out)
+    return {"run": result, "top": skew_report.top_entries(out)}
+
+
 SECTIONS = {
     "neighbours": neighbours,
     "zipf": zipf,
@@ -161,6 +169,7 @@ SECTIONS = {
     "idle": idle_many,
     "cpu": cpu,
     "profile": profile,
+    "profile-fanout": profile_fanout,
 }
 
 

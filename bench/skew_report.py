@@ -272,7 +272,27 @@ def render(results: dict[str, Any], plot_dir: Path) -> str:
             parts += [*sweep_table(sections[name]), ""]
             if plot_neighbours(sections[name], plot_dir / PLOT):
                 parts += [f"![msgs/s against idle neighbours]({PLOT})", ""]
+    for name, title in PROFILES.items():
+        if name in sections:
+            run = sections[name]["run"]
+            parts += [f"### {title}", ""]
+            parts += [f"Under cProfile (slower than unprofiled): {_brief(run)}.", ""]
+            parts += ["```", *sections[name]["top"], "```", ""]
     return "\n".join(parts)
+
+
+PROFILES = {
+    "profile": "Profile: `after`, hot queue with 200 idle neighbours (own time)",
+    "profile-fanout": "Profile: `after`, fan-out 10 x 1,000 queues (own time)",
+}
+
+
+def _brief(result: dict[str, Any]) -> str:
+    return (
+        f"{result.get('handled')}/{result.get('sent')} handled, "
+        f"{_num(result.get('msgs_per_s'))} msgs/s, drain {_num(result.get('drain_s'))} s, "
+        f"CPU {_num(result.get('cpu_s_total'))} s in all"
+    )
 
 
 def write_docs(results: dict[str, Any], docs: Path) -> None:
