@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import skew_report
+from bench import skew_report, skew_runs
 from bench.consumers.registry import BY_KEY, ConsumerSpec, is_available
 from bench.harness import Harness
 from bench.measure import REPO, EmulatorProcess
@@ -181,6 +181,7 @@ def run(plan: SkewPlan, out: Path, before_root: Path) -> dict[str, Any]:
         results["load"][name] = [round(x, 2) for x in os.getloadavg()]
         with EmulatorProcess(patch=True, log_path=out / f"emulator-{name}.log") as emulator:
             setting = Setting(emulator, Harness(emulator.endpoint), out, cap_s=plan.cap_s)
+            skew_runs.SCRAPE = plan.scrape
             results["sections"][name] = SECTIONS[name](setting, pool, plan)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
@@ -197,6 +198,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--before-root", type=Path, default=Path("/work/wt-before"))
     parser.add_argument("--idle-queues", type=int, help="scenario 4: owned idle queues")
     parser.add_argument("--repeats", type=int, help="rounds per contender (neighbours, cpu)")
+    parser.add_argument("--neighbours", help="comma-separated idle neighbour counts")
+    parser.add_argument(
+        "--no-scrape", action="store_true", help="do not scrape /metrics (no peak held)"
+    )
     parser.add_argument("--write-docs", action="store_true", help="docs/bench-skew.md + plot")
     parser.add_argument("--report", type=Path, help="re-render a results.json, run nothing")
     return parser.parse_args(argv)
@@ -216,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan.idle_queues = args.idle_queues
         if args.repeats:
             plan.repeats = args.repeats
+        if args.neighbours:
+            plan.neighbours = tuple(int(n) for n in args.neighbours.split(","))
+        plan.scrape = not args.no_scrape
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
         out = REPO / "bench" / "results" / f"skew-{stamp}"
         out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ class SkewPlan:
     sections: tuple[str, ...] = SKEW_SECTIONS
     cap_s: float = 60.0
     repeats: int = 2  # neighbours and cpu: interleaved rounds, best kept
+    scrape: bool = True  # sqsbalancerd's /metrics every 50 ms (costs it a little CPU)
     hot_messages: int = 3000
     neighbours: tuple[int, ...] = (0, 50, 200, 500)
     neighbour_contenders: tuple[str, ...] = ("after", "before", "batched")

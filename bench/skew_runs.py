@@ -33,6 +33,7 @@ from bench.measure import REPO, IdLog, TreeMonitor, child_env, requests_of
 from bench.runs import Setting, Workload, _finish, _Run, _watch_drain
 
 METRICS = ("work_queue_depth", "workers_busy")
+SCRAPE = True  # each scrape costs the daemon CPU that grows with its queues: off for A/B
 _METRIC_LINE = re.compile(r"^sqsbalancerd_(\w+) ([0-9.eE+-]+)$", re.MULTILINE)
 
 
@@ -185,7 +186,7 @@ def run_skew(
     polling_s = wait_polling(setting, keys, len(urls), timeout_s=60 + len(urls) / 20)
     time.sleep(0.5)
     startup = requests_of(setting.emulator.reset(), keys)
-    metrics = MetricsPeak(port).start() if port else None
+    metrics = MetricsPeak(port).start() if port and SCRAPE else None
     emulator_cpu = setting.emulator.cpu_s()
     started = time.monotonic()
     run.sent.update(_fill(setting, urls, load))
