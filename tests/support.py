@@ -50,7 +50,8 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     """JSON lines written by tests/handlers.py (one file per process, appended atomically)."""
     events: list[dict[str, Any]] = []
     for file in sorted(path.parent.glob(path.name + "*")) if path.parent.exists() else []:
-        for line in file.read_text().splitlines():
+        # A line without its newline is still being written by the handler's process.
+        for line in file.read_text().split("\n")[:-1]:
             if line.strip():
                 events.append(json.loads(line))
     return sorted(events, key=lambda e: e["t"])
