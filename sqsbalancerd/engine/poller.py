@@ -170,7 +170,6 @@ class Poller:
         fence_receive_attempts(sqs, gate)
         self._failures = 0
         self._is_idle = True  # the last receive returned nothing
-        self.last_received = 0
         self.last_tick_s = clock.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -216,7 +215,6 @@ class Poller:
             return self._on_error(exc)
         self._failures = 0
         self._is_idle = not raw
-        self.last_received = len(raw)
         self.was_full = len(raw) >= self.queue.policy.max_messages
         self._dispatcher.end_poll(self.queue, granted, received=len(raw))
         if raw:

@@ -70,6 +70,3 @@ class Receivers:
         if len(kept) < len(self.pollers) and kept:
             self.pollers = [p for p, _ in kept]
             self.threads = [t for _, t in kept]
-
-    def last_tick_s(self) -> float:
-        return max(p.last_tick_s for p in self.pollers)
