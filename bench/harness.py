@@ -13,6 +13,8 @@ import boto3
 from botocore.config import Config
 
 from bench.measure import HARNESS_KEY, REGION
+from sqsbalancerd.clock import SystemClock
+from sqsbalancerd.coordination.table import CoordinationTable
 
 
 class Harness:
@@ -58,26 +60,10 @@ class Harness:
 
     def owners(self, table: str, application: str) -> dict[str, str | None]:
         """queue name -> owning instance id (None when the row is free), from the table."""
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
-            "TableName": table,
-            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :q)",
-            "ExpressionAttributeValues": {
-                ":pk": {"S": f"app#{application}"},
-                ":q": {"S": "queue#"},
-            },
-            "ConsistentRead": True,
-        }
-        while True:
-            page = self.dynamodb.query(**kwargs)
-            items.extend(page["Items"])
-            if "LastEvaluatedKey" not in page:
-                break
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        return {
-            item["sk"]["S"].removeprefix("queue#"): item.get("owner", {}).get("S") or None
-            for item in items
-        }
+        reader = CoordinationTable(
+            self.dynamodb, table_name=table, application=application, clock=SystemClock()
+        )
+        return {queue: row.owner for queue, row in reader.ownership().items()}
 
 
 def stop_processes(

@@ -21,7 +21,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from sqsbalancerd.clock import SystemClock
 from sqsbalancerd.config import child_environment
+from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.local import LocalEmulator, create_queues, emulator_env, free_port
 
 TABLE = "sqsbalancerd-demo"
@@ -157,19 +159,16 @@ class Demo:
         return self._finish(is_empty)
 
     def _refresh_owners(self, dynamodb: object) -> None:
-        items = (
-            dynamodb.query(  # type: ignore[attr-defined]
-                TableName=TABLE,
-                KeyConditionExpression="pk = :pk AND begins_with(sk, :q)",
-                ExpressionAttributeValues={":pk": {"S": "app#sqsbalancer"}, ":q": {"S": "queue#"}},
-            )
-            if self._table_exists(dynamodb)
-            else {"Items": []}
+        if not self._table_exists(dynamodb):
+            self._state.owners = {}
+            return
+        reader = CoordinationTable(
+            dynamodb,  # type: ignore[arg-type]
+            table_name=TABLE,
+            application="sqsbalancer",
+            clock=SystemClock(),
         )
-        owners = {
-            i["sk"]["S"].removeprefix("queue#"): i.get("owner", {}).get("S") for i in items["Items"]
-        }
-        self._state.owners = owners
+        self._state.owners = {q: row.owner for q, row in reader.ownership().items()}
 
     @staticmethod
     def _table_exists(dynamodb: object) -> bool:

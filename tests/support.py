@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sqsbalancerd.clock import SystemClock
 from sqsbalancerd.coordination.ring import rebalance
+from sqsbalancerd.coordination.table import CoordinationTable, OwnershipRecord, TableGone
 
 
 def wait_until(
@@ -44,6 +46,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now_s += seconds
+
+
+def ownership_rows(
+    dynamodb: Any, table: str, *, application: str = "sqsbalancer"
+) -> dict[str, OwnershipRecord]:
+    """Every ownership row, read as the daemon reads them ({} before the table exists)."""
+    reader = CoordinationTable(
+        dynamodb, table_name=table, application=application, clock=SystemClock()
+    )
+    try:
+        return reader.ownership()
+    except TableGone:
+        return {}
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

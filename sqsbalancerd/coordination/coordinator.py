@@ -26,7 +26,6 @@ at the same time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import threading
@@ -40,6 +39,7 @@ from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
 from sqsbalancerd.coordination.ring import capacity, rebalance
+from sqsbalancerd.coordination.rows import OwnershipView
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
@@ -65,6 +65,9 @@ ORPHAN_ROUNDS = 2 * STALL_ROUNDS
 # Not having read the member rows for longer than this (rounds are one interval apart)
 # makes us restart every peer's liveness clock: our blindness is not their death.
 BLIND_ROUNDS = 1.5
+# A round stops writing rows after this many intervals (the rest waits for the next
+# round); within it the heartbeat is renewed whenever due, so no round starves it.
+ROUND_BUDGET_ROUNDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,8 @@ class DynamoCoordinator:
         self._target: frozenset[str] = frozenset()
         self._release_at_s = 0.0
         self._handoff: _Handoff | None = None
-        self._round_rows: dict[str, OwnershipRecord] | None = None
+        self._ownership = OwnershipView(table)
+        self._rows_changed = False  # a shard was read again this round
         self._holdings = _Holdings()
         self._renewed_at_s: float | None = None
         self._next_round_s: float | None = None
@@ -177,8 +181,6 @@ class DynamoCoordinator:
         self._peers_agree = True
         self._interval_s = settings.heartbeat_interval
         self._next_sweep_s = 0.0
-        self._rows_seen: set[str] = set()
-        self._missing_since: dict[str, float] = {}
         # A holder sweeps at least this often, then rewrites a row deleted under it.
         self._vanished_wait_s = (
             (SWEEP_ROUNDS + 1) * self._interval_s + settings.heartbeat_timeout
@@ -199,6 +201,7 @@ class DynamoCoordinator:
             self._round_started_s = self._clock.monotonic()
             self._observe_members()
             self._view.changed_at_s = self._round_started_s
+            self._ownership.refresh(self._round_started_s)  # every shard, once, at join
         except SqsBalancerError:
             raise
         except Exception as exc:  # botocore's bounded retries are spent: one clear line
@@ -253,6 +256,10 @@ class DynamoCoordinator:
                 self._release_row(queue, lease)  # what fails frees when we are judged dead
             self._holdings.leases.clear()
             self._holdings.unreleased.clear()
+            try:
+                self._ownership.announce()
+            except Exception as exc:  # the survivors' sweep finds the free rows anyway
+                logger.warning("could not announce releases", extra={"error": describe_error(exc)})
             self._membership.leave()
         logger.info("left the cluster", extra={"instance": self.instance_id})
 
@@ -261,31 +268,48 @@ class DynamoCoordinator:
     def tick(self) -> None:
         with self._lock:
             self._round_started_s = self._clock.monotonic()
-            self._round_rows = None
+            self._rows_changed = False
             try:
                 self._renew()
                 self._observe_members()
                 self._remove_dead_rows()
                 self.reconcile_released()
                 self._retry_releases()
+                self._rows_changed = self._ownership.refresh(self._round_started_s)
                 self._rebalance_if_settled()
                 self._follow_handoff()
                 self._sweep()
                 self._give_up_untargeted()
+                self._ownership.announce()
             except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
                 logger.warning("coordination round failed", extra={"error": describe_error(exc)})
             self._check_fence()
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """Renew our row; False if it had been taken and we rejoined (holding nothing)."""
         started = self._clock.monotonic()
+        renewed = True
         try:
             self._membership.heartbeat(ttl_floor_wall=self._latest_wall_s)
         except ConditionFailed:
-            self._rejoin()
+            self._rejoin()  # it wrote a fresh row: that renews too
+            renewed = False
         self._renewed_at_s = started
         self._control.renewed()
+        return renewed
+
+    def _has_time(self) -> bool:
+        """Between two writes of a long round: renew when due; False once the round's
+        budget is spent (or we rejoined): leave the rest for the next round."""
+        now = self._clock.monotonic()
+        if now - self._round_started_s >= ROUND_BUDGET_ROUNDS * self._interval_s:
+            return False
+        renewed = self._renewed_at_s
+        if renewed is not None and now - renewed >= self._interval_s:
+            return self._renew()
+        return True
 
     def _rejoin(self) -> None:
         """Our row was removed (we were judged dead during a partition, or TTL or a hand
@@ -433,16 +457,8 @@ class DynamoCoordinator:
         return frozenset(free[: max(0, room)])
 
     def _rows(self) -> dict[str, OwnershipRecord]:
-        """The ownership rows, read at most once a round (a paginated query of every row)."""
-        if self._round_rows is None:
-            self._round_rows = self._table.ownership()
-            now = self._round_started_s
-            for queue in self._rows_seen - set(self._round_rows):
-                self._missing_since.setdefault(queue, now)
-            for queue in self._round_rows:
-                self._missing_since.pop(queue, None)
-            self._rows_seen |= set(self._round_rows)
-        return self._round_rows
+        """The ownership rows as of this round's refresh (see rows.py), with our writes."""
+        return self._ownership.rows
 
     # -- sweep ----------------------------------------------------------------------------
 
@@ -451,13 +467,15 @@ class DynamoCoordinator:
         from what we believe (see sweep.py). A handoff follows the rows on its own; in its
         rounds only what we hold is checked."""
         is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
-        if self._is_draining or self._is_fenced or not (is_due or self._round_rows is not None):
+        if self._is_draining or self._is_fenced or not (is_due or self._rows_changed):
             return
         if not is_due:
-            self._check_holdings()  # a handoff read the rows: guard what we hold, no more
+            self._check_holdings()  # rows changed: guard what we hold, no more
             return
         self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
         holdings = self._holdings
+        # Our own rows are read themselves: an edit by hand announces nothing.
+        self._ownership.verify({*holdings.leases, *holdings.unreleased}, self._round_started_s)
         found = inspect(
             self._rows(),
             me=self.instance_id,
@@ -504,8 +522,13 @@ class DynamoCoordinator:
         holdings.leases.update(found.adopt)
         holdings.unreleased.update(found.disown)  # released by _retry_releases
         for queue, lease in sorted(found.stale.items()):
-            with contextlib.suppress(ConditionFailed):
+            if not self._has_time():
+                break
+            try:
                 self._table.delete_ownership(queue, lease=lease)
+            except ConditionFailed:
+                self._ownership.distrust(queue)
+            else:
                 self._note_row(queue, None, None)
                 logger.info(
                     "removed the row of a queue that no longer exists", extra={"queue": queue}
@@ -531,6 +554,7 @@ class DynamoCoordinator:
             self._holdings.leases[queue] = lease
             self._note_row(queue, self.instance_id, lease)
         except ConditionFailed:
+            self._ownership.distrust(queue)
             logger.warning("our ownership row was taken; stopped", extra={"queue": queue})
             return False
         return True
@@ -547,6 +571,8 @@ class DynamoCoordinator:
         if wanted:
             rows = self._rows()
             for queue in sorted(wanted):
+                if not self._has_time():
+                    break
                 self._try_acquire(queue, rows.get(queue))
             self._push_owned()
         if self._handoff is not None:
@@ -618,7 +644,7 @@ class DynamoCoordinator:
         self._push_owned()
 
     def _try_acquire(self, queue: str, row: OwnershipRecord | None) -> None:
-        missing_since = self._missing_since.get(queue)
+        missing_since = self._ownership.missing_since.get(queue)
         vanished_s = None if missing_since is None else self._round_started_s - missing_since
         if row is None and vanished_s is not None and vanished_s < self._vanished_wait_s:
             return  # a row we saw vanish: its holder may still consume (see _sweep)
@@ -638,20 +664,22 @@ class DynamoCoordinator:
                 now_wall=self._clock.wall(),
             )
         except ConditionFailed:
-            return  # someone changed it since we read it; look again next round
+            self._ownership.distrust(queue)  # changed since we read it; read it again
+            return
+        except Exception:
+            self._ownership.distrust(queue, may_have_landed=True)  # a lost answer
+            raise
         self._holdings.leases[queue] = lease
         self._note_row(queue, self.instance_id, lease)
 
     def _note_row(self, queue: str, owner: str | None, lease: int | None) -> None:
-        """Keep this round's copy of the rows true to our own writes (the sweep reads it)."""
-        rows = self._round_rows
-        if rows is None:
-            return
+        """Keep our copy of the rows true to our own write, and announce it this round."""
         if lease is None:
-            rows.pop(queue, None)
+            self._ownership.note_write(None, queue)
             return
         url = self._queues[queue].url if queue in self._queues else ""
-        rows[queue] = OwnershipRecord(queue, url, owner, lease, self._clock.wall())
+        record = OwnershipRecord(queue, url, owner, lease, self._clock.wall())
+        self._ownership.note_write(record, queue)
 
     def reconcile_released(self) -> None:
         with self._lock:
@@ -666,6 +694,8 @@ class DynamoCoordinator:
     def _retry_releases(self) -> None:
         """Once a round (not between rounds: a throttled table gets no faster for it)."""
         for queue, lease in sorted(self._holdings.unreleased.items()):
+            if not self._has_time():
+                break
             if self._release_row(queue, lease):
                 del self._holdings.unreleased[queue]
 
@@ -681,10 +711,12 @@ class DynamoCoordinator:
                 self._table.delete_ownership(queue, lease=lease)  # the queue is gone
                 self._note_row(queue, None, None)
         except ConditionFailed:
+            self._ownership.distrust(queue)
             logger.warning("ownership row changed before release", extra={"queue": queue})
         except TableGone:
             raise
         except Exception as exc:
+            self._ownership.distrust(queue, may_have_landed=True)
             logger.warning(
                 "could not release a queue; retrying",
                 extra={"queue": queue, "error": describe_error(exc)},
@@ -734,7 +766,7 @@ class DynamoCoordinator:
         """After a fence: keep consuming only the queues whose rows are still ours. False
         when the rows could not be read: we stay fenced and try again (issue 11, defect 8)."""
         try:
-            rows = self._table.ownership()
+            rows = self._table.rows_of(self._holdings.leases)
         except Exception as exc:
             logger.warning(
                 "could not verify ownership after a fence; still fenced",

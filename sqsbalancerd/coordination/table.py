@@ -1,15 +1,24 @@
 """The only module that talks to DynamoDB.
 
-Layout (one table, shared by applications): pk = "app#<application_name>";
-sk = "member#<instance_id>" for membership, "queue#<queue name>" for ownership.
-Heartbeats query only the member rows (sk begins_with), so their cost does not grow
-with the number of queues; ownership rows are read only while a rebalance is pending.
+Layout (one table, shared by applications), protocol 2:
+- member rows: pk = "app#<application>", sk = "member#<instance_id>";
+- ownership rows, spread over SHARDS partition keys by a stable hash of the queue name:
+  pk = "app#<application>#<shard>", sk = "queue#<queue name>";
+- one version item per shard next to the member rows: pk = "app#<application>",
+  sk = "shard#<shard>", a counter every ownership write advances after it lands.
+
+Why: every instance reads the member rows each heartbeat, but the ownership rows only when
+a shard's version moved (one small query of the versions tells it), and then only that
+shard. Steady state reads no ownership row at all, a handoff reads the shards it touched,
+and no single partition key carries the cluster's ownership reads and writes (DynamoDB
+limits each key's partition to 3,000 read and 1,000 write units a second).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +33,21 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MEMBER_PREFIX = "member#"
 QUEUE_PREFIX = "queue#"
+SHARD_PREFIX = "shard#"
+# Fixed by the protocol: every instance must hash a queue to the same shard.
+SHARDS = 16
 # Member rows expire through DynamoDB TTL if nobody renews or removes them.
 MEMBER_TTL_S = 24 * 3600
 _TABLE_WAIT_S = 60.0
+_BATCH_GET_KEYS = 100  # BatchGetItem's limit
+
+
+def shard_of(queue: str) -> int:
+    """The shard of a queue's ownership row (stable across processes, unlike hash())."""
+    return zlib.crc32(queue.encode()) % SHARDS
 
 
 class ConditionFailed(CoordinationError):
@@ -283,10 +301,54 @@ class CoordinationTable:
     # -- ownership ------------------------------------------------------------------------
 
     def _queue_key(self, queue: str) -> dict[str, Any]:
-        return {"pk": _s(self._pk), "sk": _s(QUEUE_PREFIX + queue)}
+        return {"pk": _s(f"{self._pk}#{shard_of(queue):02d}"), "sk": _s(QUEUE_PREFIX + queue)}
 
     def ownership(self) -> dict[str, OwnershipRecord]:
-        return {r.queue: r for r in map(_ownership_from_item, self._query(QUEUE_PREFIX))}
+        """Every ownership row (one query per shard): for `status` and first reads."""
+        rows: dict[str, OwnershipRecord] = {}
+        for shard in range(SHARDS):
+            rows.update(self.shard_rows(shard))
+        return rows
+
+    def shard_rows(self, shard: int) -> dict[str, OwnershipRecord]:
+        items = self._query(QUEUE_PREFIX, pk=f"{self._pk}#{shard:02d}")
+        return {r.queue: r for r in map(_ownership_from_item, items)}
+
+    def shard_versions(self) -> dict[int, int]:
+        """Each shard's change counter (absent: never written, 0)."""
+        versions = dict.fromkeys(range(SHARDS), 0)
+        for item in self._query(SHARD_PREFIX):
+            shard = int(item["sk"]["S"].removeprefix(SHARD_PREFIX))
+            versions[shard] = int(item.get("version", {}).get("N", "0"))
+        return versions
+
+    def advance_shard(self, shard: int) -> int:
+        """Tell readers the shard changed; returns its new version."""
+        response = self._call(
+            "update_item",
+            Key={"pk": _s(self._pk), "sk": _s(f"{SHARD_PREFIX}{shard:02d}")},
+            UpdateExpression="ADD version :one",
+            ExpressionAttributeValues={":one": _n(1)},
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(response["Attributes"]["version"]["N"])
+
+    def rows_of(self, queues: Iterable[str]) -> dict[str, OwnershipRecord]:
+        """The named rows (BatchGetItem, consistent): what we hold, checked cheaply."""
+        keys = [self._queue_key(q) for q in sorted(set(queues))]
+        rows: dict[str, OwnershipRecord] = {}
+        for start in range(0, len(keys), _BATCH_GET_KEYS):
+            batch = keys[start : start + _BATCH_GET_KEYS]
+            pending: dict[str, Any] = {self.table_name: {"Keys": batch, "ConsistentRead": True}}
+            while pending:
+                page = self._call("batch_get_item", RequestItems=pending)
+                for item in page.get("Responses", {}).get(self.table_name, []):
+                    record = _ownership_from_item(item)
+                    rows[record.queue] = record
+                pending = page.get("UnprocessedKeys") or {}
+                if pending:
+                    _pause(0.05)  # throttled part of the batch: botocore does not retry it
+        return rows
 
     def acquire(
         self,
@@ -348,11 +410,11 @@ class CoordinationTable:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _query(self, prefix: str) -> Iterator[dict[str, Any]]:
+    def _query(self, prefix: str, *, pk: str | None = None) -> Iterator[dict[str, Any]]:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
-            "ExpressionAttributeValues": {":pk": _s(self._pk), ":prefix": _s(prefix)},
+            "ExpressionAttributeValues": {":pk": _s(pk or self._pk), ":prefix": _s(prefix)},
             "ConsistentRead": True,
         }
         while True:
@@ -371,7 +433,7 @@ class CoordinationTable:
             raise
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        if method != "query":
+        if method not in ("query", "batch_get_item"):
             kwargs.setdefault("TableName", self.table_name)
         try:
             return getattr(self._db, method)(**kwargs)

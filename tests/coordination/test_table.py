@@ -13,10 +13,12 @@ from support import FakeClock
 
 from sqsbalancerd.coordination.table import (
     PROTOCOL_VERSION,
+    SHARDS,
     ConditionFailed,
     CoordinationTable,
     MemberRecord,
     TableGone,
+    shard_of,
 )
 from sqsbalancerd.errors import TableMissingError
 
@@ -206,9 +208,11 @@ def test_member_and_queue_rows_live_under_the_application_key(client, clock):
 
     items = client.scan(TableName=TABLE)["Items"]
 
+    # Ownership rows are spread over shard keys; the member rows and shard versions share
+    # the application key.
     assert sorted((i["pk"]["S"], i["sk"]["S"]) for i in items) == [
         ("app#sqsbalancer", "member#a"),
-        ("app#sqsbalancer", "queue#work-1"),
+        (f"app#sqsbalancer#{shard_of('work-1'):02d}", "queue#work-1"),
     ]
     assert table.members()[0].instance_id == "a"  # queue rows are not members
     assert list(table.ownership()) == ["work-1"]  # and member rows are not queues
@@ -348,3 +352,32 @@ def test_ownership_pages_through_many_queues(client, clock):
         table.acquire(f"q{index:03d}", long_url, owner="a", previous=None, now_wall=1.0)
 
     assert len(table.ownership()) == 400
+
+
+def test_ownership_rows_spread_over_shards_and_each_write_is_announced(client, clock):
+    table = make_table(client, clock)
+    queues = [f"work-{index:02d}" for index in range(40)]
+    for queue in queues:
+        table.acquire(queue, "url", owner="a", previous=None, now_wall=1.0)
+    shards = {shard_of(q) for q in queues}
+    assert len(shards) > 8  # a stable hash spreads them (crc32: the same in every process)
+
+    assert table.shard_versions() == dict.fromkeys(range(SHARDS), 0)
+    moved = shard_of("work-07")
+    assert table.advance_shard(moved) == 1
+    assert table.advance_shard(moved) == 2
+    assert table.shard_versions() == {**dict.fromkeys(range(SHARDS), 0), moved: 2}
+    assert set(table.ownership()) == set(queues)
+    assert set(table.shard_rows(moved)) == {q for q in queues if shard_of(q) == moved}
+
+
+def test_rows_of_reads_the_named_rows_in_batches_of_a_hundred(client, clock):
+    table = make_table(client, clock)
+    queues = [f"work-{index:03d}" for index in range(150)]
+    for queue in queues:
+        table.acquire(queue, "url", owner="a", previous=None, now_wall=1.0)
+
+    rows = table.rows_of([*queues, "never-written"])
+
+    assert set(rows) == set(queues) and {r.owner for r in rows.values()} == {"a"}
+    assert table.rows_of([]) == {}

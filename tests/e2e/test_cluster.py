@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from support import is_fixed_point, read_events, wait_until
+from support import is_fixed_point, ownership_rows, read_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -86,24 +86,10 @@ def make_queues(sqs: Any) -> dict[str, str]:
 
 
 def ownership(dynamodb: Any) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    kwargs: dict[str, Any] = {
-        "TableName": TABLE,
-        "KeyConditionExpression": "pk = :pk AND begins_with(sk, :q)",
-        "ExpressionAttributeValues": {":pk": {"S": APPLICATION_KEY}, ":q": {"S": "queue#"}},
-        "ConsistentRead": True,
+    return {
+        q: {"owner": row.owner, "lease": row.lease, "updated_at": row.updated_at}
+        for q, row in ownership_rows(dynamodb, TABLE).items()
     }
-    while True:
-        page = dynamodb.query(**kwargs)
-        for item in page["Items"]:
-            rows[item["sk"]["S"].removeprefix("queue#")] = {
-                "owner": item.get("owner", {}).get("S"),
-                "lease": int(item["lease"]["N"]),
-                "updated_at": float(item["updated_at"]["N"]),
-            }
-        if "LastEvaluatedKey" not in page:
-            return rows
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 def owners(dynamodb: Any) -> dict[str, str | None]:

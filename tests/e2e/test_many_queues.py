@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import pytest
-from support import is_fixed_point, wait_until
+from support import is_fixed_point, ownership_rows, wait_until
 
 from sqsbalancerd.coordination.ring import capacity
 
@@ -79,23 +79,7 @@ def create_queues(sqs: Any) -> None:
 
 
 def owners(dynamodb: Any) -> dict[str, str | None]:
-    rows: dict[str, str | None] = {}
-    kwargs: dict[str, Any] = {
-        "TableName": TABLE,
-        "KeyConditionExpression": "pk = :pk AND begins_with(sk, :q)",
-        "ExpressionAttributeValues": {":pk": {"S": "app#sqsbalancer"}, ":q": {"S": "queue#"}},
-        "ConsistentRead": True,
-    }
-    try:
-        while True:
-            page = dynamodb.query(**kwargs)
-            for item in page["Items"]:
-                rows[item["sk"]["S"].removeprefix("queue#")] = item.get("owner", {}).get("S")
-            if "LastEvaluatedKey" not in page:
-                return rows
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    except dynamodb.exceptions.ResourceNotFoundException:
-        return {}  # the first instance has not created the table yet
+    return {q: row.owner for q, row in ownership_rows(dynamodb, TABLE).items()}
 
 
 @pytest.mark.timeout(480)

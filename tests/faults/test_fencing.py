@@ -28,6 +28,7 @@ from support import (
     concurrent_handlings,
     drain_queues,
     json_log,
+    ownership_rows,
     read_events,
     wait_until,
 )
@@ -50,22 +51,7 @@ def make_queues(sqs: Any, count: int) -> dict[str, str]:
 
 def ownership(dynamodb: Any) -> dict[str, tuple[str | None, int]]:
     """queue -> (owner, lease), read from the table directly."""
-    try:
-        items = dynamodb.query(
-            TableName=TABLE,
-            KeyConditionExpression="pk = :pk AND begins_with(sk, :q)",
-            ExpressionAttributeValues={":pk": {"S": APPLICATION_KEY}, ":q": {"S": "queue#"}},
-            ConsistentRead=True,
-        )["Items"]
-    except dynamodb.exceptions.ResourceNotFoundException:
-        return {}
-    return {
-        item["sk"]["S"].removeprefix("queue#"): (
-            item.get("owner", {}).get("S"),
-            int(item["lease"]["N"]),
-        )
-        for item in items
-    }
+    return {q: (row.owner, row.lease) for q, row in ownership_rows(dynamodb, TABLE).items()}
 
 
 def owners(dynamodb: Any) -> dict[str, str | None]:

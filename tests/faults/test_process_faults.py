@@ -15,7 +15,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from support import Feeder, concurrent_handlings, queue_depth, read_events, wait_until
+from support import (
+    Feeder,
+    concurrent_handlings,
+    ownership_rows,
+    queue_depth,
+    read_events,
+    wait_until,
+)
 from totals import TOTALS
 
 pytestmark = pytest.mark.faults
@@ -91,23 +98,7 @@ def make_queues(sqs: Any, names: list[str], *, visibility_s: int) -> dict[str, s
 
 def owners(dynamodb: Any, table: str) -> dict[str, str | None]:
     """queue -> owner (None: released) from the ownership rows."""
-    rows: dict[str, str | None] = {}
-    kwargs: dict[str, Any] = {
-        "TableName": table,
-        "KeyConditionExpression": "pk = :pk AND begins_with(sk, :q)",
-        "ExpressionAttributeValues": {":pk": {"S": APPLICATION_KEY}, ":q": {"S": "queue#"}},
-        "ConsistentRead": True,
-    }
-    try:
-        while True:
-            page = dynamodb.query(**kwargs)
-            for item in page["Items"]:
-                rows[item["sk"]["S"].removeprefix("queue#")] = item.get("owner", {}).get("S")
-            if "LastEvaluatedKey" not in page:
-                return rows
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    except dynamodb.exceptions.ResourceNotFoundException:
-        return {}  # the first instance has not created the table yet
+    return {q: row.owner for q, row in ownership_rows(dynamodb, table).items()}
 
 
 def all_owned_by(dynamodb: Any, table: str, queues: list[str], live: set[str]) -> bool:

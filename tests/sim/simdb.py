@@ -173,7 +173,7 @@ def _compare(operator: str, left: Any, right: Any) -> bool:
 
 
 def _apply_update(item: Item, text: str, names: dict[str, str], values: dict[str, Any]) -> None:
-    """SET a = operand [+|- operand], b = if_not_exists(b, :v); REMOVE a, b."""
+    """SET a = operand [+|- operand], b = if_not_exists(b, :v); REMOVE a, b; ADD n :v."""
     tokens = list(_tokens(text))
     before = _copy(item)  # operands read the item as it was before the update
 
@@ -194,7 +194,7 @@ def _apply_update(item: Item, text: str, names: dict[str, str], values: dict[str
     clause = ""
     while tokens:
         token = tokens.pop(0)
-        if token in {"SET", "REMOVE"}:
+        if token in {"SET", "REMOVE", "ADD"}:
             clause = token
             continue
         if token == ",":
@@ -203,15 +203,25 @@ def _apply_update(item: Item, text: str, names: dict[str, str], values: dict[str
         if clause == "REMOVE":
             item.pop(target, None)
             continue
+        if clause == "ADD":  # ADD a :n — a number attribute, created at 0
+            item[target] = _add(before.get(target), operand())
+            continue
         tokens.pop(0)  # "="
         value = operand()
         if tokens and tokens[0] in {"+", "-"}:
             sign = 1 if tokens.pop(0) == "+" else -1
-            other = operand()
-            if value is None or other is None or "N" not in value or "N" not in other:
-                raise client_error("ValidationException", "arithmetic on a non-number")
-            value = {"N": _number(float(value["N"]) + sign * float(other["N"]))}
+            value = _arithmetic(value, sign, operand())
         item[target] = value
+
+
+def _arithmetic(value: Any, sign: int, other: Any) -> Any:
+    if value is None or other is None or "N" not in value or "N" not in other:
+        raise client_error("ValidationException", "arithmetic on a non-number")
+    return {"N": _number(float(value["N"]) + sign * float(other["N"]))}
+
+
+def _add(current: Any, amount: Any) -> Any:
+    return {"N": _number(float((current or {"N": "0"})["N"]) + float(amount["N"]))}
 
 
 def _number(value: float) -> str:
@@ -232,6 +242,27 @@ def item_bytes(item: Item | None) -> int:
 
 
 # -- the service ----------------------------------------------------------------------------
+
+
+class SimTable(dict[Key, Item]):
+    """A table's items by (pk, sk), indexed by pk so a query reads only its partition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_pk: dict[str, set[str]] = defaultdict(set)
+
+    def __setitem__(self, key: Key, item: Item) -> None:
+        super().__setitem__(key, item)
+        self.by_pk[key[0]].add(key[1])
+
+    def __delitem__(self, key: Key) -> None:
+        super().__delitem__(key)
+        self.by_pk[key[0]].discard(key[1])
+
+    def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
+        if key in self:
+            self.by_pk[key[0]].discard(key[1])
+        return super().pop(key, *default)
 
 
 @dataclass
@@ -375,7 +406,7 @@ class SimClient:
         def apply() -> dict[str, Any]:
             if TableName in self._db.items:
                 raise client_error("ResourceInUseException", "table exists")
-            self._db.items[TableName] = {}
+            self._db.items[TableName] = SimTable()
             return {}
 
         return dict(self._call("create_table", apply))
@@ -439,6 +470,24 @@ class SimClient:
 
         return dict(self._call("get_item", apply))
 
+    def batch_get_item(self, **kw: Any) -> dict[str, Any]:
+        def apply() -> dict[str, Any]:
+            responses: dict[str, list[Item]] = {}
+            for name, request in kw["RequestItems"].items():
+                table = self._db.table(name)
+                consistent = bool(request.get("ConsistentRead"))
+                found = responses.setdefault(name, [])
+                for key_item in request["Keys"]:
+                    key = (key_item["pk"]["S"], key_item["sk"]["S"])
+                    item = table.get(key)
+                    # Each item is rounded up to a read unit on its own (DynamoDB's billing).
+                    self._charge_read(key[0], self._db.size_of(item), consistent=consistent)
+                    if item:
+                        found.append(_copy(item))
+            return {"Responses": responses, "UnprocessedKeys": {}}
+
+        return dict(self._call("batch_get_item", apply))
+
     def query(self, **kw: Any) -> dict[str, Any]:
         return dict(self._call("query", lambda: self._query_page(kw)))
 
@@ -457,7 +506,12 @@ class SimClient:
         page: list[Item] = []
         size = 0
         last: Key | None = None
-        for key in sorted(k for k in table if k[0] == pk and (after is None or k > after)):
+        keys = (
+            [(pk, sk) for sk in table.by_pk.get(pk, ())]
+            if isinstance(table, SimTable)
+            else [k for k in table if k[0] == pk]
+        )
+        for key in sorted(k for k in keys if after is None or k > after):
             item = table[key]
             if prefix is not None:
                 if not key[1].startswith(prefix):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from simdb import Faults, Meter, SimClient, SimDynamoDB
+from simdb import Faults, Meter, SimClient, SimDynamoDB, SimTable
 
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
@@ -185,7 +185,7 @@ class World:
         self.now = 0.0
         self.settings = settings
         self.db = SimDynamoDB(lambda: self.now, page_items=page_items)
-        self.db.items[TABLE] = {}
+        self.db.items[TABLE] = SimTable()
         self.queues: set[str] = set()
         self.nodes: dict[str, Node] = {}
         self.retired: list[Node] = []

@@ -65,7 +65,7 @@ def test_a_plan_whose_row_read_failed_is_made_next_round() -> None:
     world.add_node("a")
     second = world.add_node("b")
     assert second is not None
-    _fail_once(second, "ownership")
+    _fail_once(second, "shard_rows")
     _settle(world)
     assert {ids[0] for ids in world.consumers().values()} == {"a", "b"}
 
@@ -133,15 +133,15 @@ def test_the_fence_holds_until_ownership_is_verified() -> None:
     world.run_until(world.now + 25.0)  # the budget (timeout - margin = 20 s) ran out
     assert node.coordinator.snapshot().is_fenced and node.engine.is_paused
     table: Any = node.coordinator._table
-    original = table.ownership
+    original = table.rows_of
 
     def unreadable() -> Any:
         raise client_error("ThrottlingException", "rate exceeded")
 
-    table.ownership = unreadable
+    table.rows_of = unreadable
     node.client.faults.is_partitioned = False
     world.run_until(world.now + 15.0)  # heartbeats succeed, the rows cannot be read
     assert node.coordinator.snapshot().is_fenced and node.engine.is_paused
-    table.ownership = original
+    table.rows_of = original
     world.run_until(world.now + 15.0)
     assert not node.coordinator.snapshot().is_fenced and not node.engine.is_paused

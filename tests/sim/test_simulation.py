@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 from simdb import SimClient, SimDynamoDB
 from simfaults import KINDS, run
 
-from sqsbalancerd.coordination.table import ConditionFailed, CoordinationTable, MemberRecord
+from sqsbalancerd.coordination.table import SHARDS, ConditionFailed, CoordinationTable, MemberRecord
 
 SEEDS = int(os.environ.get("SQSB_SIM_SEEDS", "2000"))
 FIRST_SEED = int(os.environ.get("SQSB_SIM_FIRST_SEED", "0"))
@@ -66,9 +66,9 @@ def test_fake_dynamodb_honours_conditions_and_pages() -> None:
         table.acquire("q", "url", owner="m1", previous=None, now_wall=1.0)
     table.release("q", owner="m0", lease=lease, now_wall=1.0)
     assert table.ownership()["q"].owner is None
-    # 5 members in pages of 2 and one ownership page: query pagination was followed.
+    # 5 members in pages of 2, and one page per ownership shard: pagination was followed.
     client = table._db  # type: ignore[attr-defined]
-    assert client.meter.requests["query"] == 3 + 1
+    assert client.meter.requests["query"] == 3 + SHARDS
 
 
 def test_fake_dynamodb_throttles_a_hot_partition() -> None:

@@ -1,0 +1,115 @@
+"""What this instance knows of the ownership rows, kept fresh by the shards' versions.
+
+Every ownership write is followed by an advance of its shard's version (table.py), so one
+small query of the versions each round says which shards changed since we read them; only
+those are read again. Steady state reads no ownership row; a handoff reads the shards it
+touched. A shard is also read again after a conditional write on it failed (our copy was
+wrong) or a write's answer was lost (it may have landed). What no version announces — an
+edit by hand, a writer that died between its write and the advance — is found by the
+sweep's check of the rows we hold, or by the conditional write it makes fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqsbalancerd.coordination.table import (
+    SHARDS,
+    CoordinationTable,
+    OwnershipRecord,
+    shard_of,
+)
+
+
+@dataclass(slots=True)
+class _Shard:
+    rows: dict[str, OwnershipRecord] = field(default_factory=dict)
+    version: int | None = None  # as of our last read; None: never read, or to read again
+
+
+class OwnershipView:
+    def __init__(self, table: CoordinationTable) -> None:
+        self._table = table
+        self._shards = [_Shard() for _ in range(SHARDS)]
+        self._merged: dict[str, OwnershipRecord] | None = None
+        self._unannounced: set[int] = set()  # shards we wrote and did not advance yet
+        # Queues whose row we saw, then found gone: since when (monotonic s).
+        self.missing_since: dict[str, float] = {}
+        self.reads = 0  # shard queries made (for tests and the cost model)
+
+    @property
+    def rows(self) -> dict[str, OwnershipRecord]:
+        """Every row as last read (plus our own writes since). Do not change it."""
+        if self._merged is None:
+            self._merged = {q: r for shard in self._shards for q, r in shard.rows.items()}
+        return self._merged
+
+    def refresh(self, now_s: float) -> bool:
+        """Read the shards whose version moved; True if any was read."""
+        versions = self._table.shard_versions()
+        changed = [s for s, shard in enumerate(self._shards) if shard.version != versions.get(s, 0)]
+        for shard in changed:
+            self._read_shard(shard, versions.get(shard, 0), now_s)
+        return bool(changed)
+
+    def _read_shard(self, shard: int, version: int, now_s: float) -> None:
+        fresh = self._table.shard_rows(shard)
+        self.reads += 1
+        self._track_vanished(self._shards[shard].rows, fresh, now_s)
+        self._shards[shard] = _Shard(fresh, version)
+        self._merged = None
+
+    def verify(self, queues: set[str], now_s: float) -> None:
+        """Read the named rows themselves (hand edits announce nothing): our holdings."""
+        if not queues:
+            return
+        found = self._table.rows_of(queues)
+        for queue in queues:
+            rows = self._shards[shard_of(queue)].rows
+            before = {queue: rows[queue]} if queue in rows else {}
+            self._track_vanished(before, {queue: found[queue]} if queue in found else {}, now_s)
+            if queue in found:
+                rows[queue] = found[queue]
+            else:
+                rows.pop(queue, None)
+        self._merged = None
+
+    def _track_vanished(
+        self,
+        before: dict[str, OwnershipRecord],
+        after: dict[str, OwnershipRecord],
+        now_s: float,
+    ) -> None:
+        for queue in before.keys() - after.keys():
+            self.missing_since.setdefault(queue, now_s)
+        for queue in after:
+            self.missing_since.pop(queue, None)
+
+    def note_write(self, record: OwnershipRecord | None, queue: str) -> None:
+        """Our write landed: keep our copy true to it, and announce it at `announce`."""
+        shard = shard_of(queue)
+        if record is None:
+            self._shards[shard].rows.pop(queue, None)
+        else:
+            self._shards[shard].rows[queue] = record
+        self._unannounced.add(shard)
+        self._merged = None
+
+    def distrust(self, queue: str, *, may_have_landed: bool = False) -> None:
+        """A conditional write failed (our copy is wrong), or its answer was lost."""
+        shard = shard_of(queue)
+        self._shards[shard].version = None
+        if may_have_landed:
+            self._unannounced.add(shard)
+
+    def announce(self) -> None:
+        """Advance the version of every shard we wrote (once per round, not per write)."""
+        for shard in sorted(self._unannounced):
+            version = self._table.advance_shard(shard)
+            self._unannounced.discard(shard)
+            state = self._shards[shard]
+            # Only we wrote since our read: our copy is current at the new version.
+            if state.version is not None and version == state.version + 1:
+                state.version = version
+            else:
+                state.version = None
