@@ -17,11 +17,11 @@ that stops moving is planned again from the rows as they are, and a row left fre
 ORPHAN_ROUNDS (plans made from different views, say a queue only some have discovered) is
 taken by a following instance with room, so a disagreement cannot leave a queue unowned.
 
-Self-fencing: receiving stops `heartbeat_timeout - fence_margin` after the start of our
-last successful renewal, and long polls are cut to end before then. Others judge us dead
-no earlier than `heartbeat_timeout` after that renewal (on their clocks), so — unless this
-process pauses for longer than `fence_margin` — no two instances receive from one queue
-at the same time.
+The parts: membership.py (join, heartbeat, liveness verdicts), rows.py (our copy of
+the ownership rows, read only when a shard moved), leases.py (the rows we hold and every
+write to them), handoff.py (following a plan until the rows settle), sweep.py (what a
+periodic look at the rows repairs), fence.py (self-fencing). This module is the round
+loop that wires them.
 """
 
 from __future__ import annotations
@@ -29,16 +29,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqsbalancerd.aws import describe_error, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination.fence import Fence, ReceiveControl
+from sqsbalancerd.coordination.handoff import (
+    ORPHAN_ROUNDS,
+    RELEASE_DELAY_ROUNDS,
+    STALL_ROUNDS,
+    Handoff,
+    is_settled,
+)
+from sqsbalancerd.coordination.leases import Leases
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
-from sqsbalancerd.coordination.ring import capacity, rebalance
+from sqsbalancerd.coordination.ring import capacity
 from sqsbalancerd.coordination.rows import OwnershipView
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
 from sqsbalancerd.coordination.table import (
@@ -55,29 +63,12 @@ from sqsbalancerd.stats import CoordinationStats
 
 logger = logging.getLogger(__name__)
 
-# Rounds between planning and our first release: the others plan within one round of us.
-RELEASE_DELAY_ROUNDS = 2
-# A handoff whose rows have not changed for this many rounds is planned again from them.
-STALL_ROUNDS = 3
-# A row left free this many rounds (plans disagreed) is taken by a following instance with
-# room, whatever its plan says: a queue must not wait for the next view change.
-ORPHAN_ROUNDS = 2 * STALL_ROUNDS
 # Not having read the member rows for longer than this (rounds are one interval apart)
 # makes us restart every peer's liveness clock: our blindness is not their death.
 BLIND_ROUNDS = 1.5
 # A round stops writing rows after this many intervals (the rest waits for the next
 # round); within it the heartbeat is renewed whenever due, so no round starves it.
 ROUND_BUDGET_ROUNDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class ReceiveControl:
-    """The engine's self-fencing seam, handed in by app.py."""
-
-    pause: Callable[[], None]
-    resume: Callable[[], None]
-    set_budget: Callable[[Callable[[], float | None], Callable[[], float | None]], None]
-    renewed: Callable[[], None] = lambda: None
 
 
 @dataclass(slots=True)
@@ -100,27 +91,6 @@ def ring_signature(settings: CoordinationSettings) -> str:
 
 def queues_hash(queues: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(queues)).encode()).hexdigest()[:16]
-
-
-@dataclass(slots=True)
-class _Handoff:
-    """Following the moves of the last plan until the rows settle."""
-
-    planned_at_s: float
-    last_owners: dict[str, str] | None = None
-    unchanged_since_s: float = 0.0
-    free_since_s: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Holdings:
-    leases: dict[str, int] = field(default_factory=dict)  # queue -> lease we hold
-    releasing: set[str] = field(default_factory=set)  # draining in the engine
-    # Drained, but the release failed (throttled, say): the row still names us, so the
-    # planned owner waits for it. Retried until it succeeds or the row is not ours.
-    unreleased: dict[str, int] = field(default_factory=dict)
-    # Appended from the engine's thread without our lock (a slow DynamoDB call holds it).
-    drained: deque[str] = field(default_factory=deque)
 
 
 class DynamoCoordinator:
@@ -167,13 +137,17 @@ class DynamoCoordinator:
         self._applied: tuple[tuple[str, ...], tuple[str, ...], bool] | None = None
         self._target: frozenset[str] = frozenset()
         self._release_at_s = 0.0
-        self._handoff: _Handoff | None = None
+        self._handoff: Handoff | None = None
         self._ownership = OwnershipView(table)
         self._rows_changed = False  # a shard was read again this round
-        self._holdings = _Holdings()
-        self._renewed_at_s: float | None = None
-        self._next_round_s: float | None = None
-        self._is_fenced = False
+        self._leases = Leases(table, self._ownership, clock=clock, instance_id=instance_id)
+        self._holdings = self._leases.holdings
+        self._fence = Fence(
+            clock=clock,
+            control=control,
+            budget_s=settings.heartbeat_timeout - settings.effective_fence_margin,
+            instance_id=instance_id,
+        )
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
@@ -196,12 +170,12 @@ class DynamoCoordinator:
             self._table.ensure(create=self._settings.create_table, region=self._region)
             started = self._clock.monotonic()
             self._membership.join(self._stop.wait)
-            self._renewed_at_s = started
-            self._control.set_budget(self.receive_budget_s, self.renewal_due_in_s)
+            self._fence.renewed_at_s = started
+            self._fence.install()
             self._round_started_s = self._clock.monotonic()
             self._observe_members()
             self._view.changed_at_s = self._round_started_s
-            self._ownership.refresh(self._round_started_s)  # every shard, once, at join
+            self._read_rows_at_join()
         except SqsBalancerError:
             raise
         except Exception as exc:  # botocore's bounded retries are spent: one clear line
@@ -212,18 +186,30 @@ class DynamoCoordinator:
         )
         self._spawn("coordinator", self.run, self._stop)
 
+    def _read_rows_at_join(self) -> None:
+        """Every shard once, before the first round (whose budget it would eat otherwise);
+        what fails here the first round reads instead."""
+        try:
+            self._ownership.refresh(self._round_started_s)
+        except (TableGone, DuplicateInstanceError):
+            raise
+        except Exception as exc:
+            logger.warning(
+                "could not read the ownership rows yet", extra={"error": describe_error(exc)}
+            )
+
     def run(self, stop: threading.Event) -> None:
-        self._next_round_s = self._clock.monotonic() + self._settings.heartbeat_interval
+        fence = self._fence
+        fence.next_round_s = self._clock.monotonic() + self._interval_s
         while not stop.is_set():
             now = self._clock.monotonic()
-            next_heartbeat = self._next_round_s
-            if now >= next_heartbeat:
-                self._next_round_s = now + self._settings.heartbeat_interval
+            if now >= fence.next_round_s:
+                fence.next_round_s = now + self._interval_s
                 self.tick()
             else:
                 self.reconcile_released()
                 self._check_fence()
-            self._wake.wait(min(0.25, max(0.0, self._next_round_s - self._clock.monotonic())))
+            self._wake.wait(min(0.25, max(0.0, fence.next_round_s - self._clock.monotonic())))
             self._wake.clear()
 
     def on_discovered(self, result: DiscoveryResult) -> None:
@@ -251,11 +237,7 @@ class DynamoCoordinator:
         """After the engine drained: release every row we hold, remove our member row."""
         self._stop.set()
         with self._lock:
-            held = {**self._holdings.unreleased, **self._holdings.leases}
-            for queue, lease in sorted(held.items()):
-                self._release_row(queue, lease)  # what fails frees when we are judged dead
-            self._holdings.leases.clear()
-            self._holdings.unreleased.clear()
+            self._leases.release_all(self._url_of)
             try:
                 self._ownership.announce()
             except Exception as exc:  # the survivors' sweep finds the free rows anyway
@@ -296,8 +278,7 @@ class DynamoCoordinator:
         except ConditionFailed:
             self._rejoin()  # it wrote a fresh row: that renews too
             renewed = False
-        self._renewed_at_s = started
-        self._control.renewed()
+        self._fence.renewed(started)
         return renewed
 
     def _has_time(self) -> bool:
@@ -306,7 +287,7 @@ class DynamoCoordinator:
         now = self._clock.monotonic()
         if now - self._round_started_s >= ROUND_BUDGET_ROUNDS * self._interval_s:
             return False
-        renewed = self._renewed_at_s
+        renewed = self._fence.renewed_at_s
         if renewed is not None and now - renewed >= self._interval_s:
             return self._renew()
         return True
@@ -410,7 +391,7 @@ class DynamoCoordinator:
             # Reading the rows may fail (throttled): the view counts as applied only once
             # planned, or it would never be planned at all.
             self._plan(self._owners())
-            self._handoff = _Handoff(planned_at_s=self._round_started_s)
+            self._handoff = Handoff(planned_at_s=self._round_started_s)
         if self._applied is not None:
             self._rebalances += 1
         self._applied = view
@@ -467,7 +448,7 @@ class DynamoCoordinator:
         from what we believe (see sweep.py). A handoff follows the rows on its own; in its
         rounds only what we hold is checked."""
         is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
-        if self._is_draining or self._is_fenced or not (is_due or self._rows_changed):
+        if self._is_draining or self._fence.is_fenced or not (is_due or self._rows_changed):
             return
         if not is_due:
             self._check_holdings()  # rows changed: guard what we hold, no more
@@ -490,7 +471,7 @@ class DynamoCoordinator:
         if found.needs_plan and self._handoff is None and self._applied == self._view.key:
             logger.info("sweep found queues without a live owner; planning again")
             self._plan(self._owners())
-            self._handoff = _Handoff(planned_at_s=self._round_started_s)
+            self._handoff = Handoff(planned_at_s=self._round_started_s)
 
     def _check_holdings(self) -> None:
         """Rows a handoff read this round: stop on a held row taken, rewrite one deleted
@@ -524,15 +505,7 @@ class DynamoCoordinator:
         for queue, lease in sorted(found.stale.items()):
             if not self._has_time():
                 break
-            try:
-                self._table.delete_ownership(queue, lease=lease)
-            except ConditionFailed:
-                self._ownership.distrust(queue)
-            else:
-                self._note_row(queue, None, None)
-                logger.info(
-                    "removed the row of a queue that no longer exists", extra={"queue": queue}
-                )
+            self._leases.delete_stale(queue, lease)
         if found.lost or found.missing or found.adopt or found.repair:
             self._push_owned()
 
@@ -543,18 +516,7 @@ class DynamoCoordinator:
         if info is None:
             return False
         previous = self._rows().get(queue)  # None, or ours with a damaged lease
-        try:
-            lease = self._table.acquire(
-                queue,
-                info.url,
-                owner=self.instance_id,
-                previous=previous,
-                now_wall=self._clock.wall(),
-            )
-            self._holdings.leases[queue] = lease
-            self._note_row(queue, self.instance_id, lease)
-        except ConditionFailed:
-            self._ownership.distrust(queue)
+        if not self._leases.acquire(queue, info.url, previous):
             logger.warning("our ownership row was taken; stopped", extra={"queue": queue})
             return False
         return True
@@ -565,7 +527,7 @@ class DynamoCoordinator:
         return owners
 
     def _follow_handoff(self) -> None:
-        if self._is_draining or self._is_fenced:
+        if self._is_draining or self._fence.is_fenced:
             return
         wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
         if wanted:
@@ -578,22 +540,19 @@ class DynamoCoordinator:
         if self._handoff is not None:
             self._check_handoff(self._handoff, self._owners())
 
-    def _check_handoff(self, handoff: _Handoff, owners: dict[str, str]) -> None:
+    def _check_handoff(self, handoff: Handoff, owners: dict[str, str]) -> None:
         if handoff.planned_at_s == self._round_started_s:
             return  # planned from these very rows this round
-        members, queues = self._view.members, self._view.queues
+        queues = self._view.queues
         current = {queue: owners.get(queue) for queue in queues}
-        is_owned = all(owner in members for owner in current.values())
-        settled = is_owned and (
-            not self._view.is_agreed
-            or current
-            == rebalance(
-                queues,
-                members,
-                owners,
-                virtual_nodes=self._settings.virtual_nodes,
-                load_factor=self._settings.load_factor,
-            )
+        settled = is_settled(
+            current,
+            members=self._view.members,
+            queues=queues,
+            owners=owners,
+            is_agreed=self._view.is_agreed,
+            virtual_nodes=self._settings.virtual_nodes,
+            load_factor=self._settings.load_factor,
         )
         # A queue we are still draining frees its row later: keep following until it has.
         if settled and not self._holdings.releasing & set(queues):
@@ -604,26 +563,21 @@ class DynamoCoordinator:
             logger.info("handoff complete", extra={"mine": len(self._target)})
             return
         self._take_orphans(handoff, current)
-        if owners != handoff.last_owners:
-            handoff.last_owners = owners
-            handoff.unchanged_since_s = self._round_started_s
+        stalled_s = handoff.stalled_for_s(owners, self._round_started_s)
+        if stalled_s is None:
             return
-        stalled_s = self._round_started_s - handoff.unchanged_since_s
-        interval = self._settings.heartbeat_interval
-        if stalled_s >= STALL_ROUNDS * interval and self._round_started_s >= self._release_at_s:
+        if (
+            stalled_s >= STALL_ROUNDS * self._interval_s
+            and self._round_started_s >= self._release_at_s
+        ):
             logger.warning("handoff stalled; planning again from the ownership rows")
             self._plan(owners)
             handoff.unchanged_since_s = self._round_started_s
 
-    def _take_orphans(self, handoff: _Handoff, current: dict[str, str | None]) -> None:
+    def _take_orphans(self, handoff: Handoff, current: dict[str, str | None]) -> None:
         """Rows free for ORPHAN_ROUNDS: plans disagreed on who takes them; take them if we
         have room (several may try: the conditional acquire lets one win)."""
-        now = self._round_started_s
-        handoff.free_since_s = {
-            q: handoff.free_since_s.get(q, now) for q, owner in current.items() if owner is None
-        }
-        limit_s = ORPHAN_ROUNDS * self._settings.heartbeat_interval
-        orphans = sorted(q for q, since in handoff.free_since_s.items() if now - since >= limit_s)
+        orphans = handoff.orphans(current, self._round_started_s, ORPHAN_ROUNDS * self._interval_s)
         room = capacity(
             queue_count=len(current),
             member_count=max(1, len(self._view.members)),
@@ -655,133 +609,47 @@ class DynamoCoordinator:
                 "taking over a queue from a dead instance",
                 extra={"queue": queue, "instance": row.owner},
             )
-        try:
-            lease = self._table.acquire(
-                queue,
-                self._queues[queue].url,
-                owner=self.instance_id,
-                previous=row,
-                now_wall=self._clock.wall(),
-            )
-        except ConditionFailed:
-            self._ownership.distrust(queue)  # changed since we read it; read it again
-            return
-        except Exception:
-            self._ownership.distrust(queue, may_have_landed=True)  # a lost answer
-            raise
-        self._holdings.leases[queue] = lease
-        self._note_row(queue, self.instance_id, lease)
-
-    def _note_row(self, queue: str, owner: str | None, lease: int | None) -> None:
-        """Keep our copy of the rows true to our own write, and announce it this round."""
-        if lease is None:
-            self._ownership.note_write(None, queue)
-            return
-        url = self._queues[queue].url if queue in self._queues else ""
-        record = OwnershipRecord(queue, url, owner, lease, self._clock.wall())
-        self._ownership.note_write(record, queue)
+        self._leases.acquire(queue, self._queues[queue].url, row)
 
     def reconcile_released(self) -> None:
         with self._lock:
-            holdings = self._holdings
-            while holdings.drained:
-                queue = holdings.drained.popleft()
-                holdings.releasing.discard(queue)
-                lease = holdings.leases.pop(queue, None)
-                if lease is not None and not self._release_row(queue, lease):
-                    holdings.unreleased[queue] = lease
+            self._leases.settle_drained(self._url_of)
 
     def _retry_releases(self) -> None:
-        """Once a round (not between rounds: a throttled table gets no faster for it)."""
-        for queue, lease in sorted(self._holdings.unreleased.items()):
-            if not self._has_time():
-                break
-            if self._release_row(queue, lease):
-                del self._holdings.unreleased[queue]
+        self._leases.retry_releases(self._url_of, self._has_time)
 
-    def _release_row(self, queue: str, lease: int) -> bool:
-        """Release (or, for a deleted queue, delete) our row; False to try again later."""
-        try:
-            if queue in self._queues:
-                self._table.release(
-                    queue, owner=self.instance_id, lease=lease, now_wall=self._clock.wall()
-                )
-                self._note_row(queue, None, lease + 1)
-            else:
-                self._table.delete_ownership(queue, lease=lease)  # the queue is gone
-                self._note_row(queue, None, None)
-        except ConditionFailed:
-            self._ownership.distrust(queue)
-            logger.warning("ownership row changed before release", extra={"queue": queue})
-        except TableGone:
-            raise
-        except Exception as exc:
-            self._ownership.distrust(queue, may_have_landed=True)
-            logger.warning(
-                "could not release a queue; retrying",
-                extra={"queue": queue, "error": describe_error(exc)},
-            )
-            return False
-        return True
+    def _url_of(self, queue: str) -> str | None:
+        """A known queue's URL; None for one that is gone (its row is deleted, not freed)."""
+        info = self._queues.get(queue)
+        return info.url if info is not None else None
 
     def _push_owned(self) -> None:
-        consuming = set(self._holdings.leases) - self._holdings.releasing
+        consuming = self._holdings.consuming
         self._set_owned([self._queues[q] for q in sorted(consuming) if q in self._queues])
 
     # -- fencing --------------------------------------------------------------------------
 
     def receive_budget_s(self) -> float | None:
-        """Seconds of receiving left before we must be silent (used to cut long polls)."""
-        renewed = self._renewed_at_s
-        if renewed is None:
-            return 0.0
-        limit = self._settings.heartbeat_timeout - self._settings.effective_fence_margin
-        return renewed + limit - self._clock.monotonic()
+        return self._fence.receive_budget_s()
 
     def renewal_due_in_s(self) -> float | None:
-        """Seconds until the next heartbeat round (pollers may wait for it; see ReceiveGate)."""
-        if self._next_round_s is None:
-            return None
-        return self._next_round_s - self._clock.monotonic()
+        return self._fence.renewal_due_in_s()
 
     def _check_fence(self) -> None:
-        with self._lock:  # _drop_lost_leases changes the holdings (and reads the table)
-            budget = self.receive_budget_s()
-            fenced = budget is not None and budget <= 0
-            if fenced and not self._is_fenced:
-                self._is_fenced = True
-                self._control.pause()
-                logger.error(
-                    "heartbeat not renewed in time; stopped receiving (self-fenced)",
-                    extra={"instance": self.instance_id},
-                )
-            elif not fenced and self._is_fenced and self._drop_lost_leases():
-                self._is_fenced = False
-                self._control.resume()
-                logger.warning(
-                    "heartbeat renewed; receiving again", extra={"instance": self.instance_id}
-                )
+        with self._lock:  # verifying changes the holdings (and reads the table)
+            self._fence.check(self._verify_after_fence)
 
-    def _drop_lost_leases(self) -> bool:
-        """After a fence: keep consuming only the queues whose rows are still ours. False
-        when the rows could not be read: we stay fenced and try again (issue 11, defect 8)."""
-        try:
-            rows = self._table.rows_of(self._holdings.leases)
-        except Exception as exc:
-            logger.warning(
-                "could not verify ownership after a fence; still fenced",
-                extra={"error": describe_error(exc)},
-            )
+    def _verify_after_fence(self) -> bool:
+        if not self._leases.drop_lost():
             return False
-        for queue, lease in list(self._holdings.leases.items()):
-            row = rows.get(queue)
-            if row is None or row.owner != self.instance_id or row.lease != lease:
-                logger.warning("lost a queue while fenced", extra={"queue": queue})
-                del self._holdings.leases[queue]
         self._push_owned()
         return True
 
     # -- views ----------------------------------------------------------------------------
+
+    @property
+    def is_fenced(self) -> bool:
+        return self._fence.is_fenced
 
     @property
     def is_following_handoff(self) -> bool:
@@ -789,14 +657,14 @@ class DynamoCoordinator:
         return self._handoff is not None
 
     def snapshot(self) -> CoordinationStats:
-        renewed = self._renewed_at_s
+        renewed = self._fence.renewed_at_s
         return CoordinationStats(
             mode="dynamodb",
             is_registered=self._membership.is_registered,
             members_alive=len(self._view.members),
             heartbeat_age_s=None if renewed is None else self._clock.monotonic() - renewed,
             rebalances=self._rebalances,
-            is_fenced=self._is_fenced,
+            is_fenced=self._fence.is_fenced,
         )
 
 

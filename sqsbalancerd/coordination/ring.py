@@ -16,6 +16,7 @@ matching where both sides rank by ring distance), and adding a member never push
 farther member while the capacity stays the same.
 """
 
+import functools
 import heapq
 import math
 from bisect import bisect_right
@@ -269,6 +270,29 @@ def rebalance(
     agree because they read the same ownership rows, and the result is a fixed point
     (applied to its own output it changes nothing).
     """
+    queue_set = frozenset(queues)
+    history = frozenset((q, owner) for q, owner in current.items() if q in queue_set)
+    key = (queue_set, frozenset(members), history, virtual_nodes, load_factor)
+    return dict(_rebalance_cached(key))
+
+
+@functools.lru_cache(maxsize=4)
+def _rebalance_cached(
+    key: tuple[frozenset[str], frozenset[str], frozenset[tuple[str, str]], int, float],
+) -> dict[str, str]:
+    """rebalance, remembered: a handoff checks its rows against the same plan each round,
+    and every instance of a simulated cluster plans from the same rows."""
+    queues, members, history, virtual_nodes, load_factor = key
+    return _rebalance(sorted(queues), sorted(members), dict(history), virtual_nodes, load_factor)
+
+
+def _rebalance(
+    queues: list[str],
+    members: list[str],
+    current: Mapping[str, str],
+    virtual_nodes: int,
+    load_factor: float,
+) -> dict[str, str]:
     layout = _layout(queues, members, virtual_nodes=virtual_nodes, load_factor=load_factor)
     if layout is None:
         return {}

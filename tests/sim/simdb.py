@@ -299,6 +299,9 @@ class SimDynamoDB:
         self.write_units_s = write_units_s
         self.page_items = page_items
         self._window: dict[tuple[str, str], tuple[int, float]] = {}
+        # Answers carry copies, as boto3's do; cost runs of hundreds of instances hand out
+        # the stored items themselves (the coordinator only parses what it reads).
+        self.copy_reads = True
         self.queue_writes = 0  # conditional writes to ownership rows, applied or not
         self.peak_units: dict[tuple[str, str], float] = defaultdict(float)  # (pk, r|w) -> max/s
 
@@ -321,6 +324,9 @@ class SimDynamoDB:
             self._sizes.clear()
         self._sizes[id(item)] = (item, size)
         return size
+
+    def answer(self, item: Item) -> Item:
+        return _copy(item) if self.copy_reads else item
 
     def spend(self, pk: str, kind: str, units: float) -> None:
         """Charge a partition; throttle beyond its per-second limit (DynamoDB's code)."""
@@ -466,7 +472,7 @@ class SimClient:
             item = table.get(key)
             consistent = bool(kw.get("ConsistentRead"))
             self._charge_read(key[0], item_bytes(item), consistent=consistent)
-            return {"Item": _copy(item)} if item else {}
+            return {"Item": self._db.answer(item)} if item else {}
 
         return dict(self._call("get_item", apply))
 
@@ -483,7 +489,7 @@ class SimClient:
                     # Each item is rounded up to a read unit on its own (DynamoDB's billing).
                     self._charge_read(key[0], self._db.size_of(item), consistent=consistent)
                     if item:
-                        found.append(_copy(item))
+                        found.append(self._db.answer(item))
             return {"Responses": responses, "UnprocessedKeys": {}}
 
         return dict(self._call("batch_get_item", apply))
@@ -518,7 +524,7 @@ class SimClient:
                     continue
             elif not condition.evaluate(item):
                 continue
-            page.append(_copy(item))
+            page.append(self._db.answer(item))
             size += self._db.size_of(item)
             last = key
             if size >= PAGE_BYTES or (limit is not None and len(page) >= limit):
