@@ -612,8 +612,16 @@ class DynamoCoordinator:
         self._leases.acquire(queue, self._queues[queue].url, row)
 
     def reconcile_released(self) -> None:
+        """Release what the engine drained, and announce it now: the planned owner reads
+        the shard at its next round instead of one round after our next."""
         with self._lock:
+            if not self._holdings.drained:
+                return
             self._leases.settle_drained(self._url_of)
+            try:
+                self._ownership.announce()
+            except Exception as exc:  # announced again at the end of the next round
+                logger.warning("could not announce releases", extra={"error": describe_error(exc)})
 
     def _retry_releases(self) -> None:
         self._leases.retry_releases(self._url_of, self._has_time)

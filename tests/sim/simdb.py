@@ -15,6 +15,7 @@ and throttling for that instance alone.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections import Counter, defaultdict
@@ -250,19 +251,31 @@ class SimTable(dict[Key, Item]):
     def __init__(self) -> None:
         super().__init__()
         self.by_pk: dict[str, set[str]] = defaultdict(set)
+        self._sorted: dict[str, list[Key]] = {}
 
     def __setitem__(self, key: Key, item: Item) -> None:
+        if key not in self:
+            self.by_pk[key[0]].add(key[1])
+            self._sorted.pop(key[0], None)
         super().__setitem__(key, item)
-        self.by_pk[key[0]].add(key[1])
 
     def __delitem__(self, key: Key) -> None:
         super().__delitem__(key)
         self.by_pk[key[0]].discard(key[1])
+        self._sorted.pop(key[0], None)
 
     def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
         if key in self:
             self.by_pk[key[0]].discard(key[1])
+            self._sorted.pop(key[0], None)
         return super().pop(key, *default)
+
+    def keys_of(self, pk: str) -> list[Key]:
+        """The partition's keys in sort-key order (kept until the key set changes)."""
+        keys = self._sorted.get(pk)
+        if keys is None:
+            keys = self._sorted[pk] = sorted((pk, sk) for sk in self.by_pk.get(pk, ()))
+        return keys
 
 
 @dataclass
@@ -513,11 +526,13 @@ class SimClient:
         size = 0
         last: Key | None = None
         keys = (
-            [(pk, sk) for sk in table.by_pk.get(pk, ())]
+            table.keys_of(pk)
             if isinstance(table, SimTable)
-            else [k for k in table if k[0] == pk]
+            else sorted(k for k in table if k[0] == pk)
         )
-        for key in sorted(k for k in keys if after is None or k > after):
+        if after is not None:
+            keys = keys[bisect.bisect_right(keys, after) :]
+        for key in keys:
             item = table[key]
             if prefix is not None:
                 if not key[1].startswith(prefix):
