@@ -151,6 +151,9 @@ class DynamoCoordinator:
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
+        # A live instance of an older protocol reads other ownership rows: until it has
+        # gone we take nothing (an upgrade hands over instead of consuming twice).
+        self._older_alive: tuple[str, ...] = ()
         self._latest_wall_s = 0.0
         self._peers_agree = True
         self._interval_s = settings.heartbeat_interval
@@ -318,10 +321,30 @@ class DynamoCoordinator:
         members = tuple(sorted(r.instance_id for r in in_ring))
         if self.instance_id not in members and not self._is_draining:
             members = tuple(sorted({*members, self.instance_id}))
+        self._note_older_protocols(records)
         mine = self._membership.queues_hash
         # "" is a member of a version that does not publish it: it cannot disagree.
         self._peers_agree = all(r.queues_hash in ("", mine) for r in in_ring)
         self._note_view(members=members)
+
+    def _note_older_protocols(self, records: list[MemberRecord]) -> None:
+        older = tuple(
+            sorted(
+                r.instance_id
+                for r in records
+                if r.protocol < PROTOCOL_VERSION
+                and r.status == "active"
+                and self._liveness.is_alive(r.instance_id)
+            )
+        )
+        if older and not self._older_alive:
+            logger.warning(
+                "instances of an older protocol are alive; taking no queue until they leave",
+                extra={"instances": list(older[:5]), "count": len(older)},
+            )
+        elif self._older_alive and not older:
+            logger.info("no instance of an older protocol is left; taking queues")
+        self._older_alive = older
 
     def _counts_in_ring(self, record: MemberRecord) -> bool:
         if record.protocol != PROTOCOL_VERSION:
@@ -530,7 +553,7 @@ class DynamoCoordinator:
         if self._is_draining or self._fence.is_fenced:
             return
         wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
-        if wanted:
+        if wanted and not self._older_alive:
             rows = self._rows()
             for queue in sorted(wanted):
                 if not self._has_time():

@@ -543,6 +543,25 @@ def test_an_incompatible_version_is_ignored_and_its_queues_left_while_it_lives(c
     cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=TIMEOUT_S + 2 * INTERVAL_S)
 
 
+def test_a_live_instance_of_an_older_protocol_is_waited_for(cluster, caplog):
+    """Protocol 1 keeps its ownership rows elsewhere: taking queues beside a live one would
+    consume them twice, so an upgrade hands over — nothing is taken until it has gone."""
+    old = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
+    old.create_member(member_record("v1", protocol=PROTOCOL_VERSION - 1))
+    caplog.set_level(logging.INFO)
+    a = cluster.add("a")
+
+    for _ in range(int(TIMEOUT_S * 3)):
+        old.heartbeat("v1", epoch="v1", status="active", now_wall=1.0)
+        cluster.step()
+    assert a.engine.owned == set()
+    waits = [r for r in caplog.records if "older protocol are alive" in r.getMessage()]
+    assert len(waits) == 1, "said once, not every heartbeat"
+
+    old.delete_member("v1", epoch="v1")  # it left
+    cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=DELAY_S + 4 * INTERVAL_S)
+
+
 # -- self-fencing ---------------------------------------------------------------------------
 
 
