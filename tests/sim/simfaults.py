@@ -55,6 +55,7 @@ class Result:
     log: list[str]
     meters: dict[str, Meter]
     faults: list[str] = field(default_factory=list)
+    longest_overlap_s: dict[str, float] = field(default_factory=dict)  # queue -> s
 
     @property
     def kinds(self) -> set[str]:
@@ -322,4 +323,5 @@ def run(
         log=world.log,
         meters=world.meters(),
         faults=schedule.faults,
+        longest_overlap_s=world.longest_overlap_s,
     )

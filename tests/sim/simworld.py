@@ -206,6 +206,9 @@ class World:
         # instances check once per `check_every_s` of simulated time instead.
         self.check_every_s = check_every_s
         self._checked_at_s = -1.0
+        # How long two instances may have received from one queue at once, per queue.
+        self._overlap_since: dict[str, float] = {}
+        self.longest_overlap_s: dict[str, float] = {}
 
     # -- building ---------------------------------------------------------------------------
 
@@ -350,6 +353,7 @@ class World:
             if node.is_alive:
                 for queue in node.engine.allowed():
                     holders.setdefault(queue, []).append(node.instance_id)
+        self._time_overlaps({q for q, ids in holders.items() if len(ids) > 1})
         for queue, ids in sorted(holders.items()):
             if len(ids) > 1:
                 detail = f"{queue} receivable by {sorted(ids)}"
@@ -357,6 +361,14 @@ class World:
                     self.violate("exclusive", detail)
         if self.is_checking_settled:
             self._check_settled()
+
+    def _time_overlaps(self, shared: set[str]) -> None:
+        for queue in shared:
+            since = self._overlap_since.setdefault(queue, self.now)
+            longest = self.longest_overlap_s.get(queue, 0.0)
+            self.longest_overlap_s[queue] = max(longest, self.now - since)
+        for queue in set(self._overlap_since) - shared:
+            del self._overlap_since[queue]
 
     def consumers(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {q: [] for q in self.queues}
