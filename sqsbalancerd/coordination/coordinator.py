@@ -154,6 +154,7 @@ class DynamoCoordinator:
         # A live instance of an older protocol reads other ownership rows: until it has
         # gone we take nothing (an upgrade hands over instead of consuming twice).
         self._older_alive: tuple[str, ...] = ()
+        self._has_observed = False  # this round read the member rows
         self._latest_wall_s = 0.0
         self._peers_agree = True
         self._interval_s = settings.heartbeat_interval
@@ -254,6 +255,7 @@ class DynamoCoordinator:
         with self._lock:
             self._round_started_s = self._clock.monotonic()
             self._rows_changed = False
+            self._has_observed = False
             try:
                 self._renew()
                 self._observe_members()
@@ -269,6 +271,8 @@ class DynamoCoordinator:
             except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
+                if not self._has_observed:  # blind this round: not the peers' fault
+                    self._liveness.note_missed_read()
                 logger.warning("coordination round failed", extra={"error": describe_error(exc)})
             self._check_fence()
 
@@ -316,6 +320,7 @@ class DynamoCoordinator:
     def _observe_members(self) -> None:
         records = self._table.members()
         self._liveness.observe(records)
+        self._has_observed = True
         self._latest_wall_s = max([self._latest_wall_s, *(r.heartbeat_at for r in records)])
         in_ring = [r for r in records if self._counts_in_ring(r)]
         members = tuple(sorted(r.instance_id for r in in_ring))
