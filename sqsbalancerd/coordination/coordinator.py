@@ -173,6 +173,7 @@ class DynamoCoordinator:
         self._is_draining = False
         self._rebalances = 0
         self._incompatible_seen: set[str] = set()
+        self._has_observed = False  # this round read the member rows
         self._latest_wall_s = 0.0
         self._peers_agree = True
         self._interval_s = settings.heartbeat_interval
@@ -262,6 +263,7 @@ class DynamoCoordinator:
         with self._lock:
             self._round_started_s = self._clock.monotonic()
             self._round_rows = None
+            self._has_observed = False
             try:
                 self._renew()
                 self._observe_members()
@@ -275,6 +277,8 @@ class DynamoCoordinator:
             except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
+                if not self._has_observed:  # blind this round: not the peers' fault
+                    self._liveness.note_missed_read()
                 logger.warning("coordination round failed", extra={"error": describe_error(exc)})
             self._check_fence()
 
@@ -308,6 +312,7 @@ class DynamoCoordinator:
     def _observe_members(self) -> None:
         records = self._table.members()
         self._liveness.observe(records)
+        self._has_observed = True
         self._latest_wall_s = max([self._latest_wall_s, *(r.heartbeat_at for r in records)])
         in_ring = [r for r in records if self._counts_in_ring(r)]
         members = tuple(sorted(r.instance_id for r in in_ring))

@@ -40,7 +40,9 @@ class LivenessTracker:
       full timeout after its last observed change, like a row that stopped moving.
     - An observer that could not read for longer than `blind_after_s` restarts every
       peer's clock: a DynamoDB outage stopped their renewals and our reads alike, and
-      counting our blind period against them would evict the whole fleet.
+      counting our blind period against them would evict the whole fleet. Only a read
+      that failed (`note_missed_read`) makes a gap blind: a round merely slow (many
+      acquires, a throttled write retried) saw every change the next read shows.
     - An owner never seen at all is dead a timeout after we first asked about it.
     """
 
@@ -53,12 +55,18 @@ class LivenessTracker:
         self._seen: dict[str, _Seen] = {}
         self._asked_s: dict[str, float] = {}  # never seen: when we first asked
         self._observed_s: float | None = None
+        self._has_missed_read = False
+
+    def note_missed_read(self) -> None:
+        """A round could not read the member rows (DynamoDB failed us)."""
+        self._has_missed_read = True
 
     def observe(self, records: Iterable[MemberRecord]) -> None:
         now = self._clock.monotonic()
-        if self._is_blind_since_last(now):
+        if self._has_missed_read and self._is_blind_since_last(now):
             self._restart_clocks(now)
         self._observed_s = now
+        self._has_missed_read = False
         current = {r.instance_id: r for r in records}
         for instance_id, record in current.items():
             seen = self._seen.get(instance_id)

@@ -139,10 +139,23 @@ def test_an_observer_blind_for_longer_than_an_interval_restarts_every_clock(cloc
     tracker = LivenessTracker(clock, timeout_s=TIMEOUT_S, blind_after_s=1.5 * INTERVAL_S)
     tracker.observe([record(counter=3)])
     clock.advance(3 * TIMEOUT_S)  # nobody could write, and we could not read
+    tracker.note_missed_read()
     tracker.observe([record(counter=3)])
     assert tracker.is_alive("a") and not tracker.is_dead("a")
     for _ in range(int(TIMEOUT_S / INTERVAL_S)):  # now it really stopped, with us watching
         clock.advance(INTERVAL_S)
+        tracker.observe([record(counter=3)])
+    assert tracker.is_dead("a")
+
+
+def test_a_slow_round_is_not_blindness(clock):
+    """Issue 11 (found end to end): a round made slow by throttled, retried writes (no read
+    failed) restarted every clock, so a dead owner was never judged dead while a takeover
+    was throttled. Only a failed read makes the gap blind."""
+    tracker = LivenessTracker(clock, timeout_s=TIMEOUT_S, blind_after_s=1.5 * INTERVAL_S)
+    tracker.observe([record(counter=3)])
+    for _ in range(int(TIMEOUT_S / (2 * INTERVAL_S))):  # rounds two intervals apart
+        clock.advance(2 * INTERVAL_S)
         tracker.observe([record(counter=3)])
     assert tracker.is_dead("a")
 
