@@ -10,13 +10,15 @@ Timings: the suite's (heartbeat 1 s, timeout 4 s, delay 1 s, 1 s long polls).
 
 from __future__ import annotations
 
+import signal
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
-from proxy import FaultProxy
-from support import json_log, queue_depth, read_events, wait_until
-from test_fencing import owners
+from proxy import FaultProxy, LostReply, Rule, throttle
+from support import Tally, concurrent_handlings, json_log, queue_depth, read_events, wait_until
+from test_fencing import TABLE, Cluster, make_queues, owners, ownership, receives
 
 pytestmark = pytest.mark.faults
 
@@ -122,3 +124,217 @@ def test_queue_deleted_while_owned_is_given_up_once_and_its_row_removed(
     assert len(consuming) == 1 and len(gone) == 1, (consuming, gone)
     assert rows_at_end == {"faults-del-a": "n1", "faults-del-c": "n1"}
     assert not [line for line in lines if line["level"] == "error"]
+
+
+# -- DynamoDB throttled for the instance taking over -------------------------------------------
+
+
+def throttle_takeover(proxy: FaultProxy) -> list[Rule]:
+    """n2's DynamoDB, while it takes n1's queues: its first two acquires are done upstream
+    but answered 500 (it must find the rows naming it and keep them), then two of every three
+    acquire attempts throttled (botocore makes 2: many acquires fail, a round later they are
+    tried again), a third of the row reads and a quarter of the heartbeats throttled."""
+    rules = [
+        Rule("dynamodb", "PutItem", LostReply(500), times=2),
+        Rule("dynamodb", "PutItem", throttle("dynamodb"), period=3, burst=2),
+        Rule("dynamodb", "Query", throttle("dynamodb"), period=3, burst=1),
+        Rule("dynamodb", "UpdateItem", throttle("dynamodb"), period=4, burst=1),
+    ]
+    for rule in rules:
+        proxy.add(rule)
+    return rules
+
+
+# The takeover bound at the suite's timings is timeout + delay + 2 intervals = 7 s; the
+# throttled calls and a loaded 2-core box get the rest.
+TAKEOVER_UNDER_THROTTLING_S = 30.0
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_takeover_under_throttling_ends_owned_once_and_loses_nothing(
+    signal_name, sqs, dynamodb, endpoint, daemons, proxies, fault_config, totals
+):
+    """Simulated (proxy): n2's DynamoDB throttled, and two of its acquires' answers lost,
+    from just before n1 goes (SIGTERM: a drain and a release; SIGKILL: judged dead) until n2
+    owns every queue. Real: the signals, the table's conditional writes. The takeover
+    completes under throttling; every queue has one row naming n2; n2 received from each of
+    n1's queues only after n1's last receive there ended; no queue handled by two processes
+    at once; nothing lost (after SIGTERM nothing handled twice; after SIGKILL only what n1
+    had started)."""
+    cluster = Cluster(sqs, dynamodb, endpoint, daemons, proxies, fault_config, totals)
+    n1, n2 = cluster.node["n1"], cluster.node["n2"]
+    p1, p2 = cluster.proxy["n1"], cluster.proxy["n2"]
+    mine = cluster.n1_queues
+    killed_at: dict[int, float] = {}
+    try:
+        rules = throttle_takeover(p2)
+        signalled = time.time()
+        n1.proc.send_signal(getattr(signal, signal_name))
+        if signal_name == "SIGKILL":
+            killed_at[cluster.pid["n1"]] = signalled
+        wait_until(
+            lambda: (
+                set(owners(dynamodb)) == set(cluster.urls)
+                and set(owners(dynamodb).values()) == {"n2"}
+            ),
+            timeout_s=60,
+            every_s=0.05,
+            what="n2 to own every queue under throttling",
+        )
+        owned_all = time.time()
+        p2.clear("dynamodb")
+        assert n1.wait(timeout_s=30) == (0 if signal_name == "SIGTERM" else -9), n1.log()
+        sent = cluster.finish_feeding()
+    finally:
+        cluster.feeder.stop()
+    rows = ownership(dynamodb)
+    n2.terminate()
+    assert n2.wait(timeout_s=30) == 0, n2.log()
+
+    events = read_events(daemons.events_path)
+    tally = Tally(sent, events)
+    checked, overlaps = concurrent_handlings(events, killed_at)
+    injected = {f"{r.action}/{r.fault.describe()}": r.injected for r in rules}
+    failed_acquires = [
+        line for line in json_log(n2.log()) if line["msg"] == "coordination round failed"
+    ]
+    n2_first = {q: min(r.started for r in receives(p2, {q})) for q in mine}
+    on_n1 = {e["id"] for e in events if e["pid"] == cluster.pid["n1"]}
+    print(
+        f"\n{signal_name} of n1 while n2's DynamoDB is throttled: {tally.figures()}\n"
+        f"  n2 owned every queue {owned_all - signalled:.1f}s after the signal; first receive "
+        f"on n1's former queues {min(n2_first.values()) - signalled:.1f}s after; faults "
+        f"injected: {injected}; {len(failed_acquires)} coordination rounds failed; "
+        f"{checked} handlings checked for overlap"
+    )
+    assert all(r.injected for r in rules), injected
+    # Measured 8.8 s (SIGTERM) and 14.2 s (SIGKILL) on a loaded box; 49.7 s after SIGKILL
+    # before the coordination fix (slow throttled rounds restarted n1's liveness clock).
+    assert owned_all - signalled <= TAKEOVER_UNDER_THROTTLING_S, owned_all - signalled
+    assert set(rows) == set(cluster.urls) and {owner for owner, _ in rows.values()} == {"n2"}
+    for queue, first in n2_first.items():
+        n1_last_end = max((r.ended for r in receives(p1, {queue})), default=0.0)
+        assert first > n1_last_end, (queue, first - n1_last_end)
+    assert not overlaps, overlaps
+    assert not tally.lost and not tally.unknown and tally.handled == tally.sent
+    if signal_name == "SIGTERM":
+        assert not tally.duplicated, tally.duplicated
+    else:
+        assert set(tally.duplicated) <= on_n1, set(tally.duplicated) - on_n1
+    log = n2.log()
+    assert "Traceback" not in log and "self-fenced" not in log
+
+
+# -- two protocol versions sharing the table -------------------------------------------------
+
+# Run by the "newer" process before anything imports the coordination modules, so every
+# module that reads the constant sees 2 (the test checks the published row says so).
+NEWER_PROTOCOL = """\
+import sqsbalancerd.coordination.table as table
+
+table.PROTOCOL_VERSION = table.PROTOCOL_VERSION + 1
+"""
+
+
+def member_protocols(dynamodb: Any) -> dict[str, int]:
+    items = dynamodb.query(
+        TableName=TABLE,
+        KeyConditionExpression="pk = :pk AND begins_with(sk, :m)",
+        ExpressionAttributeValues={":pk": {"S": "app#sqsbalancer"}, ":m": {"S": "member#"}},
+        ConsistentRead=True,
+    )["Items"]
+    return {item["instance_id"]["S"]: int(item["protocol"]["N"]) for item in items}
+
+
+def all_row_writes(proxy: FaultProxy, *, after: float) -> list[tuple[str, str | None]]:
+    return [
+        (r.action, r.key)
+        for r in proxy.records("dynamodb")
+        if (r.key or "").startswith("queue#")
+        and r.action in ("PutItem", "UpdateItem", "DeleteItem")
+        and r.started >= after
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_two_protocol_versions_never_share_a_plan_nor_a_queue(
+    sqs, dynamodb, daemons, proxies, fault_config, tmp_path
+):
+    """Real processes of two protocol versions on one table (a rolling upgrade): n1 (the
+    current version) owns every queue; n2 starts with the version + 1 (patched at start
+    through a sitecustomize). Each logs the other's version once, as an error; neither plans
+    with the other: n2 takes no queue from the live n1, n1 releases none to it, and over 8
+    heartbeats of each nobody writes an ownership row. Messages keep being handled by n1
+    only. When n1 leaves (SIGTERM: rows released), n2 takes every queue: owned once
+    throughout, nothing lost."""
+    urls = make_queues(sqs, 4)
+    p1, p2 = proxies.start("n1"), proxies.start("n2")
+    n1 = daemons.start(config=fault_config(instance_id="n1"), env=p1.env(("dynamodb",)), name="n1")
+    wait_until(
+        lambda: set(owners(dynamodb)) == set(urls) and set(owners(dynamodb).values()) == {"n1"},
+        timeout_s=30,
+        every_s=0.1,
+        what="n1 to own every queue",
+    )
+    shim = tmp_path / "newer"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(NEWER_PROTOCOL)
+    env = {**p2.env(("dynamodb",)), "PYTHONPATH": f"{shim}:{daemons.env()['PYTHONPATH']}"}
+    n2 = daemons.start(config=fault_config(instance_id="n2"), env=env, name="n2")
+    wait_until(lambda: "n2" in member_protocols(dynamodb), timeout_s=30, what="n2 joined")
+    protocols = member_protocols(dynamodb)
+    assert protocols["n2"] == protocols["n1"] + 1, protocols  # the patch took effect
+    joined = time.time()
+    sent = {
+        sqs.send_message(QueueUrl=url, MessageBody="{}")["MessageId"]
+        for url in urls.values()
+        for _ in range(3)
+    }
+    wait_until(
+        lambda: heartbeats(p1, "n1", after=joined) >= 8 and heartbeats(p2, "n2", after=joined) >= 8,
+        timeout_s=40,
+        every_s=0.2,
+        what="eight heartbeats of each after n2 joined",
+    )
+    wait_until(lambda: ok_ids(daemons.events_path) >= sent, timeout_s=30, what="all handled")
+    while_both = owners(dynamodb)
+    writes_while_both = all_row_writes(p1, after=joined) + all_row_writes(p2, after=joined)
+    handled_by = {e["pid"] for e in read_events(daemons.events_path)}
+
+    n1.terminate()
+    assert n1.wait(timeout_s=30) == 0, n1.log()
+    wait_until(
+        lambda: set(owners(dynamodb)) == set(urls) and set(owners(dynamodb).values()) == {"n2"},
+        timeout_s=30,
+        every_s=0.1,
+        what="n2 to take every queue n1 released",
+    )
+    later = {sqs.send_message(QueueUrl=url, MessageBody="{}")["MessageId"] for url in urls.values()}
+    wait_until(lambda: ok_ids(daemons.events_path) >= later, timeout_s=30, what="n2 handling")
+    n2.terminate()
+    assert n2.wait(timeout_s=30) == 0, n2.log()
+
+    events = read_events(daemons.events_path)
+    tally = Tally(sent | later, events)
+    checked, overlaps = concurrent_handlings(events, {})
+    mismatch = {
+        name: [line for line in json_log(node.log()) if "incompatible protocol" in line["msg"]]
+        for name, node in (("n1", n1), ("n2", n2))
+    }
+    noise = Counter(line["msg"] for line in json_log(n2.log()) if line["level"] != "info")
+    print(
+        f"\ntwo protocol versions ({protocols}): mismatch lines n1={len(mismatch['n1'])} "
+        f"n2={len(mismatch['n2'])}; row writes while both ran: {writes_while_both}; "
+        f"{tally.figures()}; {checked} handlings checked; n2's warnings: {dict(noise)}"
+    )
+    assert [(line["level"], line["instance"]) for line in mismatch["n1"]] == [("error", "n2")]
+    assert [(line["level"], line["instance"]) for line in mismatch["n2"]] == [("error", "n1")]
+    assert while_both == dict.fromkeys(urls, "n1")
+    assert writes_while_both == []
+    assert handled_by == {n1.proc.pid}
+    assert not overlaps and not tally.lost and not tally.duplicated and not tally.unknown
+    for node in (n1, n2):
+        log = node.log()
+        assert "Traceback" not in log and "taking over a queue" not in log
+        assert "removed a dead instance" not in log
