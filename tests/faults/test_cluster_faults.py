@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 from proxy import FaultProxy, LostReply, Rule, throttle
 from support import Tally, concurrent_handlings, json_log, queue_depth, read_events, wait_until
-from test_fencing import TABLE, Cluster, make_queues, owners, ownership, receives
+from test_fencing import (
+    TABLE,
+    Cluster,
+    handled_by,
+    last_renewal,
+    log_line,
+    make_queues,
+    owners,
+    ownership,
+    receives,
+)
+from test_process_faults import is_busy
 
 pytestmark = pytest.mark.faults
 
@@ -338,3 +349,133 @@ def test_two_protocol_versions_never_share_a_plan_nor_a_queue(
         log = node.log()
         assert "Traceback" not in log and "taking over a queue" not in log
         assert "removed a dead instance" not in log
+
+
+# -- an instance stopped (SIGSTOP) for longer than fence_margin ------------------------------
+
+
+@pytest.mark.timeout(150)
+def test_instance_stopped_past_its_fence_margin(
+    sqs, dynamodb, endpoint, daemons, proxies, fault_config, totals
+):
+    """Real: n1 is stopped with SIGSTOP while a handler of it runs, for longer than
+    heartbeat_timeout (so far past fence_margin), and continued with SIGCONT once n2 has
+    taken its queues and handled some of their messages.
+
+    What holds (asserted):
+    - n2 receives from n1's queues only after n1's last renewal + heartbeat_timeout;
+    - after SIGCONT, n1 starts no receive on a queue before it has acquired that queue's row
+      again: the receive budget runs on the monotonic clock, which kept going while n1 was
+      stopped, so its pollers are fenced the moment it runs; then it finds its member row
+      removed, gives every queue up, rejoins as a new incarnation (one warning) and ends
+      owning queues again — no exit, and exit 0 on SIGTERM;
+    - nothing is lost, and a message handled twice or a queue handled by both at once only
+      involves what n1 had received before it was stopped.
+    What does not hold: exclusivity for what n1 had already received. Its running handler
+    (and any messages it held, or got from a long poll in flight at SIGSTOP) resume after
+    SIGCONT, when their visibility timeout has run out and n2 may be handling the same
+    messages: the same message can be handled by both, at the same time, and n1's late
+    delete may remove a message n2 is still handling. At-least-once, as SQS: handlers must
+    be idempotent; no fencing token reaches SQS.
+    """
+    timeout_s = 4.0
+    cluster = Cluster(sqs, dynamodb, endpoint, daemons, proxies, fault_config, totals)
+    n1, n2 = cluster.node["n1"], cluster.node["n2"]
+    p1, p2 = cluster.proxy["n1"], cluster.proxy["n2"]
+    pid = cluster.pid["n1"]
+    mine = cluster.n1_queues
+    try:
+        wait_until(lambda: is_busy(daemons, pid), timeout_s=30, every_s=0.05, what="n1 busy")
+        stopped = time.time()
+        n1.proc.send_signal(signal.SIGSTOP)
+        wait_until(
+            lambda: set(owners(dynamodb).values()) == {"n2"},
+            timeout_s=60,
+            every_s=0.1,
+            what="n2 to own every queue",
+        )
+        wait_until(
+            lambda: handled_by(daemons.events_path, cluster.pid["n2"], mine) >= 5,
+            timeout_s=60,
+            what="n2 handling n1's former queues",
+        )
+        resumed = time.time()
+    finally:
+        n1.proc.send_signal(signal.SIGCONT)
+    try:
+        wait_until(lambda: log_line(n1, "rejoining"), timeout_s=30, what="n1 to rejoin")
+        wait_until(
+            lambda: "n1" in set(owners(dynamodb).values()),
+            timeout_s=60,
+            every_s=0.1,
+            what="n1 owning queues again",
+        )
+        assert n1.proc.poll() is None and n2.proc.poll() is None
+        sent = cluster.finish_feeding()
+    finally:
+        cluster.feeder.stop()
+    for daemon in (n1, n2):
+        daemon.terminate()
+    assert n1.wait(timeout_s=30) == 0, n1.log()
+    assert n2.wait(timeout_s=30) == 0, n2.log()
+
+    renewal = last_renewal(p1, "n1", before=resumed)
+    n2_first = min(r.started for r in receives(p2, mine))
+    acquired = [
+        r for r in p1.records("dynamodb", "PutItem") if r.status == 200 and r.started >= resumed
+    ]
+    after = [r for r in p1.records("sqs", "ReceiveMessage") if r.started >= resumed]
+    unacquired = [
+        r
+        for r in after
+        if not any(a.key == f"queue#{r.queue}" and a.ended <= r.started for a in acquired)
+    ]
+    before_stop = {
+        m for r in p1.records("sqs", "ReceiveMessage") if r.started < stopped for m in r.message_ids
+    }
+    events = read_events(daemons.events_path)
+    tally = Tally(sent, events)
+    checked, overlaps = concurrent_handlings(events, {})
+    n1_starts = {(e["id"], e["t"]) for e in events if e["pid"] == pid and e["event"] == "start"}
+    resumed_handlers = {i for i, t in n1_starts if t < stopped} - {
+        e["id"] for e in events if e["pid"] == pid and e["event"] == "end" and e["t"] < stopped
+    }
+    rejoins = [line for line in n1.log().splitlines() if "rejoining" in line]
+    print(
+        f"\nSIGSTOP of n1 for {resumed - stopped:.1f}s (timeout {timeout_s:g}s): "
+        f"{tally.figures()}\n"
+        f"  n2's first receive on n1's queues {n2_first - renewal:.2f}s after n1's last "
+        f"renewal; after SIGCONT n1 received {len(after)} times, each after acquiring its "
+        f"queue again ({len(unacquired)} not)\n"
+        f"  what does not hold: {len(resumed_handlers)} handler(s) of n1 resumed after "
+        f"SIGCONT; {sum(tally.duplicated.values())} message(s) handled twice; "
+        f"{len(overlaps)} overlapping handling(s) of one queue by both ({checked} checked)"
+    )
+    assert n2_first >= renewal + timeout_s, n2_first - renewal
+    assert after and not unacquired, unacquired[:3]
+    assert len(rejoins) == 1, rejoins
+    assert "Traceback" not in n1.log()
+    assert not tally.lost and not tally.unknown and tally.handled == tally.sent
+    assert set(tally.duplicated) <= before_stop, set(tally.duplicated) - before_stop
+    # Every overlap involves a handling by n1 of a message it had received before the stop.
+    late = overlapping_ids(events, pid, cluster.pid["n2"])
+    assert late <= before_stop, late - before_stop
+
+
+def overlapping_ids(events: list[dict[str, Any]], pid: int, other: int) -> set[str]:
+    """Messages `pid` handled while `other` was handling one of the same queue."""
+    spans: dict[int, list[tuple[str, float, float, str]]] = {pid: [], other: []}
+    started: dict[tuple[int, str, int], float] = {}
+    for event in events:
+        key = (event["pid"], event["id"], event["receive_count"])
+        if event["event"] == "start":
+            started[key] = event["t"]
+        elif event["event"] == "end" and key in started and event["pid"] in spans:
+            span = (event["queue"], started.pop(key), event["t"], event["id"])
+            spans[event["pid"]].append(span)
+    return {
+        mine[3]
+        for mine in spans[pid]
+        for theirs in spans[other]
+        if mine[0] == theirs[0] and mine[1] < theirs[2] and theirs[1] < mine[2]
+    }
