@@ -24,6 +24,7 @@ from test_fencing import (
     TABLE,
     Cluster,
     handled_by,
+    handled_ok,
     last_renewal,
     log_line,
     make_queues,
@@ -37,16 +38,13 @@ from totals import IS_LONG
 pytestmark = pytest.mark.faults
 
 
-def ok_ids(path: Any) -> set[str]:
-    return {e["id"] for e in read_events(path) if e["event"] == "end" and e["outcome"] == "ok"}
-
-
-def row_writes(proxy: FaultProxy, queue: str, *, after: float = 0.0) -> list[str]:
-    """The ownership-row writes (acquire, release, delete) an instance sent for `queue`."""
+def row_writes(proxy: FaultProxy, queue: str = "", *, after: float = 0.0) -> list[str]:
+    """The ownership-row writes (acquire, release, delete) an instance sent for `queue`
+    (every queue: ""), as "action" or, for every queue, "action queue#name"."""
     return [
-        r.action
+        r.action if queue else f"{r.action} {r.key}"
         for r in proxy.records("dynamodb")
-        if r.key == f"queue#{queue}"
+        if (r.key == f"queue#{queue}" if queue else (r.key or "").startswith("queue#"))
         and r.action in ("PutItem", "UpdateItem", "DeleteItem")
         and r.started >= after
     ]
@@ -87,7 +85,7 @@ def test_queue_deleted_while_owned_is_given_up_once_and_its_row_removed(
         what="n1 to own the three queues",
     )
     first = {sqs.send_message(QueueUrl=url, MessageBody="{}")["MessageId"] for url in urls.values()}
-    wait_until(lambda: ok_ids(daemons.events_path) >= first, timeout_s=30, what="first handled")
+    wait_until(lambda: handled_ok(daemons.events_path) >= first, timeout_s=30, what="first handled")
     wait_until(
         lambda: queue_depth(sqs, urls["faults-del-b"]) == (0, 0),
         timeout_s=10,
@@ -115,7 +113,7 @@ def test_queue_deleted_while_owned_is_given_up_once_and_its_row_removed(
         for name, url in urls.items()
         if name != "faults-del-b"
     }
-    wait_until(lambda: ok_ids(daemons.events_path) >= later, timeout_s=30, what="others go on")
+    wait_until(lambda: handled_ok(daemons.events_path) >= later, timeout_s=30, what="others go on")
     rows_at_end = owners(dynamodb)
     node.terminate()
     assert node.wait(timeout_s=30) == 0, node.log()
@@ -217,16 +215,17 @@ def test_takeover_under_throttling_ends_owned_once_and_loses_nothing(
     tally = Tally(sent, events)
     checked, overlaps = concurrent_handlings(events, killed_at)
     injected = {f"{r.action}/{r.fault.describe()}": r.injected for r in rules}
-    failed_acquires = [
-        line for line in json_log(n2.log()) if line["msg"] == "coordination round failed"
-    ]
+    n2_lines = json_log(n2.log())
+    failed_rounds = [line for line in n2_lines if line["msg"] == "coordination round failed"]
+    fences = [line for line in n2_lines if "self-fenced" in line["msg"]]
     n2_first = {q: min(r.started for r in receives(p2, {q})) for q in mine}
     on_n1 = {e["id"] for e in events if e["pid"] == cluster.pid["n1"]}
     print(
         f"\n{signal_name} of n1 while n2's DynamoDB is throttled: {tally.figures()}\n"
         f"  n2 owned every queue {owned_all - signalled:.1f}s after the signal; first receive "
         f"on n1's former queues {min(n2_first.values()) - signalled:.1f}s after; faults "
-        f"injected: {injected}; {len(failed_acquires)} coordination rounds failed; "
+        f"injected: {injected}; {len(failed_rounds)} coordination rounds failed, "
+        f"{len(fences)} fence(s) of n2; "
         f"{checked} handlings checked for overlap"
     )
     assert all(r.injected for r in rules), injected
@@ -243,8 +242,8 @@ def test_takeover_under_throttling_ends_owned_once_and_loses_nothing(
         assert not tally.duplicated, tally.duplicated
     else:
         assert set(tally.duplicated) <= on_n1, set(tally.duplicated) - on_n1
-    log = n2.log()
-    assert "Traceback" not in log and "self-fenced" not in log
+    # n2 may fence itself for a moment (its heartbeats are throttled too): safe, so allowed.
+    assert "Traceback" not in n2.log()
 
 
 # -- two protocol versions sharing the table -------------------------------------------------
@@ -266,16 +265,6 @@ def member_protocols(dynamodb: Any) -> dict[str, int]:
         ConsistentRead=True,
     )["Items"]
     return {item["instance_id"]["S"]: int(item["protocol"]["N"]) for item in items}
-
-
-def all_row_writes(proxy: FaultProxy, *, after: float) -> list[tuple[str, str | None]]:
-    return [
-        (r.action, r.key)
-        for r in proxy.records("dynamodb")
-        if (r.key or "").startswith("queue#")
-        and r.action in ("PutItem", "UpdateItem", "DeleteItem")
-        and r.started >= after
-    ]
 
 
 @pytest.mark.timeout(120)
@@ -318,9 +307,9 @@ def test_two_protocol_versions_never_share_a_plan_nor_a_queue(
         every_s=0.2,
         what="eight heartbeats of each after n2 joined",
     )
-    wait_until(lambda: ok_ids(daemons.events_path) >= sent, timeout_s=30, what="all handled")
+    wait_until(lambda: handled_ok(daemons.events_path) >= sent, timeout_s=30, what="all handled")
     while_both = owners(dynamodb)
-    writes_while_both = all_row_writes(p1, after=joined) + all_row_writes(p2, after=joined)
+    writes_while_both = row_writes(p1, after=joined) + row_writes(p2, after=joined)
     handled_by = {e["pid"] for e in read_events(daemons.events_path)}
 
     n1.terminate()
@@ -332,7 +321,7 @@ def test_two_protocol_versions_never_share_a_plan_nor_a_queue(
         what="n2 to take every queue n1 released",
     )
     later = {sqs.send_message(QueueUrl=url, MessageBody="{}")["MessageId"] for url in urls.values()}
-    wait_until(lambda: ok_ids(daemons.events_path) >= later, timeout_s=30, what="n2 handling")
+    wait_until(lambda: handled_ok(daemons.events_path) >= later, timeout_s=30, what="n2 handling")
     n2.terminate()
     assert n2.wait(timeout_s=30) == 0, n2.log()
 
