@@ -197,6 +197,7 @@ class Application:
             clock=self.clock,
             spawner=spawner,
             on_released=self._on_released,
+            on_gone=self._on_queue_gone,
             tracing=self._otel_tracing(),
         )
         self.engine.start()
@@ -354,6 +355,15 @@ class Application:
         self._last_discovery = result
         assert self.coordinator is not None
         self.coordinator.on_discovered(result)
+
+    def _on_queue_gone(self, queue_name: str) -> None:
+        """A poller found its queue deleted: drop it from what discovery last found, so the
+        coordinator removes its row instead of taking it again before the next refresh."""
+        result = self._last_discovery
+        if result is None or queue_name not in result.names:
+            return  # already forgotten (several pollers of one queue report it)
+        matched = tuple(q for q in result.matched if q.name != queue_name)
+        self._on_discovered(replace(result, matched=matched))
 
     def _on_released(self, queue_name: str) -> None:
         if self.coordinator is not None:

@@ -122,6 +122,7 @@ class Engine:
         clock: Clock,
         spawner: Spawner,
         on_released: Callable[[str], None] | None = None,
+        on_gone: Callable[[str], None] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self._sqs = sqs
@@ -131,6 +132,7 @@ class Engine:
         self._clock = clock
         self._spawner = spawner
         self._on_released = on_released
+        self._on_gone = on_gone
         self._tracing = tracing
         self._lock = threading.RLock()
         self._owned: dict[str, _Owned] = {}
@@ -317,6 +319,11 @@ class Engine:
         logger.info("releasing queue", extra={"queue": name})
 
     def _queue_gone(self, queue: QueueRuntime) -> None:
+        # First, outside our lock (the listener may call back into set_owned): whoever
+        # assigns queues must forget this one before its release arrives, or it takes the
+        # queue again at once (issue 11: re-acquired and released every round).
+        if self._on_gone is not None:
+            self._on_gone(queue.name)
         with self._lock:
             self._wanted.pop(queue.name, None)
             if queue.name in self._owned:

@@ -72,6 +72,7 @@ def build_engine(
     clock: Clock,
     spawner: Any,
     on_released: Callable[[str], None] | None = None,
+    on_gone: Callable[[str], None] | None = None,
 ) -> Engine:
     return Engine(
         sqs=sqs,
@@ -81,6 +82,7 @@ def build_engine(
         clock=clock,
         spawner=spawner,
         on_released=on_released,
+        on_gone=on_gone,
     )
 
 
@@ -395,7 +397,12 @@ def test_a_removed_queue_is_released_once_its_work_is_done(moto_sqs, threaded):
 def test_a_queue_deleted_while_owned_stops_with_one_warning(moto_sqs, threaded, caplog):
     caplog.set_level(logging.WARNING, logger="sqsbalancerd")
     released: list[str] = []
-    engine, _ = threaded(lambda message: None, on_released=released.append)
+    said: list[str] = []  # gone, then released: the coordinator forgets it before the release
+    engine, _ = threaded(
+        lambda message: None,
+        on_released=lambda name: (released.append(name), said.append(f"released {name}")),
+        on_gone=lambda name: said.append(f"gone {name}"),
+    )
     a = make_queue_info(moto_sqs, "work-a")
     b = make_queue_info(moto_sqs, "work-b")
     engine.set_owned([a, b])
@@ -403,6 +410,7 @@ def test_a_queue_deleted_while_owned_stops_with_one_warning(moto_sqs, threaded, 
 
     wait_until(lambda: released == ["work-a"], timeout_s=15, what="work-a released")
     assert engine.owned() == ("work-b",)
+    assert said[0] == "gone work-a" and said[-1] == "released work-a"  # extra pollers: 1+ gone
     gone = [r for r in caplog.records if "no longer exists" in r.getMessage()]
     assert len(gone) == 1
     moto_sqs.send_message(QueueUrl=b.url, MessageBody="still consumed")

@@ -27,6 +27,7 @@ from support import (
     Tally,
     concurrent_handlings,
     drain_queues,
+    is_fixed_point,
     json_log,
     ownership_rows,
     read_events,
@@ -82,6 +83,16 @@ def last_renewal(proxy: FaultProxy, instance_id: str, before: float = float("inf
         if r.key == f"member#{instance_id}" and r.status == 200 and r.started < before
     ]
     return max(renewals)
+
+
+def member_epoch(dynamodb: Any, instance_id: str) -> str | None:
+    """The incarnation of `instance_id` registered in the table (None: no row)."""
+    item = dynamodb.get_item(
+        TableName=TABLE,
+        Key={"pk": {"S": APPLICATION_KEY}, "sk": {"S": f"member#{instance_id}"}},
+        ConsistentRead=True,
+    ).get("Item")
+    return item["epoch"]["S"] if item else None
 
 
 def receives(proxy: FaultProxy, queues: set[str]) -> list[Record]:
@@ -170,6 +181,7 @@ def test_instance_losing_dynamodb_fences_before_its_queues_are_taken(
     n1, n2 = cluster.node["n1"], cluster.node["n2"]
     p1, p2 = cluster.proxy["n1"], cluster.proxy["n2"]
     mine = cluster.n1_queues
+    epoch = member_epoch(dynamodb, "n1")
     try:
         cut = time.time()
         p1.add(Rule("dynamodb", None, FAULTS[kind]()))
@@ -199,6 +211,15 @@ def test_instance_losing_dynamodb_fences_before_its_queues_are_taken(
             what="n1 owning queues again",
         )
         exited = time.time()  # owning again
+        # The same process, a new incarnation, and a cluster that settles with it.
+        assert n1.proc.poll() is None and n2.proc.poll() is None
+        assert member_epoch(dynamodb, "n1") not in (None, epoch)
+        wait_until(
+            lambda: is_fixed_point(owners(dynamodb), cluster.urls, ["n1", "n2"]),
+            timeout_s=60,
+            every_s=0.2,
+            what="the queues settled over n1 and n2",
+        )
         sent = cluster.finish_feeding()
     finally:
         cluster.feeder.stop()
