@@ -185,7 +185,11 @@ class StatusReader:
 
     A one-shot read looks at the member rows twice, `heartbeat_interval`·1.25 apart: an
     instance is alive if its counter moved in between (every live instance renews once
-    per interval). `--watch` keeps observing, so it applies the full timeout rule.
+    per interval), or if it renewed within `heartbeat_timeout` by its own timestamp: one
+    renewal late (a slow table) is not dead to the cluster, so not to `status` either. The
+    timestamp is the instance's clock, so a skewed one shifts that by the skew, never past
+    `heartbeat_timeout` into the future. `--watch` keeps observing, so it applies the full
+    timeout rule on our own clock.
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class StatusReader:
         self._load_factor = load_factor
         self._clock = clock
         self._interval_s = heartbeat_interval_s
+        self._timeout_s = heartbeat_timeout_s
         self._first: dict[str, int] = {}
         self._liveness = LivenessTracker(clock, timeout_s=heartbeat_timeout_s)
         self._watched_s = 0.0
@@ -210,7 +215,12 @@ class StatusReader:
         wait(self._interval_s * 1.25)
         second = self._table.members()
         self._liveness.observe(second)
-        return {m.instance_id: first.get(m.instance_id, -1) != m.counter for m in second}
+        now_wall = self._clock.wall()
+        return {
+            m.instance_id: first.get(m.instance_id, -1) != m.counter
+            or abs(now_wall - m.heartbeat_at) < self._timeout_s
+            for m in second
+        }
 
     def read_watching(self) -> dict[str, bool]:
         members = self._table.members()

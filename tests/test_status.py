@@ -287,3 +287,16 @@ def test_watch_lists_and_checks_dead_letter_queues_once_per_listing(aws):
     assert reads == {"members": 10, "ownership": 10}
     assert calls == {"ListQueues": 1, "ListDeadLetterSourceQueues": 2}
     assert all(r.dead_letter == ("st-a-dlq", "st-b-dlq") and r.is_all_owned for r in shown)
+
+
+def test_one_read_calls_an_instance_one_renewal_late_alive_and_a_stale_one_dead(aws):
+    """The cluster judges death after heartbeat_timeout; one slow renewal is not it."""
+    _, table, clock = aws
+    reader = StatusReader(table, clock=clock, heartbeat_interval_s=5, heartbeat_timeout_s=30)
+    for name, age_s in (("late", 12.0), ("stale", 31.0)):
+        wall = clock.wall() - age_s
+        table.create_member(MemberRecord(name, "host", "active", 7, "e", 1, wall, wall))
+
+    alive = reader.read_once(clock.advance)  # neither counter moves in the 6.25 s
+
+    assert alive == {"late": True, "stale": False}
