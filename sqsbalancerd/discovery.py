@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from sqsbalancerd.aws import describe_error, error_code
 from sqsbalancerd.clock import Clock, SystemClock
@@ -231,7 +231,7 @@ class Discovery:
     def dead_letter_sources(self, urls: list[str]) -> dict[str, frozenset[str] | None]:
         """For each URL, the names of the queues whose redrive policy targets it (one
         ListDeadLetterSourceQueues per 1,000 sources), concurrently; None where the call
-        failed (say, a role without sqs:ListDeadLetterSourceQueues)."""
+        failed (a role without sqs:ListDeadLetterSourceQueues, a timeout)."""
         found = map_bounded(
             self._sources_of,
             urls,
@@ -251,7 +251,7 @@ class Discovery:
                 if not token:
                     return frozenset(names)
                 kwargs["NextToken"] = token
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:  # unknown, not fatal: status says so
             logger.debug("dead-letter sources unread", extra={"error": describe_error(exc)})
             return None
 
