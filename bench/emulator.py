@@ -1,6 +1,6 @@
 """The bench's emulator: moto's server in its own process, counting requests server-side.
 
-    python -m bench.emulator [--port 0] [--no-moto-patch]
+    python -m bench.emulator [--port 0] [--no-moto-patch] [--scale]
 
 prints one JSON line ({"port": ..., "patched": ...}) when it listens on 127.0.0.1, then
 serves until SIGTERM. A thin WSGI middleware in front of moto counts every request by
@@ -12,6 +12,15 @@ per consumer instance), so concurrent processes are counted apart.
 It also counts the messages ReceiveMessage returned to each client, and notes requests that
 took longer than a second (ReceiveMessage with WaitTimeSeconds excepted): the emulator's own
 stalls, so they are not blamed on a consumer.
+
+`--scale` hosts moto for thousands of long polls (startup_scale): the interpreter hands the
+GIL over every 100 ms instead of 5 (moto serves each long poll on a thread woken every
+second, and with 2,000 of them a forced hand-off every 5 ms made a 1 s request take 90 s),
+and DynamoDB pages are cut at 16 KB (~160 rows) instead of 1 MB (moto spends ~0.5 ms per
+item serialising a page: a 1 MB page of ownership rows took 4-5 s, past the daemons' table
+read timeout of at most 5 s, where AWS answers in tens of milliseconds). Both change the
+emulator's speed, not its answers: the daemons page with LastEvaluatedKey either way (more
+Query calls than on AWS, which the DynamoDB counts then show).
 
     GET  /__bench/counts   the counters as JSON
     POST /__bench/reset    the counters as JSON, then zeroed
@@ -138,7 +147,19 @@ def fill(queue: str, count: int, body: str = "{}") -> dict[str, Any]:
     return {"ids": ids, "sent_at": sent_at}
 
 
-def serve(port: int, *, patch: bool) -> None:
+SCALE_SWITCH_INTERVAL_S = 0.1
+SCALE_DYNAMODB_PAGE_BYTES = 16 * 1024
+
+
+def host_for_scale() -> None:
+    """See `--scale` in the module docstring."""
+    import moto.dynamodb.models.table as dynamodb_table
+
+    sys.setswitchinterval(SCALE_SWITCH_INTERVAL_S)
+    dynamodb_table.RESULT_SIZE_LIMIT = SCALE_DYNAMODB_PAGE_BYTES  # type: ignore[attr-defined]
+
+
+def serve(port: int, *, patch: bool, scale: bool = False) -> None:
     import logging
 
     from moto.moto_server.werkzeug_app import (
@@ -154,10 +175,12 @@ def serve(port: int, *, patch: bool) -> None:
     if patch:
         moto_patch.apply()
         moto_patch.verify()
+    if scale:
+        host_for_scale()
     app = CountingMiddleware(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     server.daemon_threads = True
-    print(json.dumps({"port": server.server_port, "patched": patch}), flush=True)
+    print(json.dumps({"port": server.server_port, "patched": patch, "scale": scale}), flush=True)
     server.serve_forever(poll_interval=0.2)
 
 
@@ -165,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.emulator", description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-moto-patch", action="store_true")
+    parser.add_argument("--scale", action="store_true", help="host thousands of long polls")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.port, patch=not args.no_moto_patch)
+    serve(args.port, patch=not args.no_moto_patch, scale=args.scale)
     return 0
 
 

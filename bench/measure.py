@@ -214,8 +214,9 @@ class IdLog:
 class EmulatorProcess:
     """`python -m bench.emulator` as a child process, and a client for its counters."""
 
-    def __init__(self, *, patch: bool, log_path: Path) -> None:
+    def __init__(self, *, patch: bool, log_path: Path, scale: bool = False) -> None:
         self._patch = patch
+        self._scale = scale
         self._log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
@@ -224,6 +225,8 @@ class EmulatorProcess:
         command = [sys.executable, "-m", "bench.emulator"]
         if not self._patch:
             command.append("--no-moto-patch")
+        if self._scale:
+            command.append("--scale")
         log = open(self._log_path, "ab")  # noqa: SIM115 - kept for the child's life
         self.proc = subprocess.Popen(
             command,

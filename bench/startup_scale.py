@@ -1,10 +1,13 @@
 """Start-up and `status` at 1,000 and 10,000 queues: this checkout against a baseline.
 
-    python -m bench.startup_scale --baseline /tmp/base --queues 1000,10000
+    python -m bench.startup_scale --baseline /tmp/base --queues 1000,10000 [--scale-emulator]
 
 `--baseline` is a checkout of the code to compare with (e.g. `git archive main | tar -x`);
 both variants run in the same emulator, on the same queues, one after the other, each with
-its own table. Per variant and size, on a fresh fixed-timings cluster (heartbeat 5 s,
+its own table; without it, this checkout alone. `--scale-emulator` hosts moto for thousands
+of long polls (bench/emulator.py `--scale`: a 100 ms GIL hand-off, 16 KB DynamoDB pages):
+without it, the start-up figures past joining measure moto, not the daemon. Per variant
+and size, on a fresh fixed-timings cluster (heartbeat 5 s,
 timeout 20 s, rebalance delay 1 s, long polls of 20 s):
 
 - discovery alone (bench.discovery_probe, no daemon running): a cold and a warm refresh;
@@ -51,7 +54,9 @@ _TIMINGS = {"HEARTBEAT_INTERVAL": "5", "HEARTBEAT_TIMEOUT": "20", "REBALANCE_DEL
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.startup_scale", description=__doc__)
-    parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with")
+    parser.add_argument("--baseline", type=Path, default=None, help="checkout to compare with")
+    parser.add_argument("--scale-emulator", action="store_true", help="see bench.emulator")
+    parser.add_argument("--no-details", action="store_true", help="skip status --details")
     parser.add_argument("--queues", default="1000,10000", help="sizes, comma-separated")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per phase")
@@ -60,18 +65,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "bench" / "results" / f"startup-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    variants = {"baseline": args.baseline.resolve(), "this": REPO}
-    results: dict[str, Any] = {"variants": {k: str(v) for k, v in variants.items()}, "runs": []}
+    variants = {"baseline": args.baseline.resolve()} if args.baseline else {}
+    variants["this"] = REPO
+    results: dict[str, Any] = {
+        "variants": {k: str(v) for k, v in variants.items()},
+        "scale_emulator": args.scale_emulator,
+        "runs": [],
+    }
+    options = {"scale": args.scale_emulator, "details": not args.no_details}
     for size in (int(n) for n in args.queues.split(",")):
-        results["runs"].extend(_size(size, variants, out.parent, args.timeout_s))
+        results["runs"].extend(_size(size, variants, out.parent, args.timeout_s, **options))
         out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
 
 
-def _size(size: int, variants: dict[str, Path], log_dir: Path, timeout_s: float) -> list[Any]:
+def _size(
+    size: int,
+    variants: dict[str, Path],
+    log_dir: Path,
+    timeout_s: float,
+    *,
+    scale: bool,
+    details: bool,
+) -> list[Any]:
     log = log_dir / f"startup-emulator-{size}.log"
-    with EmulatorProcess(patch=True, log_path=log) as emulator:
+    with EmulatorProcess(patch=True, log_path=log, scale=scale) as emulator:
         harness = Harness(emulator.endpoint)
         started = time.monotonic()
         harness.create_queues([f"st{size}-q{i:05d}" for i in range(size)])
@@ -79,7 +98,7 @@ def _size(size: int, variants: dict[str, Path], log_dir: Path, timeout_s: float)
         runs = []
         for name, root in variants.items():
             run = Run(emulator, harness, size=size, variant=name, root=root, log_dir=log_dir)
-            measured = {"discovery": run.probe(), **run.measure(timeout_s)}
+            measured = {"discovery": run.probe(), **run.measure(timeout_s, details=details)}
             runs.append(measured)
             logger.info("%s", json.dumps(runs[-1]))
         return runs
@@ -135,7 +154,7 @@ class Run:
     def key(self, instance: str) -> str:
         return f"{self.app}-{instance}"
 
-    def measure(self, timeout_s: float) -> dict[str, Any]:
+    def measure(self, timeout_s: float, *, details: bool) -> dict[str, Any]:
         result: dict[str, Any] = {"queues": self.size, "variant": self.variant}
         processes: list[subprocess.Popen[bytes]] = []
         try:
@@ -149,7 +168,8 @@ class Run:
                 result[instance]["owned"] = list(owners.values()).count(instance)
             result["owned_once"] = len(owners) == self.size and all(owners.values())
             result["status"] = self.status([])
-            result["status_details"] = self.status(["--details"])
+            if details:
+                result["status_details"] = self.status(["--details"])
         finally:
             stop_processes(processes, timeout_s=60, second_signal_after_s=10)
         return result

@@ -337,13 +337,13 @@ def status(
     """Show instances, their health and queue ownership from the coordination table."""
     with reported_errors(debug=lambda: False):
         settings = _load(config)
-        from sqsbalancerd.status import render_status
+        from sqsbalancerd.status import read_report, render_status
 
         reader, source = _status_parts(settings, is_detailed=details, is_watching=watch)
         if watch:
             _watch_status(reader, source, settings.coordination.heartbeat_interval)
             return
-        report = reader.report(reader.read_once(threading.Event().wait), source.snapshot())
+        report = read_report(reader, source, reader.read_once(threading.Event().wait))
         if as_json:
             typer.echo(report.to_json())
         else:
@@ -401,18 +401,19 @@ def _watch_status(reader: StatusReader, source: QueueSource, interval_s: float) 
     from rich.console import Console, Group
     from rich.live import Live
 
-    from sqsbalancerd.status import render_status
+    from sqsbalancerd.status import StatusReport, render_status, watch
 
     console = Console()
     with Live(console=console, refresh_per_second=2) as live:
+
+        def show(report: StatusReport) -> None:
+            capture = Console(record=True, width=console.width)
+            with capture.capture():
+                render_status(report, capture, is_detailed=source.is_detailed)
+            live.update(Group(*capture.export_text().splitlines()))
+
         try:
-            while True:
-                report = reader.report(reader.read_watching(), source.snapshot())
-                capture = Console(record=True, width=console.width)
-                with capture.capture():
-                    render_status(report, capture, is_detailed=source.is_detailed)
-                live.update(Group(*capture.export_text().splitlines()))
-                threading.Event().wait(interval_s)
+            watch(reader, source, every_s=interval_s, show=show, wait=threading.Event().wait)
         except KeyboardInterrupt:
             return
 

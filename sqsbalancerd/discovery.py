@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from sqsbalancerd.aws import describe_error, error_code
 from sqsbalancerd.clock import Clock, SystemClock
@@ -114,6 +114,10 @@ class Discovery:
         self._include = re.compile(settings.queue_pattern) if settings.queue_pattern else None
         self._exclude = re.compile(settings.exclude_pattern) if settings.exclude_pattern else None
         self._cache: dict[str, _Cached] = {}
+
+    @property
+    def skips_dead_letter_queues(self) -> bool:
+        return not self._settings.include_dead_letter_queues
 
     def discover(self, *, strict: bool = False) -> DiscoveryResult:
         """One refresh. `strict` turns a missing named queue into QueueNotFoundError."""
@@ -223,6 +227,33 @@ class Discovery:
             if not token:
                 return
             kwargs["NextToken"] = token
+
+    def dead_letter_sources(self, urls: list[str]) -> dict[str, frozenset[str] | None]:
+        """For each URL, the names of the queues whose redrive policy targets it (one
+        ListDeadLetterSourceQueues per 1,000 sources), concurrently; None where the call
+        failed (a role without sqs:ListDeadLetterSourceQueues, a timeout)."""
+        found = map_bounded(
+            self._sources_of,
+            urls,
+            max_workers=self._settings.attribute_concurrency,
+            name="sqsb-discovery",
+        )
+        return dict(zip(urls, found, strict=True))
+
+    def _sources_of(self, url: str) -> frozenset[str] | None:
+        kwargs: dict[str, Any] = {"QueueUrl": url, "MaxResults": LIST_PAGE_SIZE}
+        names: set[str] = set()
+        try:
+            while True:
+                page = self._sqs.list_dead_letter_source_queues(**kwargs)
+                names.update(queue_name_from_url(u) for u in page.get("queueUrls", []))
+                token = page.get("NextToken")
+                if not token:
+                    return frozenset(names)
+                kwargs["NextToken"] = token
+        except (ClientError, BotoCoreError) as exc:  # unknown, not fatal: status says so
+            logger.debug("dead-letter sources unread", extra={"error": describe_error(exc)})
+            return None
 
     def _named_queue_urls(self, *, strict: bool) -> Iterable[str]:
         for entry in self._settings.queues:

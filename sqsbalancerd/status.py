@@ -1,14 +1,17 @@
 """Render what discovery and the coordination table say, for people (rich) and scripts (JSON).
 
 `status` reads the table and, by default, only the queue *names* (ListQueues, one call per
-1,000): at 10,000 queues that is ten SQS calls, not ten thousand. Per-queue attributes
-(depth, redrive policy: one GetQueueAttributes per queue, concurrent) only with `--details`.
+1,000): at 10,000 queues that is ten SQS calls, not ten thousand. A listed queue without an
+ownership row is either waiting to be claimed or a dead-letter queue (never claimed): one
+ListDeadLetterSourceQueues per such queue tells them apart, so that a settled cluster costs
+one call per dead-letter queue, made once per listing. Per-queue attributes (depth, redrive
+policy: one GetQueueAttributes per queue, concurrent) only with `--details`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -23,6 +26,9 @@ from sqsbalancerd.discovery import Discovery, DiscoveryResult, QueueInfo, queue_
 
 # Names quoted in the "no ownership row" warning; the JSON has them all.
 _UNCLAIMED_NAMED = 5
+# More queues without a row than this (a cluster not started yet) are not checked one by
+# one for being dead-letter queues: that is what --details is for.
+DEAD_LETTER_CHECK_MAX = 1000
 
 
 def render_discovery(result: DiscoveryResult, console: Console | None = None) -> None:
@@ -76,11 +82,16 @@ class QueueSnapshot:
 
     listed: tuple[tuple[str, str], ...] = ()  # (name, url)
     discovered: tuple[QueueInfo, ...] | None = None
+    # Listed queues without an ownership row: dead-letter queues of a listed queue, and
+    # those not checked (too many, or the check failed). The others wait to be claimed.
+    dead_letter: frozenset[str] = frozenset()
+    unchecked: frozenset[str] = frozenset()
 
 
 class QueueSource:
     """The queues for `status`: listed again only every `relist_s` (so `--watch` does not
-    list every refresh); attributes read only when `is_detailed`, concurrently."""
+    list every refresh); attributes read only when `is_detailed`, concurrently. Whether a
+    queue without a row is a dead-letter queue is asked once per listing."""
 
     def __init__(
         self, discovery: Discovery, *, clock: Clock, relist_s: float, is_detailed: bool
@@ -91,20 +102,42 @@ class QueueSource:
         self.is_detailed = is_detailed
         self._candidates: dict[str, str] | None = None
         self._listed_at_s = 0.0
+        self._is_dead_letter: dict[str, bool | None] = {}  # name -> verdict, this listing
 
-    def snapshot(self) -> QueueSnapshot:
+    def snapshot(self, *, claimed: Collection[str]) -> QueueSnapshot:
+        """`claimed`: the queues with an ownership row, which need no dead-letter check."""
         now_s = self._clock.monotonic()
         if self._candidates is None or now_s - self._listed_at_s >= self._relist_s:
             self._candidates = self._discovery.candidates()
             self._listed_at_s = now_s
+            self._is_dead_letter = {}
         if self.is_detailed:
             return QueueSnapshot(discovered=self._discovery.classify(self._candidates).matched)
-        listed = [
+        listed = sorted(
             (queue_name_from_url(url), url)
             for url, origin in self._candidates.items()
             if self._discovery.filter_reason(queue_name_from_url(url), origin) is None
-        ]
-        return QueueSnapshot(listed=tuple(sorted(listed)))
+        )
+        rowless = [(name, url) for name, url in listed if name not in claimed]
+        if not self._discovery.skips_dead_letter_queues:
+            return QueueSnapshot(listed=tuple(listed))  # every rowless queue is to be claimed
+        self._check_dead_letter(rowless, listed_names={name for name, _ in listed})
+        verdicts = [(name, self._is_dead_letter.get(name)) for name, _ in rowless]
+        return QueueSnapshot(
+            listed=tuple(listed),
+            dead_letter=frozenset(name for name, verdict in verdicts if verdict),
+            unchecked=frozenset(name for name, verdict in verdicts if verdict is None),
+        )
+
+    def _check_dead_letter(self, rowless: list[tuple[str, str]], *, listed_names: set[str]) -> None:
+        """A dead-letter queue, as discovery judges: the target of a listed queue's policy."""
+        due = [(name, url) for name, url in rowless if name not in self._is_dead_letter]
+        if not due or len(due) > DEAD_LETTER_CHECK_MAX:
+            return
+        sources = self._discovery.dead_letter_sources([url for _, url in due])
+        for name, url in due:
+            found = sources[url]
+            self._is_dead_letter[name] = None if found is None else bool(found & listed_names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +147,11 @@ class StatusReport:
     instances: tuple[InstanceView, ...]
     queues: tuple[QueueView, ...]
     warnings: tuple[str, ...]
-    # Listed, matching, without an ownership row: new, or dead-letter queues (never claimed),
-    # which only --details tells apart. Not counted against `all_owned`.
+    # Listed, matching, without an ownership row, not known to be dead-letter queues or not:
+    # not counted against `all_owned`. Known ones are under `dead_letter` (never claimed)
+    # or in `queues` with no owner.
     unclaimed: tuple[str, ...] = ()
+    dead_letter: tuple[str, ...] = ()
 
     @property
     def is_all_owned(self) -> bool:
@@ -138,6 +173,7 @@ class StatusReport:
                 ],
                 "queues": [asdict(q) for q in self.queues],
                 "unclaimed": list(self.unclaimed),
+                "dead_letter": list(self.dead_letter),
                 "warnings": list(self.warnings),
                 "all_owned": self.is_all_owned,
             }
@@ -149,7 +185,11 @@ class StatusReader:
 
     A one-shot read looks at the member rows twice, `heartbeat_interval`·1.25 apart: an
     instance is alive if its counter moved in between (every live instance renews once
-    per interval). `--watch` keeps observing, so it applies the full timeout rule.
+    per interval), or if it renewed within `heartbeat_timeout` by its own timestamp: one
+    renewal late (a slow table) is not dead to the cluster, so not to `status` either. The
+    timestamp is the instance's clock, so a skewed one shifts that by the skew, never past
+    `heartbeat_timeout` into the future. `--watch` keeps observing, so it applies the full
+    timeout rule on our own clock.
     """
 
     def __init__(
@@ -165,6 +205,7 @@ class StatusReader:
         self._load_factor = load_factor
         self._clock = clock
         self._interval_s = heartbeat_interval_s
+        self._timeout_s = heartbeat_timeout_s
         self._first: dict[str, int] = {}
         self._liveness = LivenessTracker(clock, timeout_s=heartbeat_timeout_s)
         self._watched_s = 0.0
@@ -174,23 +215,36 @@ class StatusReader:
         wait(self._interval_s * 1.25)
         second = self._table.members()
         self._liveness.observe(second)
-        return {m.instance_id: first.get(m.instance_id, -1) != m.counter for m in second}
+        now_wall = self._clock.wall()
+        return {
+            m.instance_id: first.get(m.instance_id, -1) != m.counter
+            or abs(now_wall - m.heartbeat_at) < self._timeout_s
+            for m in second
+        }
 
     def read_watching(self) -> dict[str, bool]:
         members = self._table.members()
         self._liveness.observe(members)
         return {m.instance_id: self._liveness.is_alive(m.instance_id) for m in members}
 
-    def report(self, alive: dict[str, bool], snapshot: QueueSnapshot) -> StatusReport:
+    def ownership(self) -> dict[str, OwnershipRecord]:
+        return self._table.ownership()
+
+    def report(
+        self,
+        alive: dict[str, bool],
+        snapshot: QueueSnapshot,
+        *,
+        rows: dict[str, OwnershipRecord] | None = None,
+    ) -> StatusReport:
+        """`rows`: the ownership rows if already read this refresh."""
         members = {m.instance_id: m for m in self._liveness.records()}
-        rows = self._table.ownership()
+        rows = self._table.ownership() if rows is None else rows
         now_wall = self._clock.wall()
-        unclaimed: tuple[str, ...] = ()
         if snapshot.discovered is not None:
             queues = _queue_views(rows, list(snapshot.discovered))
         else:
-            queues = _listed_views(rows, snapshot.listed)
-            unclaimed = tuple(name for name, _ in snapshot.listed if name not in rows)
+            queues = _listed_views(rows, snapshot)
         owned: dict[str, list[str]] = {}
         for view in queues:
             if view.owner:
@@ -213,9 +267,33 @@ class StatusReader:
             table=self._table.table_name,
             instances=instances,
             queues=queues,
-            warnings=_warnings(instances, queues, self._load_factor) + _unclaimed(unclaimed),
-            unclaimed=unclaimed,
+            warnings=_warnings(instances, queues, self._load_factor)
+            + _unclaimed(tuple(sorted(snapshot.unchecked))),
+            unclaimed=tuple(sorted(snapshot.unchecked)),
+            dead_letter=tuple(sorted(snapshot.dead_letter)),
         )
+
+
+def read_report(reader: StatusReader, source: QueueSource, alive: dict[str, bool]) -> StatusReport:
+    """One refresh: the ownership rows once, then the queues they leave out."""
+    rows = reader.ownership()
+    return reader.report(alive, source.snapshot(claimed=rows.keys()), rows=rows)
+
+
+def watch(
+    reader: StatusReader,
+    source: QueueSource,
+    *,
+    every_s: float,
+    show: Callable[[StatusReport], None],
+    wait: Callable[[float], bool],
+) -> None:
+    """`status --watch`: a report every `every_s` until `wait` says stop. Each refresh
+    reads the member and ownership rows; the queues are listed again only as `source` says."""
+    while True:
+        show(read_report(reader, source, reader.read_watching()))
+        if wait(every_s):
+            return
 
 
 def _queue_views(
@@ -241,13 +319,19 @@ def _view(name: str, row: OwnershipRecord | None, info: QueueInfo | None) -> Que
 
 
 def _listed_views(
-    rows: dict[str, OwnershipRecord], listed: tuple[tuple[str, str], ...]
+    rows: dict[str, OwnershipRecord], snapshot: QueueSnapshot
 ) -> tuple[QueueView, ...]:
-    """By name only: owned rows, and released rows of queues that still exist."""
-    urls = dict(listed)
-    names = sorted(name for name, row in rows.items() if row.owner or name in urls)
+    """By name only: owned rows, released rows of queues that still exist, and listed
+    queues without a row that are known not to be dead-letter queues (no owner yet)."""
+    urls = dict(snapshot.listed)
+    set_aside = snapshot.dead_letter | snapshot.unchecked
+    names = {name for name, row in rows.items() if row.owner or name in urls}
+    names |= {name for name in urls if name not in rows and name not in set_aside}
     return tuple(
-        QueueView(name, urls.get(name) or rows[name].queue_url, rows[name].owner) for name in names
+        QueueView(
+            name, urls.get(name) or rows[name].queue_url, rows[name].owner if name in rows else None
+        )
+        for name in sorted(names)
     )
 
 
@@ -258,8 +342,8 @@ def _unclaimed(unclaimed: tuple[str, ...]) -> tuple[str, ...]:
         " ..." if len(unclaimed) > _UNCLAIMED_NAMED else ""
     )
     return (
-        f"{len(unclaimed)} matching queues have no ownership row ({shown}): new, or dead-letter "
-        "queues, which are never claimed; --details tells them apart",
+        f"{len(unclaimed)} matching queues have no ownership row ({shown}) and were not checked "
+        "for being dead-letter queues (which are never claimed); --details tells them apart",
     )
 
 
@@ -308,6 +392,10 @@ def render_status(
         )
     console.print(instances)
     console.print(_queue_table(report.queues, is_detailed=is_detailed))
+    if report.dead_letter:
+        shown = ", ".join(report.dead_letter[:_UNCLAIMED_NAMED])
+        more = " ..." if len(report.dead_letter) > _UNCLAIMED_NAMED else ""
+        console.print(f"{len(report.dead_letter)} dead-letter queues, never claimed: {shown}{more}")
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 

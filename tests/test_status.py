@@ -10,6 +10,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 from support import FakeClock
 
@@ -22,7 +23,10 @@ from sqsbalancerd.status import (
     QueueSource,
     QueueView,
     StatusReader,
+    StatusReport,
     _warnings,
+    read_report,
+    watch,
 )
 
 
@@ -131,16 +135,68 @@ def test_by_default_status_reads_queue_names_only(aws):
     reader = reader_for(table, clock)
     calls = count_calls(sqs)
 
-    report = reader.report(
-        reader.read_watching(), source_for(sqs, clock, is_detailed=False).snapshot()
-    )
+    report = read_report(reader, source_for(sqs, clock, is_detailed=False), reader.read_watching())
 
-    assert calls == {"ListQueues": 1}
+    # No attributes: names, and one question per queue without a row (the six DLQs).
+    assert calls == {"ListQueues": 1, "ListDeadLetterSourceQueues": 6}
     assert {q.queue: q.owner for q in report.queues} == dict.fromkeys(urls, "n1")
-    assert report.unclaimed == tuple(sorted(f"{name}-dlq" for name in urls))
-    assert report.is_all_owned  # a dead-letter queue is never claimed: not held against it
-    assert any("6 matching queues have no ownership row" in w for w in report.warnings)
-    assert json.loads(report.to_json())["unclaimed"] == list(report.unclaimed)
+    assert report.is_all_owned
+    assert json.loads(report.to_json())["queues"][0]["owner"] == "n1"
+
+
+def test_by_default_a_dead_letter_queue_is_named_as_one_not_unclaimed(aws):
+    sqs, table, clock = aws
+    urls = create_queues(sqs, ["st-a", "st-b"])  # with st-a-dlq, st-b-dlq
+    urls |= create_queues(sqs, ["st-new"], dead_letter=False)
+    cluster_of_one(table, clock, {name: urls[name] for name in ("st-a", "st-b")})
+    reader = reader_for(table, clock)
+
+    report = read_report(reader, source_for(sqs, clock, is_detailed=False), reader.read_watching())
+
+    assert report.dead_letter == ("st-a-dlq", "st-b-dlq")
+    assert report.unclaimed == ()
+    # A queue without a row that is no dead-letter queue waits for an owner: not all owned,
+    # as --details says too.
+    assert {q.queue: q.owner for q in report.queues} == {"st-a": "n1", "st-b": "n1", "st-new": None}
+    assert not report.is_all_owned
+    assert "queue st-new has no owner" in report.warnings
+    assert not any("dlq" in warning for warning in report.warnings)
+    document = json.loads(report.to_json())
+    assert (document["dead_letter"], document["unclaimed"]) == (["st-a-dlq", "st-b-dlq"], [])
+
+
+def test_a_dead_letter_queue_of_an_unlisted_queue_is_waiting_to_be_claimed(aws):
+    """As discovery judges it: only a listed queue's redrive policy makes a DLQ."""
+    sqs, table, clock = aws
+    create_queues(sqs, ["other-a"])  # other-a-dlq does not match; its DLQ is named st-...
+    dlq = sqs.create_queue(QueueName="st-dlq")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]
+    policy = json.dumps({"deadLetterTargetArn": arn["QueueArn"], "maxReceiveCount": "3"})
+    sqs.create_queue(QueueName="other-b", Attributes={"RedrivePolicy": policy})
+    reader = reader_for(table, clock)
+
+    report = read_report(reader, source_for(sqs, clock, is_detailed=False), reader.read_watching())
+
+    assert report.dead_letter == ()
+    assert [(q.queue, q.owner) for q in report.queues] == [("st-dlq", None)]
+
+
+def test_queues_not_checked_are_listed_as_unclaimed_and_not_held_against_the_cluster(aws):
+    sqs, table, clock = aws
+    urls = create_queues(sqs, ["st-a"])
+    cluster_of_one(table, clock, {"st-a": urls["st-a"]})
+    reader = reader_for(table, clock)
+
+    def refuse(model: Any, **_: Any) -> None:
+        if model.name == "ListDeadLetterSourceQueues":
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, model.name)
+
+    sqs.meta.events.register("before-call.sqs.*", refuse)
+    report = read_report(reader, source_for(sqs, clock, is_detailed=False), reader.read_watching())
+
+    assert (report.unclaimed, report.dead_letter) == (("st-a-dlq",), ())
+    assert report.is_all_owned
+    assert any("1 matching queues have no ownership row (st-a-dlq)" in w for w in report.warnings)
 
 
 def test_details_reads_attributes_and_tells_dead_letter_queues_apart(aws):
@@ -153,7 +209,7 @@ def test_details_reads_attributes_and_tells_dead_letter_queues_apart(aws):
     calls = count_calls(sqs)
 
     source = source_for(sqs, clock, is_detailed=True, attribute_concurrency=4)
-    report = reader.report(reader.read_watching(), source.snapshot())
+    report = read_report(reader, source, reader.read_watching())
 
     assert calls == {"ListQueues": 1, "GetQueueAttributes": 12}  # 6 queues and their DLQs
     views = {q.queue: q for q in report.queues}
@@ -173,14 +229,17 @@ def test_watching_relists_only_every_relist_interval(aws):
     source = source_for(sqs, clock, is_detailed=False)
     calls = count_calls(sqs)
 
-    first = source.snapshot()
+    first = source.snapshot(claimed=["st-a"])
     create_queues(sqs, ["st-b"], dead_letter=False)
     clock.advance(299)
-    assert source.snapshot() == first
+    assert source.snapshot(claimed=["st-a"]) == first
     assert calls == {"ListQueues": 1}
 
     clock.advance(1)
-    assert [name for name, _ in source.snapshot().listed] == ["st-a", "st-b"]
+    assert [name for name, _ in source.snapshot(claimed=["st-a", "st-b"]).listed] == [
+        "st-a",
+        "st-b",
+    ]
     assert calls == {"ListQueues": 2}
 
 
@@ -190,15 +249,54 @@ def test_watching_with_details_reads_live_depth_without_relisting(aws):
     source = source_for(sqs, clock, is_detailed=True, interval=1, attribute_max_age=1)
     calls = count_calls(sqs)
 
-    assert {q.name: q.approximate_messages for q in source.snapshot().discovered} == {
+    assert {q.name: q.approximate_messages for q in source.snapshot(claimed=()).discovered} == {
         "st-a": 0,
         "st-b": 0,
     }
     sqs.send_message(QueueUrl=urls["st-b"], MessageBody="x")
     clock.advance(1)
 
-    assert {q.name: q.approximate_messages for q in source.snapshot().discovered} == {
+    assert {q.name: q.approximate_messages for q in source.snapshot(claimed=()).discovered} == {
         "st-a": 0,
         "st-b": 1,
     }
     assert calls == {"ListQueues": 1, "GetQueueAttributes": 4}
+
+
+def test_watch_lists_and_checks_dead_letter_queues_once_per_listing(aws):
+    sqs, table, clock = aws
+    urls = create_queues(sqs, ["st-a", "st-b"])
+    cluster_of_one(table, clock, urls)
+    reader = reader_for(table, clock)
+    source = source_for(sqs, clock, is_detailed=False)  # lists again after 300 s
+    calls = count_calls(sqs)
+    reads: Counter[str] = Counter()
+    table_reads = table.members, table.ownership
+    table.members = lambda: reads.update(["members"]) or table_reads[0]()  # type: ignore[method-assign]
+    table.ownership = lambda: reads.update(["ownership"]) or table_reads[1]()  # type: ignore[method-assign]
+    shown: list[StatusReport] = []
+
+    def wait(seconds: float) -> bool:
+        clock.advance(seconds)
+        table.heartbeat("n1", epoch="e", status="active", now_wall=clock.wall())  # alive
+        return len(shown) == 10
+
+    watch(reader, source, every_s=5, show=shown.append, wait=wait)
+
+    # Ten refreshes in 50 s: the rows each time, the queues and their DLQs once.
+    assert reads == {"members": 10, "ownership": 10}
+    assert calls == {"ListQueues": 1, "ListDeadLetterSourceQueues": 2}
+    assert all(r.dead_letter == ("st-a-dlq", "st-b-dlq") and r.is_all_owned for r in shown)
+
+
+def test_one_read_calls_an_instance_one_renewal_late_alive_and_a_stale_one_dead(aws):
+    """The cluster judges death after heartbeat_timeout; one slow renewal is not it."""
+    _, table, clock = aws
+    reader = StatusReader(table, clock=clock, heartbeat_interval_s=5, heartbeat_timeout_s=30)
+    for name, age_s in (("late", 12.0), ("stale", 31.0)):
+        wall = clock.wall() - age_s
+        table.create_member(MemberRecord(name, "host", "active", 7, "e", 1, wall, wall))
+
+    alive = reader.read_once(clock.advance)  # neither counter moves in the 6.25 s
+
+    assert alive == {"late": True, "stale": False}
