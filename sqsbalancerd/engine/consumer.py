@@ -337,6 +337,7 @@ class Engine:
             if info is not None and not self.dispatcher_stopped:
                 self._start_queue(info)  # owned again while it drained
                 return
+            self._stats.forget_queue(name)
         logger.info("queue released", extra={"queue": name})
         if self._on_released is not None:
             self._on_released(name)
@@ -463,6 +464,7 @@ class Engine:
             aws_consecutive_failures=self._stats.failure_streaks(),
             event_loop_lag_s=self.bridge.lag_s() if self.bridge is not None else None,
             event_loop_lag_limit_s=self.event_loop_lag_limit_s(),
+            retired=self._stats.retired_counters(),
         )
 
     def _queue_stats(

@@ -24,6 +24,7 @@ from sqsbalancerd.discovery import QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet, build_policy
 from sqsbalancerd.handler import ResolvedHandler
 from sqsbalancerd.message import Message
+from sqsbalancerd.observability.metrics import build_registry, render
 from sqsbalancerd.runtime import ThreadSupervisor
 from sqsbalancerd.stats import Stats
 
@@ -427,3 +428,25 @@ def test_a_queue_owned_again_while_draining_is_consumed_again_not_released(moto_
     wait_until(lambda: "a2" in handler.returned, timeout_s=15, what="a2 handled")
     assert released == []
     assert engine.owned() == ("work-a",)
+
+
+def test_a_released_queue_leaves_no_per_queue_stats_or_metric_labels(moto_sqs, threaded):
+    """Queues come and go by the thousand: a released queue's counters, histograms and
+    so its metric label sets go with it; the process totals keep its counts."""
+    released: list[str] = []
+    engine, _ = threaded(lambda message: None, on_released=released.append)
+    a = make_queue_info(moto_sqs, "work-a")
+    b = make_queue_info(moto_sqs, "work-b")
+    moto_sqs.send_message(QueueUrl=a.url, MessageBody="a1")
+    engine.set_owned([a, b])
+    wait_until(lambda: queue_depth(moto_sqs, a.url) == (0, 0), timeout_s=10, what="a1 deleted")
+    wait_until(lambda: counters(engine, "work-a")["deleted"] == 1, timeout_s=5)
+
+    engine.set_owned([b])
+    wait_until(lambda: released == ["work-a"], timeout_s=10, what="work-a released")
+    snapshot = engine.snapshot("test")
+    assert [q.queue for q in snapshot.queues] == ["work-b"]
+    assert "work-a" not in snapshot.handler_duration and "work-a" not in snapshot.message_age
+    text = render(build_registry(lambda: snapshot, None)).decode()
+    assert 'queue="work-a"' not in text and 'queue="work-b"' in text
+    assert snapshot.totals()["deleted"] == 1 and snapshot.totals()["received"] == 1
