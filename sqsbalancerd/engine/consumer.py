@@ -395,7 +395,8 @@ class Engine:
                 continue
             grace_s = ASYNC_CANCEL_GRACE_S if item.queue.is_async else 0.0
             if now_s >= item.deadline_s + grace_s:
-                self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
+                if self.dispatcher.claim_timeout(item):
+                    self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
                 self.settler.time_out(item, why="handler timed out; result will be discarded")
 
     def _watch_event_loop(self) -> None:

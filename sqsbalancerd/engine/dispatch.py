@@ -335,6 +335,15 @@ class Dispatcher:
                 self._idle.notify_all()
             self._wake_pollers()
 
+    def claim_timeout(self, item: WorkItem) -> bool:
+        """True the first time only: a blocked async call is seen past its deadline by the
+        watchdog, then raises its own timeout once the loop runs again (one count, not two)."""
+        with self._lock:
+            if item.is_timeout_counted:
+                return False
+            item.is_timeout_counted = True
+            return True
+
     def requeue(self, item: WorkItem) -> bool:
         """Queue an in-process retry ahead of its group-mates; False once the queue is being
         released (the caller hands the messages back to SQS instead)."""

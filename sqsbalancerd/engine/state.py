@@ -79,6 +79,8 @@ class WorkItem:
     size_bytes: int = 0  # bodies and attributes, for the held-bytes budget
     deadline_s: float | None = None  # started_at_s + handler_timeout
     is_timed_out: bool = False
+    # Counted in the timed_out counter (once: the watchdog and the worker both see it).
+    is_timeout_counted: bool = False
 
 
 class TokenBucket:
