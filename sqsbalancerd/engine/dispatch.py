@@ -467,6 +467,11 @@ class Dispatcher:
                 self._idle.wait(min(remaining, 0.1))
             return True
 
+    def held_bytes(self) -> int:
+        """Bytes of the messages held (queued or running), as the byte budget counts them."""
+        with self._lock:
+            return self._held_bytes
+
     def depth(self) -> int:
         with self._cond:
             return sum(len(i.deliveries) for q in self._queues.values() for i in q.queued)

@@ -22,7 +22,7 @@ from sqsbalancerd.aws import describe_error, error_code, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.acks import BATCH_LIMIT, Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
-from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem
+from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem, size_of
 from sqsbalancerd.message import message_from_sqs
 from sqsbalancerd.stats import Stats
 
@@ -327,14 +327,14 @@ class Poller:
     def _items(self, deliveries: list[Delivery]) -> list[WorkItem]:
         if self.queue.is_batch:
             groups = frozenset(d.message.group_id for d in deliveries if d.message.group_id)
-            size = sum(_size_of(d) for d in deliveries)
+            size = sum(size_of(d) for d in deliveries)
             return [WorkItem(self.queue, tuple(deliveries), groups, size_bytes=size)]
         return [
             WorkItem(
                 self.queue,
                 (d,),
                 frozenset([d.message.group_id] if d.message.group_id else []),
-                size_bytes=_size_of(d),
+                size_bytes=size_of(d),
             )
             for d in deliveries
         ]
@@ -376,9 +376,3 @@ def _take_newer_receipt(held: Delivery, newer: Delivery) -> None:
     if held.decision == "lapsed":  # SQS handed it to us again: it is held once more
         held.decision = None
         held.is_expired = False
-
-
-def _size_of(delivery: Delivery) -> int:
-    """Roughly what the message costs in memory: its body and attribute values."""
-    message = delivery.message
-    return len(message.body) + sum(len(v) for v in message.message_attributes.values())

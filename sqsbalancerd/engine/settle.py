@@ -16,7 +16,13 @@ from collections.abc import Iterable, Sequence
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.acks import Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
-from sqsbalancerd.engine.state import Delivery, DeliveryState, QueueRuntime, WorkItem
+from sqsbalancerd.engine.state import (
+    Delivery,
+    DeliveryState,
+    QueueRuntime,
+    WorkItem,
+    size_of,
+)
 from sqsbalancerd.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -114,7 +120,9 @@ class Settler:
             message = delivery.message
             delivery.message = dataclasses.replace(message, attempt=message.attempt + 1)
         groups = frozenset(d.message.group_id for d in chain if d.message.group_id)
-        retry = WorkItem(queue, tuple(chain), groups, not_before_s=now + delay_s)
+        # Its bytes are held again while it waits: the budget must count them.
+        size = sum(size_of(d) for d in chain)
+        retry = WorkItem(queue, tuple(chain), groups, not_before_s=now + delay_s, size_bytes=size)
         if not self._dispatcher.requeue(retry):
             return False  # the queue is being released: hand it back instead
         self._stats.count(queue.name, "retried")

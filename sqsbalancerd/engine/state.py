@@ -162,3 +162,9 @@ class QueueRuntime:
     @property
     def url(self) -> str:
         return self.info.url
+
+
+def size_of(delivery: Delivery) -> int:
+    """Roughly what a message costs in memory: its body and attribute values."""
+    message = delivery.message
+    return len(message.body) + sum(len(v) for v in message.message_attributes.values())
