@@ -42,6 +42,9 @@ FLUSH_BACKOFF_S = 0.2
 # A change this close to the end of a receipt's visibility (by our clock, which starts a
 # little after SQS's) may arrive too late: treat the receipt as lapsed.
 LAPSE_MARGIN_S = 0.5
+# After a round of extensions failed, the next round comes this soon (doubling while they
+# keep failing, up to the usual check interval), not one whole interval later.
+EXTENSION_RETRY_S = 0.1
 _HELD = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})
 # Receipt-handle errors that no retry can fix: the message will simply reappear.
 _PERMANENT_CODES = frozenset(
@@ -99,12 +102,19 @@ class Acknowledger:
         self._extension_every_s = 1.0
         self._next_extension_s = 0.0
         self._on_lapsed: Callable[[Delivery], None] | None = None
+        self._on_extension_failed: Callable[[Delivery, float], None] | None = None
+        self._failed_extension_rounds = 0
+        self._has_extension_failed = False
         self._is_stopped = False
         self.last_tick_s = clock.monotonic()
 
     def set_lapse_handler(self, on_lapsed: Callable[[Delivery], None]) -> None:
         """Told of a held message whose extension came too late (it may be received again)."""
         self._on_lapsed = on_lapsed
+
+    def set_extension_failure_handler(self, on_failed: Callable[[Delivery, float], None]) -> None:
+        """Told `(delivery, now)` of each failed extension (it will be retried soon)."""
+        self._on_extension_failed = on_failed
 
     def set_extension_source(
         self, source: Callable[[float], list[tuple[Delivery, int]]], *, every_s: float
@@ -403,6 +413,9 @@ class Acknowledger:
                 self._count_success(op, sent_s)
                 continue
             op.attempts += 1
+            if op.reason == "extend":
+                self._extension_failed(op, failure.code, now)
+                continue
             if not _should_retry(op, failure, now):
                 self._count_failure(op, failure.code)
                 continue
@@ -469,10 +482,38 @@ class Acknowledger:
         by_queue: dict[str, list[PendingOp]] = defaultdict(list)
         for delivery, timeout_s in due:
             by_queue[delivery.queue.url].append(PendingOp(delivery, timeout_s, "extend"))
+        self._has_extension_failed = False
         for url, ops in by_queue.items():
             for start in range(0, len(ops), BATCH_LIMIT):
                 self._send("change", url, ops[start : start + BATCH_LIMIT])
+        if self._has_extension_failed:
+            # Retried early: a failed extension still due is listed again by the next round.
+            self._failed_extension_rounds += 1
+            retry_s = EXTENSION_RETRY_S * 2 ** min(self._failed_extension_rounds - 1, 8)
+            self._next_extension_s = min(self._next_extension_s, now + retry_s)
+        elif due:
+            self._failed_extension_rounds = 0
         return len(due)
+
+    def _extension_failed(self, op: PendingOp, code: str, now: float) -> None:
+        self._has_extension_failed = True
+        delivery = op.delivery
+        logger.warning(
+            "visibility extension failed; retrying soon",
+            extra={
+                "queue": delivery.queue.name,
+                "message_id": delivery.message.message_id,
+                "error": code or "unknown",
+                "visible_for_s": round(delivery.visible_until_s - now, 1),
+            },
+        )
+        if self._on_extension_failed is not None:
+            self._on_extension_failed(delivery, now)
+
+
+def extension_lead_s(visibility_timeout_s: float) -> float:
+    """How long before its visibility runs out a held message is extended."""
+    return max(2.0, min(visibility_timeout_s / 3, 10.0))
 
 
 def _decide(delivery: Delivery, decision: str) -> bool:
@@ -499,11 +540,11 @@ def _entry_failure(entry: Any) -> Failure:
 
 
 def _should_retry(op: PendingOp, failure: Failure, now_s: float) -> bool:
-    """Retry unless no retry can help: a rejected receipt handle, an extension (the next
-    check recomputes it), a persistent error after MAX_ATTEMPTS, or a transient one once
-    the visibility timeout has lapsed (the message may have been received again since,
-    under a new receipt handle) and MAX_ATTEMPTS are spent."""
-    if failure.code in _PERMANENT_CODES or op.reason == "extend":
+    """Retry unless no retry can help: a rejected receipt handle, a persistent error after
+    MAX_ATTEMPTS, or a transient one once the visibility timeout has lapsed (the message may
+    have been received again since, under a new receipt handle) and MAX_ATTEMPTS are spent.
+    (Extensions never get here: the next round lists them again, see _extension_failed.)"""
+    if failure.code in _PERMANENT_CODES:
         return False
     if op.attempts < MAX_ATTEMPTS:
         return True

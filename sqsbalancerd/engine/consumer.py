@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import Settings
 from sqsbalancerd.discovery import QueueInfo
-from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.acks import Acknowledger, extension_lead_s
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.poller import Poller, ReceiveGate
 from sqsbalancerd.engine.receivers import Receivers
@@ -156,6 +156,7 @@ class Engine:
         self.acks.set_extension_source(self._extensions_due, every_s=EXTENSION_CHECK_S)
         self.settler = Settler(dispatcher=self.dispatcher, acks=self.acks, stats=stats, clock=clock)
         self.acks.set_lapse_handler(self.settler.lapsed)
+        self.acks.set_extension_failure_handler(self.settler.extension_failed)
         self.bridge = AsyncBridge(clock) if self._needs_event_loop() else None
         self._is_loop_blocked = False
 
@@ -366,7 +367,7 @@ class Engine:
         # A delete that failed and waits for its retry must not let the message reappear.
         for delivery in [*self.dispatcher.held_deliveries(), *self.acks.retrying_deletes()]:
             visibility_s = delivery.queue.policy.visibility_timeout_s
-            lead_s = max(2.0, min(visibility_s / 3, 10.0))
+            lead_s = extension_lead_s(visibility_s)
             if delivery.visible_until_s - now_s > lead_s:
                 continue
             budget_s = delivery.received_at_s + delivery.queue.policy.max_extension_s - now_s

@@ -413,16 +413,21 @@ class Dispatcher:
                 self._ready.pop(queue.name, None)
             return self._release_items(queue, dropped)
 
-    def drop_expired(self, deliveries: Iterable[Delivery]) -> None:
-        """Queued messages past max_extension: dropped, they reappear on their own."""
+    def drop_expired(self, deliveries: Iterable[Delivery]) -> list[Delivery]:
+        """Drop queued (not started) messages, e.g. past max_extension (they reappear on
+        their own); returns every delivery of the items dropped."""
+        dropped: list[Delivery] = []
         with self._cond:
             for delivery in deliveries:
                 queue = delivery.queue
                 for item in list(queue.queued):
                     if delivery in item.deliveries:
                         queue.queued.remove(item)
-                        self._release_items(queue, [item])
+                        dropped += self._release_items(queue, [item])
+                if not queue.queued:
+                    self._ready.pop(queue.name, None)
             self._cond.notify_all()
+        return dropped
 
     def _drop_queued(self, queue: QueueRuntime) -> list[Delivery]:
         items = list(queue.queued)

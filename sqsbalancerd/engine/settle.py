@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from sqsbalancerd.clock import Clock
-from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.acks import Acknowledger, extension_lead_s
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.state import (
     Delivery,
@@ -80,6 +80,30 @@ class Settler:
         if delivery.queue.info.is_fifo and group is not None:
             held = self._dispatcher.drop_group(delivery.queue, group)
             self._release_held_back(delivery.queue, [d for d in held if d.is_undecided])
+
+    def extension_failed(self, delivery: Delivery, now_s: float) -> None:
+        """Its extension failed (and is retried early). A message not started yet, whose
+        visibility is half way through the extension lead, is dropped and released now:
+        if it ran, SQS might hand it out again meanwhile and both copies would run."""
+        if delivery.state is not DeliveryState.QUEUED or not delivery.is_undecided:
+            return
+        lead_s = extension_lead_s(delivery.queue.policy.visibility_timeout_s)
+        if delivery.visible_until_s - now_s > lead_s / 2:
+            return
+        dropped = self._dispatcher.drop_expired([delivery])
+        group = delivery.message.group_id
+        if delivery.queue.info.is_fifo and group is not None:  # its group comes back after it
+            dropped += self._dispatcher.drop_group(delivery.queue, group)
+        released = [d for d in dropped if d.is_undecided]
+        logger.warning(
+            "extension keeps failing; released an unstarted message before it could expire",
+            extra={
+                "queue": delivery.queue.name,
+                "message_id": delivery.message.message_id,
+                "count": len(released),
+            },
+        )
+        self._release(released)
 
     # -- FIFO -----------------------------------------------------------------------------
 

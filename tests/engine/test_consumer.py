@@ -7,6 +7,7 @@ runtime's ThreadSupervisor on the real clock for the drain and ownership sequenc
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
+from botocore.awsrequest import AWSResponse
 from enginekit import CallLog, Faults, standalone_settings
 from support import FakeClock, queue_depth, wait_until
 
@@ -144,6 +146,73 @@ def test_running_and_queued_messages_are_extended_until_max_extension_then_dropp
     assert not worker.run_once(timeout_s=0)
     assert seen == ["running"]
     assert engine.dispatcher.depth() == 0
+    engine.stop_receiving()
+    engine.stop(timeout_s=0)
+
+
+class FailExtensions:
+    """Fails every ChangeMessageVisibilityBatch that extends (timeout > 0) in SQS's place,
+    recording when (by `clock`); releases (timeout 0) go on to moto."""
+
+    def __init__(self, client: Any, clock: Clock) -> None:
+        self.failed_at: list[float] = []
+        self._clock = clock
+        client.meta.events.register("before-call.sqs.ChangeMessageVisibilityBatch", self._answer)
+
+    def _answer(self, params: dict[str, Any], **_: Any) -> Any:
+        entries = json.loads(params["body"])["Entries"]
+        if not any(e["VisibilityTimeout"] > 0 for e in entries):
+            return None
+        self.failed_at.append(self._clock.monotonic())
+        failed = [
+            {"Id": e["Id"], "Code": "InternalError", "SenderFault": False, "Message": "simulated"}
+            for e in entries
+        ]
+        return AWSResponse("https://sqs.simulated", 200, {}, None), {"Failed": failed}
+
+
+def test_a_failed_extension_is_retried_early_and_an_unstarted_message_released_in_time(
+    moto_sqs,
+):
+    """Extensions keep failing: each is retried sooner than the next check, and the queued
+    (not started) message is dropped and released before its visibility runs out, not left
+    to reappear while held (both copies would run)."""
+    clock = FakeClock()
+    spawner = RecordingSpawner()
+    settings = standalone_settings(
+        sqs={"visibility_timeout": 30, "wait_time_seconds": 0},
+        workers={"pool_size": 1, "queue_size": 5},
+    )
+    seen: list[str] = []
+    released_at: list[float] = []
+
+    def handler(message: Message) -> None:
+        seen.append(message.body)
+        for _ in range(560):  # 28 s of fake time, with the acks loop running
+            clock.advance(0.05)
+            engine.acks.run_once()
+            if not released_at and queue_depth(moto_sqs, info.url)[0]:
+                released_at.append(clock.monotonic())
+
+    engine = build_engine(moto_sqs, settings, handler, clock=clock, spawner=spawner)
+    info = make_queue_info(moto_sqs, "work-a")
+    engine.start()
+    engine.set_owned([info])
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="running")
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="queued")
+    spawner.part("poller:work-a").run_once()
+    received_s = clock.monotonic()
+    failing = FailExtensions(moto_sqs, clock)
+    worker = spawner.part("worker-0")
+    assert worker.run_once(timeout_s=0)
+
+    assert len(failing.failed_at) >= 3
+    first, second = failing.failed_at[:2]
+    assert second - first < 0.5  # sooner than the next twice-a-second check
+    assert released_at, "the unstarted message was never released"
+    assert released_at[0] - received_s < 30 - 1  # with time to spare
+    assert not worker.run_once(timeout_s=0)  # dropped: not run from this process
+    assert seen == ["running"]
     engine.stop_receiving()
     engine.stop(timeout_s=0)
 
