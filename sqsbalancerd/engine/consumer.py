@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import Settings
 from sqsbalancerd.discovery import QueueInfo
-from sqsbalancerd.engine.acks import Acknowledger, extension_lead_s
+from sqsbalancerd.engine.acks import SENDER_THREADS, Acknowledger, extension_lead_s
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.poller import Poller, ReceiveGate
 from sqsbalancerd.engine.receivers import Receivers
@@ -174,6 +174,10 @@ class Engine:
             )
         self._acks_thread = self._spawner.spawn("acks", self.acks.run, self._acks_stop)
         self._threads.append(self._acks_thread)
+        for index in range(1, SENDER_THREADS):
+            self._threads.append(
+                self._spawner.spawn(f"acks-{index}", self.acks.run_sender, self._acks_stop)
+            )
         for index in range(self._settings.workers.pool_size):
             worker = Worker(
                 dispatcher=self.dispatcher,
@@ -229,6 +233,7 @@ class Engine:
         with self._lock:
             for owned in self._owned.values():
                 owned.stop.set()
+        self.acks.wake_held_back()
         self._release(released)
         return len(released)
 
