@@ -100,6 +100,7 @@ class Acknowledger:
         # below a limit, not polled (a thousand pollers spinning starved this thread). Its
         # own lock: a thousand of them re-taking the senders' lock starved the senders.
         self._caught_up = threading.Condition()
+        self._is_holding_back = True  # False once receiving stops: nobody waits any more
         self._listed = 0  # operations in the lists (kept as a count: summing is O(queues))
         self._in_flight_total = 0
         self._deletes: dict[str, list[PendingOp]] = defaultdict(list)
@@ -197,12 +198,14 @@ class Acknowledger:
         # The counts are read without the senders' lock: a moment stale is fine here.
         with self._caught_up:
             return self._caught_up.wait_for(
-                lambda: not self._is_behind_locked(queue_url), timeout=timeout_s
+                lambda: not (self._is_holding_back and self._is_behind_locked(queue_url)),
+                timeout=timeout_s,
             )
 
     def wake_held_back(self) -> None:
-        """Receiving stops: held-back pollers look at their stop flags now."""
+        """Receiving stops: held-back pollers return now, to look at their stop flags."""
         with self._caught_up:
+            self._is_holding_back = False
             self._caught_up.notify_all()
 
     def retrying_deletes(self) -> list[Delivery]:

@@ -463,3 +463,21 @@ def test_a_poller_held_back_by_the_backlog_is_woken_when_it_drains(moto_sqs):
     assert woke == [True]
     assert time.monotonic() - started < 5  # woken, not timed out
     assert rig.acks.pending_total() == 0
+
+
+def test_a_held_back_poller_returns_at_once_when_receiving_stops(moto_sqs):
+    """Held-back pollers wait up to seconds for the backlog: the drain must not wait that
+    long for them (their threads would outlive the shutdown)."""
+    rig = handled_rig(moto_sqs, acks_module.MAX_PENDING_PER_QUEUE, clock=FakeClock())
+    assert rig.acks.is_behind(rig.url)
+    returned = threading.Event()
+
+    def wait() -> None:
+        rig.acks.wait_caught_up(rig.url, timeout_s=30)
+        returned.set()
+
+    waiter = threading.Thread(target=wait, name="sqsb-test-waiter")
+    waiter.start()
+    rig.acks.wake_held_back()
+    assert returned.wait(5)
+    waiter.join(5)
