@@ -119,9 +119,14 @@ class StatsSnapshot:
     # Seconds the async handlers' event loop has been blocked (None: no such loop).
     event_loop_lag_s: float | None = None
     event_loop_lag_limit_s: float = 60.0
+    # Counts of queues no longer owned (forgotten per queue, kept in the totals).
+    retired: dict[str, int] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
-        return {name: sum(getattr(q, name) for q in self.queues) for name in QUEUE_COUNTERS}
+        return {
+            name: sum(getattr(q, name) for q in self.queues) + self.retired.get(name, 0)
+            for name in QUEUE_COUNTERS
+        }
 
     @property
     def aws_call_total(self) -> int:
@@ -140,6 +145,22 @@ class Stats:
         self._durations: dict[str, Histogram] = defaultdict(Histogram)
         self._ages: dict[str, Histogram] = defaultdict(Histogram)
         self._failure_streaks: dict[str, int] = defaultdict(int)
+        self._retired: dict[str, int] = dict.fromkeys(QUEUE_COUNTERS, 0)
+
+    def forget_queue(self, queue: str) -> None:
+        """The queue went away: drop its per-queue counters and histograms (and so its
+        metric label sets: queues come and go by the thousand), folding its counts into
+        the process totals."""
+        with self._lock:
+            counters = self._queues.pop(queue, None) or {}
+            for name, value in counters.items():
+                self._retired[name] += value
+            self._durations.pop(queue, None)
+            self._ages.pop(queue, None)
+
+    def retired_counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._retired)
 
     def count(self, queue: str, counter: str, n: int = 1) -> None:
         with self._lock:

@@ -1,11 +1,13 @@
 """Deletes, visibility changes and visibility extension, batched per queue.
 
-All three run on one thread so their order is the order they were decided in: an
-extension is never sent after its message's delete, and a release never overtakes a delete.
+A receipt takes one decision (delete, retry or release), so those never race each other.
+Batches go out on a few sender threads (`run` also extends, extensions first); an
+extension may cross its message's delete on another sender, which SQS answers with an
+entry error that changes nothing.
 
 Retries are this module's, not botocore's (the acks client makes one attempt per call): a
 failed call or entry goes back into its queue's list with a backoff, so one throttled
-queue never holds up the batches of the others on this single thread.
+queue never holds up the batches of the others.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_LIMIT = 10
+# Threads sending batches (the first also extends): one thread, one call at a time, could
+# not keep up with a fan-out's deletes, a batch per queue (1,000 queues: 1,000 calls).
+SENDER_THREADS = 4
+# Batches one thread takes per round; it wakes another sender if more are due.
+BATCHES_PER_ROUND = 2
 # Backpressure on receiving: while this many operations wait to be sent for one queue (or
 # for all: one thread sends them), its pollers wait (see Acknowledger.is_behind).
 MAX_PENDING_PER_QUEUE = 2 * BATCH_LIMIT
@@ -42,6 +49,9 @@ FLUSH_BACKOFF_S = 0.2
 # A change this close to the end of a receipt's visibility (by our clock, which starts a
 # little after SQS's) may arrive too late: treat the receipt as lapsed.
 LAPSE_MARGIN_S = 0.5
+# After a round of extensions failed, the next round comes this soon (doubling while they
+# keep failing, up to the usual check interval), not one whole interval later.
+EXTENSION_RETRY_S = 0.1
 _HELD = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})
 # Receipt-handle errors that no retry can fix: the message will simply reappear.
 _PERMANENT_CODES = frozenset(
@@ -87,8 +97,10 @@ class Acknowledger:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # this thread's own wait
         # Pollers held back while acks are behind wait here; woken when the backlog drops
-        # below a limit, not polled (a thousand pollers spinning starved this thread).
-        self._caught_up = threading.Condition(self._lock)
+        # below a limit, not polled (a thousand pollers spinning starved this thread). Its
+        # own lock: a thousand of them re-taking the senders' lock starved the senders.
+        self._caught_up = threading.Condition()
+        self._is_holding_back = True  # False once receiving stops: nobody waits any more
         self._listed = 0  # operations in the lists (kept as a count: summing is O(queues))
         self._in_flight_total = 0
         self._deletes: dict[str, list[PendingOp]] = defaultdict(list)
@@ -99,12 +111,19 @@ class Acknowledger:
         self._extension_every_s = 1.0
         self._next_extension_s = 0.0
         self._on_lapsed: Callable[[Delivery], None] | None = None
+        self._on_extension_failed: Callable[[Delivery, float], None] | None = None
+        self._failed_extension_rounds = 0
+        self._has_extension_failed = False
         self._is_stopped = False
         self.last_tick_s = clock.monotonic()
 
     def set_lapse_handler(self, on_lapsed: Callable[[Delivery], None]) -> None:
         """Told of a held message whose extension came too late (it may be received again)."""
         self._on_lapsed = on_lapsed
+
+    def set_extension_failure_handler(self, on_failed: Callable[[Delivery, float], None]) -> None:
+        """Told `(delivery, now)` of each failed extension (it will be retried soon)."""
+        self._on_extension_failed = on_failed
 
     def set_extension_source(
         self, source: Callable[[float], list[tuple[Delivery, int]]], *, every_s: float
@@ -176,10 +195,18 @@ class Acknowledger:
 
     def wait_caught_up(self, queue_url: str, timeout_s: float) -> bool:
         """Wait until `is_behind(queue_url)` is false (True) or the timeout (False)."""
-        with self._cond:
+        # The counts are read without the senders' lock: a moment stale is fine here.
+        with self._caught_up:
             return self._caught_up.wait_for(
-                lambda: not self._is_behind_locked(queue_url), timeout=timeout_s
+                lambda: not (self._is_holding_back and self._is_behind_locked(queue_url)),
+                timeout=timeout_s,
             )
+
+    def wake_held_back(self) -> None:
+        """Receiving stops: held-back pollers return now, to look at their stop flags."""
+        with self._caught_up:
+            self._is_holding_back = False
+            self._caught_up.notify_all()
 
     def retrying_deletes(self) -> list[Delivery]:
         """Messages whose delete failed and awaits a retry: still ours, so still extended.
@@ -196,10 +223,17 @@ class Acknowledger:
     def run(self, stop: threading.Event) -> None:
         """Flush as batches fill or linger out; on stop, flush everything and return."""
         while not stop.is_set():
-            self.run_once(wait=True)
+            self.run_once(wait=True, max_batches=BATCHES_PER_ROUND)
         self.flush_all()
         self._is_stopped = True
         self.flush_all()  # anything added while the last flush ran
+
+    def run_sender(self, stop: threading.Event) -> None:
+        """Another sender beside `run` (no extensions, no final flush: `run` does those)."""
+        while not stop.is_set():
+            with self._cond:
+                self._cond.wait(self._wait_s())
+            self._flush_due(force=False, max_batches=BATCHES_PER_ROUND)
 
     def _send_now_if_stopped(self) -> None:
         # A poll that outlived the drain hands its messages back after this thread ended:
@@ -207,7 +241,9 @@ class Acknowledger:
         if self._is_stopped:
             self.flush_all(max_rounds=2)
 
-    def run_once(self, *, wait: bool = False, force: bool = False) -> int:
+    def run_once(
+        self, *, wait: bool = False, force: bool = False, max_batches: int | None = None
+    ) -> int:
         """One round; returns how many operations were sent."""
         self.last_tick_s = self._clock.monotonic()
         if wait:
@@ -219,7 +255,7 @@ class Acknowledger:
         if self._extension_source is not None and now >= self._next_extension_s:
             self._next_extension_s = now + self._extension_every_s
             sent += self._extend(now)
-        return sent + self._flush_due(force=force)
+        return sent + self._flush_due(force=force, max_batches=max_batches)
 
     def flush_all(self, *, max_rounds: int = MAX_ATTEMPTS) -> None:
         """Send everything now; retry failures after a short pause (bounded: this runs at
@@ -245,12 +281,15 @@ class Acknowledger:
             nearest = min(nearest, self._next_extension_s)
         return max(0.0, min(nearest - now, self._extension_every_s))
 
-    def _flush_due(self, *, force: bool) -> int:
+    def _flush_due(self, *, force: bool, max_batches: int | None = None) -> int:
         batches = [
             (kind, url, batch)
-            for kind, table in (("delete", self._deletes), ("change", self._changes))
-            for url, batch in self._take_due(table, force=force)
+            for kind, table in (("change", self._changes), ("delete", self._deletes))
+            for url, batch in self._take_due(table, force=force, max_batches=max_batches)
         ]
+        if max_batches is not None and len(batches) >= max_batches:
+            with self._cond:
+                self._cond.notify()  # there may be more: another sender takes them
         # The receipt closest to the end of its visibility goes first.
         batches.sort(key=lambda b: min(op.delivery.visible_until_s for op in b[2]))
         for kind, url, batch in batches:
@@ -258,12 +297,14 @@ class Acknowledger:
         return sum(len(batch) for _, _, batch in batches)
 
     def _take_due(
-        self, table: dict[str, list[PendingOp]], *, force: bool
+        self, table: dict[str, list[PendingOp]], *, force: bool, max_batches: int | None = None
     ) -> list[tuple[str, list[PendingOp]]]:
         now = self._clock.monotonic()
-        batches = []
+        batches: list[tuple[str, list[PendingOp]]] = []
         with self._cond:
             for url, ops in list(table.items()):
+                if max_batches is not None and len(batches) >= max_batches:
+                    break
                 ready = _ready_ops(ops, now, force=force)
                 if not ready:
                     continue
@@ -317,6 +358,7 @@ class Acknowledger:
         kind: str = "change",
     ) -> None:
         table = self._deletes if kind == "delete" else self._changes
+        wake = 0
         with self._cond:
             was_behind = self._is_behind_locked(url)
             # Back in the list before the in-flight count drops: never seen as not pending.
@@ -329,7 +371,13 @@ class Acknowledger:
                 if not self._in_flight[url]:
                     del self._in_flight[url]
             if was_behind and not self._is_behind_locked(url):
-                self._caught_up.notify_all()  # waiters recheck their own queue's count
+                # As many as the backlog has room for, not every held-back poller (a
+                # thousand woken per call starved the senders).
+                pending = self._listed + self._in_flight_total
+                wake = max(1, MAX_PENDING_TOTAL - pending)
+        if wake:
+            with self._caught_up:
+                self._caught_up.notify(wake)
         self._notify_settled(batch)
 
     def _still_in_flight(self, batch: list[PendingOp]) -> list[PendingOp]:
@@ -403,6 +451,9 @@ class Acknowledger:
                 self._count_success(op, sent_s)
                 continue
             op.attempts += 1
+            if op.reason == "extend":
+                self._extension_failed(op, failure.code, now)
+                continue
             if not _should_retry(op, failure, now):
                 self._count_failure(op, failure.code)
                 continue
@@ -451,7 +502,7 @@ class Acknowledger:
             self._deletes.clear()
             self._changes.clear()
             self._listed = 0
-            self._caught_up.notify_all()
+        self.wake_held_back()
         for op in leftovers:
             self._count_failure(op, "shutdown")
 
@@ -469,10 +520,38 @@ class Acknowledger:
         by_queue: dict[str, list[PendingOp]] = defaultdict(list)
         for delivery, timeout_s in due:
             by_queue[delivery.queue.url].append(PendingOp(delivery, timeout_s, "extend"))
+        self._has_extension_failed = False
         for url, ops in by_queue.items():
             for start in range(0, len(ops), BATCH_LIMIT):
                 self._send("change", url, ops[start : start + BATCH_LIMIT])
+        if self._has_extension_failed:
+            # Retried early: a failed extension still due is listed again by the next round.
+            self._failed_extension_rounds += 1
+            retry_s = EXTENSION_RETRY_S * 2 ** min(self._failed_extension_rounds - 1, 8)
+            self._next_extension_s = min(self._next_extension_s, now + retry_s)
+        elif due:
+            self._failed_extension_rounds = 0
         return len(due)
+
+    def _extension_failed(self, op: PendingOp, code: str, now: float) -> None:
+        self._has_extension_failed = True
+        delivery = op.delivery
+        logger.warning(
+            "visibility extension failed; retrying soon",
+            extra={
+                "queue": delivery.queue.name,
+                "message_id": delivery.message.message_id,
+                "error": code or "unknown",
+                "visible_for_s": round(delivery.visible_until_s - now, 1),
+            },
+        )
+        if self._on_extension_failed is not None:
+            self._on_extension_failed(delivery, now)
+
+
+def extension_lead_s(visibility_timeout_s: float) -> float:
+    """How long before its visibility runs out a held message is extended."""
+    return max(2.0, min(visibility_timeout_s / 3, 10.0))
 
 
 def _decide(delivery: Delivery, decision: str) -> bool:
@@ -499,11 +578,11 @@ def _entry_failure(entry: Any) -> Failure:
 
 
 def _should_retry(op: PendingOp, failure: Failure, now_s: float) -> bool:
-    """Retry unless no retry can help: a rejected receipt handle, an extension (the next
-    check recomputes it), a persistent error after MAX_ATTEMPTS, or a transient one once
-    the visibility timeout has lapsed (the message may have been received again since,
-    under a new receipt handle) and MAX_ATTEMPTS are spent."""
-    if failure.code in _PERMANENT_CODES or op.reason == "extend":
+    """Retry unless no retry can help: a rejected receipt handle, a persistent error after
+    MAX_ATTEMPTS, or a transient one once the visibility timeout has lapsed (the message may
+    have been received again since, under a new receipt handle) and MAX_ATTEMPTS are spent.
+    (Extensions never get here: the next round lists them again, see _extension_failed.)"""
+    if failure.code in _PERMANENT_CODES:
         return False
     if op.attempts < MAX_ATTEMPTS:
         return True
@@ -511,16 +590,21 @@ def _should_retry(op: PendingOp, failure: Failure, now_s: float) -> bool:
 
 
 def _ready_ops(ops: list[PendingOp], now: float, *, force: bool) -> list[PendingOp]:
-    """What to send now: every due operation, topped up to full batches with lingering ones.
+    """What to send now: every due operation, its last batch topped up with lingering ones,
+    and any further full batches of lingering ones.
 
-    A delete lingers to fill its batch; once ten are waiting there is nothing to wait for.
-    Retried operations keep their backoff, and they never hold up newer ones behind them.
+    A delete lingers to fill its batch; once ten are waiting there is nothing to wait for,
+    and once one is due the others ride in its call for free (sent before their own
+    linger ends: at 50 ms handlers, batches averaged 1.8 deletes when each waited for its
+    own). Retried operations keep their backoff, and never hold up newer ones behind them.
     """
     if force:
         return list(ops)
     ready = [op for op in ops if op.due_s <= now]
     lingering = [op for op in ops if op.due_s > now and op.attempts == 0]
-    fill = (len(ready) + len(lingering)) // BATCH_LIMIT * BATCH_LIMIT - len(ready)
+    fill = -len(ready) % BATCH_LIMIT  # room left in the due ones' last batch
+    fill = min(fill, len(lingering))
+    fill += (len(lingering) - fill) // BATCH_LIMIT * BATCH_LIMIT
     if fill <= 0:
         return ready
     chosen = {id(op) for op in ready} | {id(op) for op in lingering[:fill]}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import Settings
 from sqsbalancerd.discovery import QueueInfo
-from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.acks import SENDER_THREADS, Acknowledger, extension_lead_s
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.poller import Poller, ReceiveGate
 from sqsbalancerd.engine.receivers import Receivers
@@ -158,6 +158,7 @@ class Engine:
         self.acks.set_extension_source(self._extensions_due, every_s=EXTENSION_CHECK_S)
         self.settler = Settler(dispatcher=self.dispatcher, acks=self.acks, stats=stats, clock=clock)
         self.acks.set_lapse_handler(self.settler.lapsed)
+        self.acks.set_extension_failure_handler(self.settler.extension_failed)
         self.bridge = AsyncBridge(clock) if self._needs_event_loop() else None
         self._is_loop_blocked = False
 
@@ -175,6 +176,10 @@ class Engine:
             )
         self._acks_thread = self._spawner.spawn("acks", self.acks.run, self._acks_stop)
         self._threads.append(self._acks_thread)
+        for index in range(1, SENDER_THREADS):
+            self._threads.append(
+                self._spawner.spawn(f"acks-{index}", self.acks.run_sender, self._acks_stop)
+            )
         for index in range(self._settings.workers.pool_size):
             worker = Worker(
                 dispatcher=self.dispatcher,
@@ -230,6 +235,7 @@ class Engine:
         with self._lock:
             for owned in self._owned.values():
                 owned.stop.set()
+        self.acks.wake_held_back()
         self._release(released)
         return len(released)
 
@@ -344,6 +350,7 @@ class Engine:
             if info is not None and not self.dispatcher_stopped:
                 self._start_queue(info)  # owned again while it drained
                 return
+            self._stats.forget_queue(name)
         logger.info("queue released", extra={"queue": name})
         if self._on_released is not None:
             self._on_released(name)
@@ -372,7 +379,7 @@ class Engine:
         # A delete that failed and waits for its retry must not let the message reappear.
         for delivery in [*self.dispatcher.held_deliveries(), *self.acks.retrying_deletes()]:
             visibility_s = delivery.queue.policy.visibility_timeout_s
-            lead_s = max(2.0, min(visibility_s / 3, 10.0))
+            lead_s = extension_lead_s(visibility_s)
             if delivery.visible_until_s - now_s > lead_s:
                 continue
             budget_s = delivery.received_at_s + delivery.queue.policy.max_extension_s - now_s
@@ -401,7 +408,8 @@ class Engine:
                 continue
             grace_s = ASYNC_CANCEL_GRACE_S if item.queue.is_async else 0.0
             if now_s >= item.deadline_s + grace_s:
-                self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
+                if self.dispatcher.claim_timeout(item):
+                    self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
                 self.settler.time_out(item, why="handler timed out; result will be discarded")
 
     def _watch_event_loop(self) -> None:
@@ -470,6 +478,7 @@ class Engine:
             aws_consecutive_failures=self._stats.failure_streaks(),
             event_loop_lag_s=self.bridge.lag_s() if self.bridge is not None else None,
             event_loop_lag_limit_s=self.event_loop_lag_limit_s(),
+            retired=self._stats.retired_counters(),
         )
 
     def _queue_stats(

@@ -19,8 +19,10 @@ from sqsbalancerd.engine.state import Delivery, DeliveryState, QueueRuntime, Wor
 
 # Longest a blocked caller sleeps before re-checking its stop flag.
 _RECHECK_S = 0.5
-# A waiting poller asks again at least every _RECHECK_S; one silent for longer has stopped.
-_STALE_WAITER_S = 4 * _RECHECK_S
+# A poller between two reserve calls is back within microseconds; one away longer (held
+# back by the acks, receiving, stopped) loses its place in line instead of holding it up:
+# at the head of the line it kept freed room from everyone behind it.
+_STALE_WAITER_S = 0.1
 
 
 @dataclass(slots=True, eq=False)
@@ -29,6 +31,7 @@ class _Waiter:
     seen_s: float
     want: int
     cond: threading.Condition
+    waiting: int = 0  # callers blocked on `cond` now (several receivers share a queue's)
 
 
 # A queue counts as active for its share while it holds messages or received some this
@@ -57,6 +60,9 @@ class Dispatcher:
         self._cond = threading.Condition(self._lock)  # workers wait here
         self._idle = threading.Condition(self._lock)  # the drain waits here
         self._held_total = 0
+        # Room claimed from the total by receives expected to return at once (not idle
+        # long polls): a thousand pollers woken by the same free room must not all get it.
+        self._polling_total = 0
         self._held_bytes = 0
         self._running_messages = 0
         self._active_count = 1
@@ -106,8 +112,22 @@ class Dispatcher:
 
     # -- pollers --------------------------------------------------------------------------
 
-    def reserve(self, queue: QueueRuntime, want: int, *, timeout_s: float = _RECHECK_S) -> int:
-        """Claim room for up to `want` messages of `queue`; 0 if none came within timeout."""
+    def reserve(
+        self,
+        queue: QueueRuntime,
+        want: int,
+        *,
+        timeout_s: float = _RECHECK_S,
+        claims_total: bool = False,
+    ) -> int:
+        """Claim room for up to `want` messages of `queue`; 0 if none came within timeout.
+
+        A long poll of a queue that had nothing last time claims only the queue's own share
+        while in flight (idle long polls on many queues must not lock each other out of the
+        bound). A receive expected to return at once (`claims_total`) also claims from the
+        total until its poll ends, so room freed once is granted once, not to every waiter
+        it wakes. Pass the same to `end_poll`.
+        """
         deadline = self._clock.monotonic() + timeout_s
         with self._cond:
             while True:
@@ -115,28 +135,39 @@ class Dispatcher:
                     self._waiting.pop(queue.name, None)
                     return 0
                 now = self._clock.monotonic()
-                queue_cap = self._per_queue_cap(queue)
-                total_room = self._total_room()
-                room = min(want, total_room, queue_cap - queue.held)
-                # A receive of a few costs a whole request: where a bound holds two batches
-                # or more, the messages already held keep workers busy while we wait for room
-                # for a full one (requests/message stays at 0.1 receives, not 0.17).
-                enough = self._smallest_grant(queue_cap, want)
-                is_next = self._is_next_in_line(queue, now)
-                if room >= enough and is_next:  # enough is at least 1
-                    # Only the queue's own share is claimed while the poll is in flight; the
-                    # total counts messages actually held (see submit), so idle long polls
-                    # on many queues do not lock each other out of the bound.
+                room = self._grantable(queue, want)
+                if room and self._is_next_in_line(queue, now):
                     self._waiting.pop(queue.name, None)
                     queue.held += room
                     queue.polling += room
+                    if claims_total:
+                        self._polling_total += room
                     self._wake_pollers()  # room may be left for the next in line
                     return room
                 waiter = self._wait_in_line(queue, now, want)
                 remaining = deadline - now
                 if remaining <= 0:
                     return 0  # it keeps its place in line for its next call
-                waiter.cond.wait(min(remaining, _RECHECK_S))
+                waiter.waiting += 1
+                try:
+                    waiter.cond.wait(remaining)
+                finally:
+                    waiter.waiting -= 1
+
+    def _grantable(self, queue: QueueRuntime, want: int) -> int:
+        """What a reserve may claim now; 0 while not enough is free.
+
+        A receive of a few costs a whole request: where a bound holds two batches or more,
+        the messages already held keep workers busy while we wait for room for a full one
+        (requests/message stays at 0.1 receives, not 0.17).
+        """
+        queue_cap = self._per_queue_cap(queue)
+        queue_room = queue_cap - queue.held
+        total_room = self._total_room()
+        enough_total = _smallest_batch(self._total_bound(), want)
+        if total_room < enough_total or queue_room < _smallest_batch(queue_cap, want):
+            return 0
+        return max(0, min(want, total_room, queue_room))
 
     def has_room_for(self, queue: QueueRuntime, count: int) -> bool:
         """Whether another receive of `count` could be granted now (for adding receivers)."""
@@ -144,33 +175,69 @@ class Dispatcher:
             cap = self._per_queue_cap(queue)
             return min(self._total_room(), cap - queue.held) >= count
 
-    def _total_room(self) -> int:
-        not_started = self._held_total - self._running_messages
-        return min(self._capacity - self._held_total, self._max_queued + BATCH_SLACK - not_started)
+    def poll_size(self, want: int) -> int:
+        """What an idle long poll should ask for: its part of the bound were every owned
+        queue's poll to return at once (a fan-out), at least one; the receives that follow,
+        on queues known to have work, ask for full batches. Asking for ten each, a fan-out
+        to 1,000 idle queues received 10,000 messages to keep 110 and release the rest."""
+        with self._lock:
+            return min(want, max(1, self._total_bound() // max(1, len(self._queues))))
 
-    def _smallest_grant(self, queue_cap: int, want: int) -> int:
-        return min(want, _smallest_batch(self._capacity, want), _smallest_batch(queue_cap, want))
+    def _total_bound(self) -> int:
+        return min(self._capacity, self._max_queued + BATCH_SLACK)
+
+    def _total_room(self) -> int:
+        not_started = self._held_total - self._running_messages + self._polling_total
+        held = self._held_total + self._polling_total
+        return min(self._capacity - held, self._max_queued + BATCH_SLACK - not_started)
 
     def _wait_in_line(self, queue: QueueRuntime, now: float, want: int) -> _Waiter:
         waiter = self._waiting.get(queue.name)
         if waiter is None:
             waiter = _Waiter(queue, seen_s=now, want=want, cond=threading.Condition(self._lock))
             self._waiting[queue.name] = waiter
-        else:
-            waiter.seen_s = now
-            waiter.want = want
+        waiter.seen_s = now
+        waiter.want = want
         return waiter
 
+    def _is_live(self, waiter: _Waiter, now: float) -> bool:
+        return waiter.waiting > 0 or now - waiter.seen_s <= _STALE_WAITER_S
+
     def _wake_pollers(self) -> None:
-        """Room was freed: wake the first waiting queue that can use it (it wakes the next
-        if room is left), not every poller of every queue."""
-        now = self._clock.monotonic()
-        for waiter in self._waiting.values():
-            other = waiter.queue
-            cap = self._per_queue_cap(other)
-            if now - waiter.seen_s <= _STALE_WAITER_S and cap - other.held >= 1:
-                waiter.cond.notify_all()
-                return
+        """Room was freed: wake the first waiting queue that can use it now (it wakes the
+        next if room is left), not every poller of every queue, nor one that would only
+        find too little and wait again."""
+        if not self._waiting or self._total_room() <= 0:
+            return
+        head = self._head_of_line(self._clock.monotonic())
+        # Only the first in line may take the room (see _is_next_in_line).
+        if head is not None and self._grantable(head.queue, head.want):
+            head.cond.notify_all()
+
+    def _head_of_line(self, now: float) -> _Waiter | None:
+        """The first waiter that could use room now; drops those that stopped asking on
+        the way (so the line stays short: a thousand stale entries made this O(queues))."""
+        stale: list[str] = []
+        head = None
+        for name, waiter in self._waiting.items():
+            if not self._is_live(waiter, now):
+                stale.append(name)
+            elif self._is_in_line(waiter, now):
+                head = waiter
+                break
+        for name in stale:
+            del self._waiting[name]
+        return head
+
+    def _is_in_line(self, waiter: _Waiter, now: float) -> bool:
+        """A waiter that could use room now: still asking, not stopping, its share free."""
+        other = waiter.queue
+        other_cap = self._per_queue_cap(other)
+        return (
+            self._is_live(waiter, now)
+            and not other.is_stopping
+            and other_cap - other.held >= _smallest_batch(other_cap, waiter.want)
+        )
 
     def _is_next_in_line(self, queue: QueueRuntime, now: float) -> bool:
         """When the total room is contended, queues get it in the order they started waiting.
@@ -181,24 +248,29 @@ class Dispatcher:
         has less free than the grant it waits for, it is stopping) or that stopped asking (its
         poller ended or is paused) does not hold up the line.
         """
+        stale: list[str] = []
+        is_next = True
         for name, waiter in self._waiting.items():
             if name == queue.name:
-                return True
-            other = waiter.queue
-            other_cap = self._per_queue_cap(other)
-            if (
-                now - waiter.seen_s <= _STALE_WAITER_S
-                and not other.is_stopping
-                and other_cap - other.held >= max(1, self._smallest_grant(other_cap, waiter.want))
-            ):
-                return False
-        return True
+                break
+            if not self._is_live(waiter, now):
+                stale.append(name)
+            elif self._is_in_line(waiter, now):
+                is_next = False
+                break
+        for name in stale:  # the line stays short: stale entries made this O(queues)
+            del self._waiting[name]
+        return is_next
 
-    def end_poll(self, queue: QueueRuntime, granted: int, *, received: int) -> None:
+    def end_poll(
+        self, queue: QueueRuntime, granted: int, *, received: int, claims_total: bool = False
+    ) -> None:
         """The poll that reserved `granted` ended with `received` messages: the unused room
         goes back, and the queue counts as active for its share while it gets messages."""
         with self._lock:
             queue.polling -= granted
+            if claims_total:
+                self._polling_total -= granted
             queue.held -= granted - received
             if received:
                 if self._clock.monotonic() - queue.last_received_s >= _ACTIVE_FOR_S:
@@ -335,6 +407,15 @@ class Dispatcher:
                 self._idle.notify_all()
             self._wake_pollers()
 
+    def claim_timeout(self, item: WorkItem) -> bool:
+        """True the first time only: a blocked async call is seen past its deadline by the
+        watchdog, then raises its own timeout once the loop runs again (one count, not two)."""
+        with self._lock:
+            if item.is_timeout_counted:
+                return False
+            item.is_timeout_counted = True
+            return True
+
     def requeue(self, item: WorkItem) -> bool:
         """Queue an in-process retry ahead of its group-mates; False once the queue is being
         released (the caller hands the messages back to SQS instead)."""
@@ -404,16 +485,21 @@ class Dispatcher:
                 self._ready.pop(queue.name, None)
             return self._release_items(queue, dropped)
 
-    def drop_expired(self, deliveries: Iterable[Delivery]) -> None:
-        """Queued messages past max_extension: dropped, they reappear on their own."""
+    def drop_expired(self, deliveries: Iterable[Delivery]) -> list[Delivery]:
+        """Drop queued (not started) messages, e.g. past max_extension (they reappear on
+        their own); returns every delivery of the items dropped."""
+        dropped: list[Delivery] = []
         with self._cond:
             for delivery in deliveries:
                 queue = delivery.queue
                 for item in list(queue.queued):
                     if delivery in item.deliveries:
                         queue.queued.remove(item)
-                        self._release_items(queue, [item])
+                        dropped += self._release_items(queue, [item])
+                if not queue.queued:
+                    self._ready.pop(queue.name, None)
             self._cond.notify_all()
+        return dropped
 
     def _drop_queued(self, queue: QueueRuntime) -> list[Delivery]:
         items = list(queue.queued)
@@ -457,6 +543,11 @@ class Dispatcher:
                     return False
                 self._idle.wait(min(remaining, 0.1))
             return True
+
+    def held_bytes(self) -> int:
+        """Bytes of the messages held (queued or running), as the byte budget counts them."""
+        with self._lock:
+            return self._held_bytes
 
     def depth(self) -> int:
         with self._cond:

@@ -22,7 +22,7 @@ from sqsbalancerd.aws import describe_error, error_code, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.acks import BATCH_LIMIT, Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
-from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem
+from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem, size_of
 from sqsbalancerd.message import message_from_sqs
 from sqsbalancerd.stats import Stats
 
@@ -35,8 +35,13 @@ _QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNo
 _MAX_BACKOFF_S = 30.0
 # Longest a poller waits for a heartbeat renewal that is about to lengthen its budget.
 RENEWAL_WAIT_S = 2.0
-# Longest a held-back poller waits before looking at its stop flags again.
-ACKS_BEHIND_WAIT_S = 0.5
+# Longest a held-back poller waits before looking at its stop flags again (the backlog
+# draining wakes it; a thousand of them re-checking every 0.5 s cost 2,000 wake-ups/s).
+ACKS_BEHIND_WAIT_S = 2.0
+# Longest a poller waits for room before looking at its flags again: stopping, pausing and
+# freed room wake it, so this only bounds a missed wake-up (1,000 waiting pollers
+# re-checking every 0.5 s cost 2,000 wake-ups a second).
+WAIT_FOR_ROOM_S = 2.0
 # Upper bound on how long a receive's answer takes to reach us after SQS hid its messages.
 RECEIVE_LATENCY_MARGIN_S = 1.0
 
@@ -194,32 +199,42 @@ class Poller:
         if self._acks.is_behind(self.queue.url):  # let the deletes catch up first
             self._acks.wait_caught_up(self.queue.url, ACKS_BEHIND_WAIT_S)
             return 0.0
-        # While a FIFO message waits to be redriven, receive one at a time so that its
-        # group-mates are not received (and counted) along with it each time it bounces.
-        is_redriving = self.queue.has_exhausted(self._clock.monotonic())
-        want = 1 if is_redriving else self.queue.policy.max_messages
-        granted = self._dispatcher.reserve(self.queue, want)
+        is_idle = self._is_idle
+        claims = not is_idle
+        granted = self._dispatcher.reserve(
+            self.queue, self._want(is_idle), timeout_s=WAIT_FOR_ROOM_S, claims_total=claims
+        )
         if granted == 0:
             self.was_full = False  # no room: another receiver would not help
             return 0.0
-        wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=self._is_idle)
-        if wait_s is None or self._is_stopping():  # the gate may have waited for a renewal
-            self._dispatcher.end_poll(self.queue, granted, received=0)
+        wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=is_idle)
+        # The gate may have waited for a renewal, or paused while we waited for room.
+        if wait_s is None or self._is_stopping() or self._gate.is_paused:
+            self._dispatcher.end_poll(self.queue, granted, received=0, claims_total=claims)
             return 0.2
         started_s = self._clock.monotonic()
         try:
             raw = self._receive(granted, wait_s)
         except Exception as exc:
-            self._dispatcher.end_poll(self.queue, granted, received=0)
+            self._dispatcher.end_poll(self.queue, granted, received=0, claims_total=claims)
             self.was_full = False
             return self._on_error(exc)
         self._failures = 0
         self._is_idle = not raw
         self.was_full = len(raw) >= self.queue.policy.max_messages
-        self._dispatcher.end_poll(self.queue, granted, received=len(raw))
         if raw:
             self._hand_over_safely(raw, started_s)
+        # After the hand-over: the room stays claimed until the messages count as held.
+        self._dispatcher.end_poll(self.queue, granted, received=len(raw), claims_total=claims)
         return 0.0
+
+    def _want(self, is_idle: bool) -> int:
+        # While a FIFO message waits to be redriven, receive one at a time so that its
+        # group-mates are not received (and counted) along with it each time it bounces.
+        if self.queue.has_exhausted(self._clock.monotonic()):
+            return 1
+        want = self.queue.policy.max_messages
+        return self._dispatcher.poll_size(want) if is_idle else want
 
     def _hand_over_safely(self, raw: list[dict[str, Any]], started_s: float) -> None:
         """A message we cannot queue must not keep its reserved room (the queue would stall
@@ -327,14 +342,14 @@ class Poller:
     def _items(self, deliveries: list[Delivery]) -> list[WorkItem]:
         if self.queue.is_batch:
             groups = frozenset(d.message.group_id for d in deliveries if d.message.group_id)
-            size = sum(_size_of(d) for d in deliveries)
+            size = sum(size_of(d) for d in deliveries)
             return [WorkItem(self.queue, tuple(deliveries), groups, size_bytes=size)]
         return [
             WorkItem(
                 self.queue,
                 (d,),
                 frozenset([d.message.group_id] if d.message.group_id else []),
-                size_bytes=_size_of(d),
+                size_bytes=size_of(d),
             )
             for d in deliveries
         ]
@@ -376,9 +391,3 @@ def _take_newer_receipt(held: Delivery, newer: Delivery) -> None:
     if held.decision == "lapsed":  # SQS handed it to us again: it is held once more
         held.decision = None
         held.is_expired = False
-
-
-def _size_of(delivery: Delivery) -> int:
-    """Roughly what the message costs in memory: its body and attribute values."""
-    message = delivery.message
-    return len(message.body) + sum(len(v) for v in message.message_attributes.values())

@@ -14,9 +14,15 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from sqsbalancerd.clock import Clock
-from sqsbalancerd.engine.acks import Acknowledger
+from sqsbalancerd.engine.acks import Acknowledger, extension_lead_s
 from sqsbalancerd.engine.dispatch import Dispatcher
-from sqsbalancerd.engine.state import Delivery, DeliveryState, QueueRuntime, WorkItem
+from sqsbalancerd.engine.state import (
+    Delivery,
+    DeliveryState,
+    QueueRuntime,
+    WorkItem,
+    size_of,
+)
 from sqsbalancerd.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,30 @@ class Settler:
             held = self._dispatcher.drop_group(delivery.queue, group)
             self._release_held_back(delivery.queue, [d for d in held if d.is_undecided])
 
+    def extension_failed(self, delivery: Delivery, now_s: float) -> None:
+        """Its extension failed (and is retried early). A message not started yet, whose
+        visibility is half way through the extension lead, is dropped and released now:
+        if it ran, SQS might hand it out again meanwhile and both copies would run."""
+        if delivery.state is not DeliveryState.QUEUED or not delivery.is_undecided:
+            return
+        lead_s = extension_lead_s(delivery.queue.policy.visibility_timeout_s)
+        if delivery.visible_until_s - now_s > lead_s / 2:
+            return
+        dropped = self._dispatcher.drop_expired([delivery])
+        group = delivery.message.group_id
+        if delivery.queue.info.is_fifo and group is not None:  # its group comes back after it
+            dropped += self._dispatcher.drop_group(delivery.queue, group)
+        released = [d for d in dropped if d.is_undecided]
+        logger.warning(
+            "extension keeps failing; released an unstarted message before it could expire",
+            extra={
+                "queue": delivery.queue.name,
+                "message_id": delivery.message.message_id,
+                "count": len(released),
+            },
+        )
+        self._release(released)
+
     # -- FIFO -----------------------------------------------------------------------------
 
     def _settle_fifo(
@@ -114,7 +144,9 @@ class Settler:
             message = delivery.message
             delivery.message = dataclasses.replace(message, attempt=message.attempt + 1)
         groups = frozenset(d.message.group_id for d in chain if d.message.group_id)
-        retry = WorkItem(queue, tuple(chain), groups, not_before_s=now + delay_s)
+        # Its bytes are held again while it waits: the budget must count them.
+        size = sum(size_of(d) for d in chain)
+        retry = WorkItem(queue, tuple(chain), groups, not_before_s=now + delay_s, size_bytes=size)
         if not self._dispatcher.requeue(retry):
             return False  # the queue is being released: hand it back instead
         self._stats.count(queue.name, "retried")

@@ -79,6 +79,8 @@ class WorkItem:
     size_bytes: int = 0  # bodies and attributes, for the held-bytes budget
     deadline_s: float | None = None  # started_at_s + handler_timeout
     is_timed_out: bool = False
+    # Counted in the timed_out counter (once: the watchdog and the worker both see it).
+    is_timeout_counted: bool = False
 
 
 class TokenBucket:
@@ -160,3 +162,9 @@ class QueueRuntime:
     @property
     def url(self) -> str:
         return self.info.url
+
+
+def size_of(delivery: Delivery) -> int:
+    """Roughly what a message costs in memory: its body and attribute values."""
+    message = delivery.message
+    return len(message.body) + sum(len(v) for v in message.message_attributes.values())

@@ -196,7 +196,8 @@ class Worker:
             return {m.message_id for m in messages}
 
     def _log_timeout(self, item: WorkItem, text: str) -> None:
-        self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
+        if self._dispatcher.claim_timeout(item):  # the watchdog may have counted it already
+            self._stats.count(item.queue.name, "timed_out", len(item.deliveries))
         logger.warning(
             text,
             extra={

@@ -52,6 +52,24 @@ def test_deletes_go_out_ten_per_call_at_once_and_the_rest_after_the_linger(moto_
     assert rig.counters()["deleted"] == 25
 
 
+def test_deletes_lingering_behind_a_due_one_ride_in_its_call(moto_sqs):
+    """Handlers finishing a few milliseconds apart: once the first delete's linger is out,
+    the later ones of its queue go in the same call (still within their own linger), not
+    one call each as their lingers end in turn."""
+    clock = FakeClock()
+    rig = Rig(moto_sqs, clock=clock, capacity=20)
+    rig.send(*[f"m{n}" for n in range(4)])
+    while rig.dispatcher.depth() < 4:
+        assert rig.receive() > 0
+    log = CallLog(moto_sqs)
+    for _ in range(4):
+        assert rig.work()
+        clock.advance(0.03)
+        rig.acks.run_once()
+    assert [len(p["Entries"]) for p in log.of("DeleteMessageBatch")] == [4]
+    assert rig.depth() == (0, 0)
+
+
 def test_a_failed_entry_is_retried_alone_and_counted(moto_sqs):
     clock = FakeClock()
     rig = handled_rig(moto_sqs, 3, clock=clock)
@@ -445,3 +463,21 @@ def test_a_poller_held_back_by_the_backlog_is_woken_when_it_drains(moto_sqs):
     assert woke == [True]
     assert time.monotonic() - started < 5  # woken, not timed out
     assert rig.acks.pending_total() == 0
+
+
+def test_a_held_back_poller_returns_at_once_when_receiving_stops(moto_sqs):
+    """Held-back pollers wait up to seconds for the backlog: the drain must not wait that
+    long for them (their threads would outlive the shutdown)."""
+    rig = handled_rig(moto_sqs, acks_module.MAX_PENDING_PER_QUEUE, clock=FakeClock())
+    assert rig.acks.is_behind(rig.url)
+    returned = threading.Event()
+
+    def wait() -> None:
+        rig.acks.wait_caught_up(rig.url, timeout_s=30)
+        returned.set()
+
+    waiter = threading.Thread(target=wait, name="sqsb-test-waiter")
+    waiter.start()
+    rig.acks.wake_held_back()
+    assert returned.wait(5)
+    waiter.join(5)

@@ -7,6 +7,7 @@ runtime's ThreadSupervisor on the real clock for the drain and ownership sequenc
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
+from botocore.awsrequest import AWSResponse
 from enginekit import CallLog, Faults, standalone_settings
 from support import FakeClock, queue_depth, wait_until
 
@@ -24,6 +26,7 @@ from sqsbalancerd.discovery import QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet, build_policy
 from sqsbalancerd.handler import ResolvedHandler
 from sqsbalancerd.message import Message
+from sqsbalancerd.observability.metrics import build_registry, render
 from sqsbalancerd.runtime import ThreadSupervisor
 from sqsbalancerd.stats import Stats
 
@@ -145,6 +148,73 @@ def test_running_and_queued_messages_are_extended_until_max_extension_then_dropp
     assert not worker.run_once(timeout_s=0)
     assert seen == ["running"]
     assert engine.dispatcher.depth() == 0
+    engine.stop_receiving()
+    engine.stop(timeout_s=0)
+
+
+class FailExtensions:
+    """Fails every ChangeMessageVisibilityBatch that extends (timeout > 0) in SQS's place,
+    recording when (by `clock`); releases (timeout 0) go on to moto."""
+
+    def __init__(self, client: Any, clock: Clock) -> None:
+        self.failed_at: list[float] = []
+        self._clock = clock
+        client.meta.events.register("before-call.sqs.ChangeMessageVisibilityBatch", self._answer)
+
+    def _answer(self, params: dict[str, Any], **_: Any) -> Any:
+        entries = json.loads(params["body"])["Entries"]
+        if not any(e["VisibilityTimeout"] > 0 for e in entries):
+            return None
+        self.failed_at.append(self._clock.monotonic())
+        failed = [
+            {"Id": e["Id"], "Code": "InternalError", "SenderFault": False, "Message": "simulated"}
+            for e in entries
+        ]
+        return AWSResponse("https://sqs.simulated", 200, {}, None), {"Failed": failed}
+
+
+def test_a_failed_extension_is_retried_early_and_an_unstarted_message_released_in_time(
+    moto_sqs,
+):
+    """Extensions keep failing: each is retried sooner than the next check, and the queued
+    (not started) message is dropped and released before its visibility runs out, not left
+    to reappear while held (both copies would run)."""
+    clock = FakeClock()
+    spawner = RecordingSpawner()
+    settings = standalone_settings(
+        sqs={"visibility_timeout": 30, "wait_time_seconds": 0},
+        workers={"pool_size": 1, "queue_size": 5},
+    )
+    seen: list[str] = []
+    released_at: list[float] = []
+
+    def handler(message: Message) -> None:
+        seen.append(message.body)
+        for _ in range(560):  # 28 s of fake time, with the acks loop running
+            clock.advance(0.05)
+            engine.acks.run_once()
+            if not released_at and queue_depth(moto_sqs, info.url)[0]:
+                released_at.append(clock.monotonic())
+
+    engine = build_engine(moto_sqs, settings, handler, clock=clock, spawner=spawner)
+    info = make_queue_info(moto_sqs, "work-a")
+    engine.start()
+    engine.set_owned([info])
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="running")
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="queued")
+    spawner.part("poller:work-a").run_once()
+    received_s = clock.monotonic()
+    failing = FailExtensions(moto_sqs, clock)
+    worker = spawner.part("worker-0")
+    assert worker.run_once(timeout_s=0)
+
+    assert len(failing.failed_at) >= 3
+    first, second = failing.failed_at[:2]
+    assert second - first < 0.5  # sooner than the next twice-a-second check
+    assert released_at, "the unstarted message was never released"
+    assert released_at[0] - received_s < 30 - 1  # with time to spare
+    assert not worker.run_once(timeout_s=0)  # dropped: not run from this process
+    assert seen == ["running"]
     engine.stop_receiving()
     engine.stop(timeout_s=0)
 
@@ -435,3 +505,25 @@ def test_a_queue_owned_again_while_draining_is_consumed_again_not_released(moto_
     wait_until(lambda: "a2" in handler.returned, timeout_s=15, what="a2 handled")
     assert released == []
     assert engine.owned() == ("work-a",)
+
+
+def test_a_released_queue_leaves_no_per_queue_stats_or_metric_labels(moto_sqs, threaded):
+    """Queues come and go by the thousand: a released queue's counters, histograms and
+    so its metric label sets go with it; the process totals keep its counts."""
+    released: list[str] = []
+    engine, _ = threaded(lambda message: None, on_released=released.append)
+    a = make_queue_info(moto_sqs, "work-a")
+    b = make_queue_info(moto_sqs, "work-b")
+    moto_sqs.send_message(QueueUrl=a.url, MessageBody="a1")
+    engine.set_owned([a, b])
+    wait_until(lambda: queue_depth(moto_sqs, a.url) == (0, 0), timeout_s=10, what="a1 deleted")
+    wait_until(lambda: counters(engine, "work-a")["deleted"] == 1, timeout_s=5)
+
+    engine.set_owned([b])
+    wait_until(lambda: released == ["work-a"], timeout_s=10, what="work-a released")
+    snapshot = engine.snapshot("test")
+    assert [q.queue for q in snapshot.queues] == ["work-b"]
+    assert "work-a" not in snapshot.handler_duration and "work-a" not in snapshot.message_age
+    text = render(build_registry(lambda: snapshot, None)).decode()
+    assert 'queue="work-a"' not in text and 'queue="work-b"' in text
+    assert snapshot.totals()["deleted"] == 1 and snapshot.totals()["received"] == 1

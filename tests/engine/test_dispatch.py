@@ -480,6 +480,34 @@ def test_a_fan_out_to_many_idle_long_polls_holds_at_most_queue_size_plus_one_rec
     assert refused == 1000 - dispatcher.depth()
 
 
+def test_room_freed_once_is_granted_once_to_receives_that_return_at_once():
+    """Queues known to have work: every waiting poller woken by the same free room got it
+    (the total counted only messages held, not receives in flight), and the first burst
+    after a fan-out was received and released again by the thousand."""
+    dispatcher = Dispatcher(capacity=20, clock=FakeClock(), max_queued=10)  # pool 10, queue 10
+    queues = [make_queue(f"q{i}") for i in range(50)]
+    for queue in queues:
+        dispatcher.add_queue(queue)
+    granted = [dispatcher.reserve(q, 10, timeout_s=0, claims_total=True) for q in queues]
+    assert sum(granted) <= 20  # the bound, with nothing held yet
+    for queue, room in zip(queues, granted, strict=True):
+        if room:
+            assert dispatcher.submit_bounded(queue, sized_items(queue, room)) == []
+            dispatcher.end_poll(queue, room, received=room, claims_total=True)
+    assert dispatcher.depth() == sum(granted)
+
+
+def test_an_idle_long_poll_asks_for_its_part_of_the_bound_when_many_queues_could_answer():
+    dispatcher = Dispatcher(capacity=110, clock=FakeClock(), max_queued=100)
+    for i in range(1000):
+        dispatcher.add_queue(make_queue(f"q{i}"))
+    assert dispatcher.poll_size(10) == 1  # a fan-out to all 1,000 returns 1,000, not 10,000
+    few = Dispatcher(capacity=110, clock=FakeClock(), max_queued=100)
+    for i in range(8):
+        few.add_queue(make_queue(f"q{i}"))
+    assert few.poll_size(10) == 10
+
+
 def test_received_messages_beyond_the_byte_budget_are_refused_but_one_always_fits():
     dispatcher = Dispatcher(capacity=100, clock=FakeClock(), max_held_bytes=1000)
     queue = make_queue("a")
@@ -517,3 +545,19 @@ def test_freed_room_wakes_one_waiting_queue_not_every_poller():
         waiter.cond.notify_all = lambda name=name: woken.append(name)  # type: ignore[method-assign]
     dispatcher.finish(take_now(dispatcher))
     assert woken == ["w0"]  # the first in line, which wakes the next if room is left
+
+
+def test_a_waiter_that_went_away_does_not_hold_freed_room_from_the_line():
+    """A poller at the head of the line that stopped asking (held back by the acks, say)
+    kept freed room from everyone behind it for seconds; now it loses its place."""
+    clock = FakeClock()
+    dispatcher = new_dispatcher(capacity=20, clock=clock)
+    busy, away, other = make_queue("busy"), make_queue("away"), make_queue("other")
+    for queue in (busy, away, other):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, busy, [make_item(busy) for _ in range(20)])
+    assert dispatcher.reserve(away, 10, timeout_s=0) == 0  # first in line, then goes away
+    clock.advance(0.5)
+    for _ in range(10):
+        dispatcher.finish(take_now(dispatcher))
+    assert dispatcher.reserve(other, 10, timeout_s=0) == 10

@@ -180,3 +180,29 @@ def test_the_handler_can_read_its_remaining_time_and_extend(moto_sqs, engine_for
 def test_handler_context_outside_a_handler_is_an_error():
     with pytest.raises(LookupError, match="only available inside a handler"):
         handler_context()
+
+
+def test_a_blocked_async_handler_past_its_timeout_counts_one_timeout(moto_sqs, engine_for):
+    """The watchdog times out a call whose loop is blocked (it cannot be cancelled); once the
+    loop runs again the call's own timeout fires too: still one timed-out message."""
+    calls: list[int] = []
+    finished = threading.Event()
+
+    async def blocking(message: Message) -> None:
+        calls.append(message.attempt)
+        if len(calls) == 1:
+            try:
+                time.sleep(1.0 + 2.0 + 1.5)  # past timeout + the cancel grace, loop blocked
+                await asyncio.sleep(5)  # the expired timeout cancels it here
+            finally:
+                finished.set()
+
+    engine = engine_for(blocking, is_async=True, handler_timeout=1.0)
+    info = queue(moto_sqs)
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="x")
+    engine.set_owned([info])
+    assert finished.wait(15)
+    wait_until(lambda: queue_depth(moto_sqs, info.url) == (0, 0), timeout_s=15, what="handled")
+    wait_until(lambda: engine.stuck_slots() == 0, timeout_s=5, what="the slot freed")
+    assert len(calls) == 2
+    assert counters(engine, "work-a")["timed_out"] == 1

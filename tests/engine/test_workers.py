@@ -378,6 +378,28 @@ def test_fifo_failure_retries_in_process_and_holds_the_group(moto_sqs):
     assert rig.depth() == (0, 0)
 
 
+def test_a_fifo_retry_waiting_in_process_counts_its_bytes_as_held(moto_sqs):
+    """The held-bytes budget counts a requeued retry's body: it is held again while it
+    waits out its backoff (counted as 0 bytes, the budget let more in than it allows)."""
+
+    def behave(message: Message) -> None:
+        if message.body.startswith("b") and message.attempt == 1:
+            raise ValueError("first attempt fails")
+
+    rig = Rig(moto_sqs, handler=Recorder(behave), name="work-a.fifo", clock=FakeClock())
+    rig.send("a" * 100, "b" * 300, "c" * 50, group="g1")
+    assert rig.receive() == 3
+    assert rig.dispatcher.held_bytes() == 450
+    rig.work_all()  # a runs and is deleted; b fails and waits in process, c behind it
+    assert rig.counters()["retried"] == 1
+    assert rig.dispatcher.held_bytes() == 350
+    rig.clock.advance(5)
+    rig.work_all()
+    rig.flush()
+    assert rig.dispatcher.held_bytes() == 0
+    assert rig.depth() == (0, 0)
+
+
 def test_fifo_head_out_of_attempts_is_redriven_alone(moto_sqs):
     """maxReceiveCount 2: the head fails twice in process, then bounces (received one at a
     time, never run) until SQS moves it to the DLQ. Its group-mates gain one receive in all
