@@ -50,6 +50,18 @@ class Fence:
         self._control.set_budget(self.receive_budget_s, self.renewal_due_in_s)
 
     def renewed(self, started_s: float) -> None:
+        """A renewal that started after the budget had run out (the process was paused, or
+        the loop starved) fences us first: others may have judged us dead meanwhile, and we
+        must not receive again before our rows are verified (see `check`)."""
+        last = self.renewed_at_s
+        if last is not None and started_s >= last + self._budget_s and not self.is_fenced:
+            self.is_fenced = True
+            self._control.pause()
+            logger.error(
+                "heartbeat renewed after the receive budget ran out; receiving stays stopped "
+                "until our ownership rows are verified",
+                extra={"instance": self._instance_id, "late_s": round(started_s - last, 1)},
+            )
         self.renewed_at_s = started_s
         self._control.renewed()
 

@@ -374,6 +374,10 @@ class Engine:
         self._time_out_calls(now_s)
         self._watch_event_loop()
         self._scale_receivers()
+        if self.gate.is_paused:
+            # Fenced: others may own our queues by now. Extending what we hold would keep
+            # it from them for another timeout (a paused process could hold it for ever).
+            return []
         due: list[tuple[Delivery, int]] = []
         expired_queued: list[Delivery] = []
         # A delete that failed and waits for its retry must not let the message reappear.

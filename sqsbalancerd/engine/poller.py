@@ -42,6 +42,8 @@ ACKS_BEHIND_WAIT_S = 2.0
 # freed room wake it, so this only bounds a missed wake-up (1,000 waiting pollers
 # re-checking every 0.5 s cost 2,000 wake-ups a second).
 WAIT_FOR_ROOM_S = 2.0
+# Longest a poller whose receive budget is spent waits for the renewal that restores it.
+FENCED_WAIT_S = 2.0
 # Upper bound on how long a receive's answer takes to reach us after SQS hid its messages.
 RECEIVE_LATENCY_MARGIN_S = 1.0
 
@@ -84,6 +86,10 @@ class ReceiveGate:
     ) -> None:
         self._budget_s = budget_s
         self._renewal_due_in_s = renewal_due_in_s or (lambda: None)
+
+    def wait_renewed(self, timeout_s: float) -> None:
+        with self._renewed:
+            self._renewed.wait(timeout_s)
 
     def notify_renewed(self) -> None:
         with self._renewed:
@@ -211,6 +217,11 @@ class Poller:
         # The gate may have waited for a renewal, or paused while we waited for room.
         if wait_s is None or self._is_stopping() or self._gate.is_paused:
             self._dispatcher.end_poll(self.queue, granted, received=0, claims_total=claims)
+            if wait_s is None and not self._is_stopping():
+                # The budget is spent: only a renewal restores it (10,000 pollers retrying
+                # every 0.2 s instead overloaded the host while fenced).
+                self._gate.wait_renewed(FENCED_WAIT_S)
+                return 0.0
             return 0.2
         started_s = self._clock.monotonic()
         try:

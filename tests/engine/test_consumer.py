@@ -219,6 +219,40 @@ def test_a_failed_extension_is_retried_early_and_an_unstarted_message_released_i
     engine.stop(timeout_s=0)
 
 
+def test_a_fenced_engine_extends_nothing(moto_sqs):
+    """Issue 11: extensions are fenced like receives. While receiving is paused (the budget
+    ran out) a held message's visibility is left to run out, for its next owner."""
+    clock = FakeClock()
+    spawner = RecordingSpawner()
+    settings = standalone_settings(
+        sqs={"visibility_timeout": 30, "wait_time_seconds": 0},
+        workers={"pool_size": 1, "queue_size": 5},
+    )
+    calls: list[str] = []
+    engine = build_engine(moto_sqs, settings, lambda m: None, clock=clock, spawner=spawner)
+    info = make_queue_info(moto_sqs, "work-a")
+    engine.start()
+    engine.set_owned([info])
+    moto_sqs.send_message(QueueUrl=info.url, MessageBody="held")
+    spawner.part("poller:work-a").run_once()
+    moto_sqs.meta.events.register(
+        "before-call.sqs.ChangeMessageVisibilityBatch", lambda **kw: calls.append("extend")
+    )
+    engine.pause_receiving()
+
+    for _ in range(60):  # 30 s of fake time: past the extension lead, up to the timeout
+        clock.advance(0.5)
+        engine.acks.run_once()
+
+    assert calls == []
+    engine.resume_receiving()
+    for _ in range(4):
+        clock.advance(0.5)
+        engine.acks.run_once()
+    engine.stop_receiving()
+    engine.stop(timeout_s=0)
+
+
 def test_no_extension_after_the_delete_of_the_same_message(moto_sqs):
     clock = FakeClock()
     spawner = RecordingSpawner()

@@ -186,7 +186,12 @@ def test_paused_gate_means_no_receive(moto_sqs):
     assert rig.receive() == 1
 
 
-def test_receive_budget_bounds_the_long_poll(moto_sqs):
+def test_receive_budget_bounds_the_long_poll(moto_sqs, monkeypatch):
+    import threading
+
+    from sqsbalancerd.engine import poller
+
+    monkeypatch.setattr(poller, "FENCED_WAIT_S", 5.0)
     rig = Rig(moto_sqs, clock=FakeClock(), wait_time_s=20)
     log = CallLog(moto_sqs)
     rig.send("x")
@@ -195,8 +200,11 @@ def test_receive_budget_bounds_the_long_poll(moto_sqs):
     assert rig.receive() == 1
     assert log.of("ReceiveMessage")[0]["WaitTimeSeconds"] == 4  # one second of slack
 
-    budget[0] = 0.5  # too little left to start a receive
-    assert rig.poller.run_once() > 0
+    budget[0] = 0.5  # too little left to start a receive: wait for the renewal, not spin
+    threading.Timer(0.2, rig.gate.notify_renewed).start()
+    started = time.monotonic()
+    assert rig.poller.run_once() == 0.0
+    assert 0.1 < time.monotonic() - started < 4.0  # woken by the renewal, not the timeout
     assert len(log.of("ReceiveMessage")) == 1
     assert rig.dispatcher.reserve(rig.queue, 100, timeout_s=0) == 19
 
