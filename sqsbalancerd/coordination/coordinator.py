@@ -483,8 +483,12 @@ class DynamoCoordinator:
             return
         self._next_sweep_s = self._round_started_s + SWEEP_ROUNDS * self._interval_s
         holdings = self._holdings
-        # Our own rows are read themselves: an edit by hand announces nothing.
-        self._ownership.verify({*holdings.leases, *holdings.unreleased}, self._round_started_s)
+        # Our own rows (held, or naming us: adopting one writes nothing, so it must not rest
+        # on our copy) are read themselves: an edit by hand announces nothing.
+        naming_us = {q for q, row in self._rows().items() if row.owner == self.instance_id}
+        self._ownership.verify(
+            {*holdings.leases, *holdings.unreleased, *naming_us}, self._round_started_s
+        )
         found = inspect(
             self._rows(),
             me=self.instance_id,

@@ -141,13 +141,14 @@ class Leases:
         """After a fence: keep only the queues whose rows are still ours. False when the rows
         could not be read: stay fenced and try again (issue 11, defect 8)."""
         try:
-            rows = self._table.rows_of(self.holdings.leases)
+            self._ownership.verify(set(self.holdings.leases), self._clock.monotonic())
         except Exception as exc:
             logger.warning(
                 "could not verify ownership after a fence; still fenced",
                 extra={"error": describe_error(exc)},
             )
             return False
+        rows = self._ownership.rows
         for queue, lease in list(self.holdings.leases.items()):
             row = rows.get(queue)
             if row is None or row.owner != self._me or row.lease != lease:
