@@ -46,14 +46,13 @@ from sqsbalancerd.coordination.handoff import (
 from sqsbalancerd.coordination.leases import Leases
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.ownership import plan
+from sqsbalancerd.coordination.peers import Peers
 from sqsbalancerd.coordination.ring import capacity
 from sqsbalancerd.coordination.rows import OwnershipView
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
 from sqsbalancerd.coordination.table import (
-    PROTOCOL_VERSION,
     ConditionFailed,
     CoordinationTable,
-    MemberRecord,
     OwnershipRecord,
     TableGone,
 )
@@ -129,6 +128,7 @@ class DynamoCoordinator:
             timeout_s=settings.heartbeat_timeout,
             blind_after_s=BLIND_ROUNDS * settings.heartbeat_interval,
         )
+        self._peers = Peers(table, self._liveness, self._membership, instance_id=instance_id)
         self._lock = threading.RLock()  # table I/O and state: loop thread vs main thread
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -150,13 +150,7 @@ class DynamoCoordinator:
         )
         self._is_draining = False
         self._rebalances = 0
-        self._incompatible_seen: set[str] = set()
-        # A live instance of an older protocol reads other ownership rows: until it has
-        # gone we take nothing (an upgrade hands over instead of consuming twice).
-        self._older_alive: tuple[str, ...] = ()
         self._has_observed = False  # this round read the member rows
-        self._latest_wall_s = 0.0
-        self._peers_agree = True
         self._interval_s = settings.heartbeat_interval
         self._next_sweep_s = 0.0
         # A holder sweeps at least this often, then rewrites a row deleted under it.
@@ -281,7 +275,7 @@ class DynamoCoordinator:
         started = self._clock.monotonic()
         renewed = True
         try:
-            self._membership.heartbeat(ttl_floor_wall=self._latest_wall_s)
+            self._membership.heartbeat(ttl_floor_wall=self._peers.latest_wall_s)
         except ConditionFailed:
             self._rejoin()  # it wrote a fresh row: that renews too
             renewed = False
@@ -318,89 +312,18 @@ class DynamoCoordinator:
         self._membership.rejoin()  # DuplicateInstanceError: a live process has our id
 
     def _observe_members(self) -> None:
-        records = self._table.members()
-        self._liveness.observe(records)
+        members = self._peers.observe(is_draining=self._is_draining)
         self._has_observed = True
-        self._latest_wall_s = max([self._latest_wall_s, *(r.heartbeat_at for r in records)])
-        in_ring = [r for r in records if self._counts_in_ring(r)]
-        members = tuple(sorted(r.instance_id for r in in_ring))
-        if self.instance_id not in members and not self._is_draining:
-            members = tuple(sorted({*members, self.instance_id}))
-        self._note_older_protocols(records)
-        mine = self._membership.queues_hash
-        # "" is a member of a version that does not publish it: it cannot disagree.
-        self._peers_agree = all(r.queues_hash in ("", mine) for r in in_ring)
         self._note_view(members=members)
 
-    def _note_older_protocols(self, records: list[MemberRecord]) -> None:
-        older = tuple(
-            sorted(
-                r.instance_id
-                for r in records
-                if r.protocol < PROTOCOL_VERSION
-                and r.status == "active"
-                and self._liveness.is_alive(r.instance_id)
-            )
-        )
-        if older and not self._older_alive:
-            logger.warning(
-                "instances of an older protocol are alive; taking no queue until they leave",
-                extra={"instances": list(older[:5]), "count": len(older)},
-            )
-        elif self._older_alive and not older:
-            logger.info("no instance of an older protocol is left; taking queues")
-        self._older_alive = older
-
-    def _counts_in_ring(self, record: MemberRecord) -> bool:
-        if record.protocol != PROTOCOL_VERSION:
-            if record.instance_id not in self._incompatible_seen:
-                self._incompatible_seen.add(record.instance_id)
-                logger.error(
-                    "instance with an incompatible protocol version; not sharing with it",
-                    extra={
-                        "instance": record.instance_id,
-                        "protocol": record.protocol,
-                        "ours": PROTOCOL_VERSION,
-                    },
-                )
-            return False
-        if record.ring and record.ring != self._membership.ring:
-            if record.instance_id not in self._incompatible_seen:
-                self._incompatible_seen.add(record.instance_id)
-                logger.error(
-                    "instance with other ring parameters (virtual_nodes/load_factor); "
-                    "not planning with it",
-                    extra={
-                        "instance": record.instance_id,
-                        "ring": record.ring,
-                        "ours": self._membership.ring,
-                    },
-                )
-            return False
-        if record.instance_id == self.instance_id:
-            return not self._is_draining
-        return record.status == "active" and self._liveness.is_alive(record.instance_id)
-
     def _remove_dead_rows(self) -> None:
-        """Delete dead members' rows before taking their queues: the delete, conditional on
-        the counter we judged, is what makes the judgement stick (a renewal after it fails)."""
-        has_moved = False
-        for record in self._liveness.dead_records():
-            if record.instance_id == self.instance_id:
-                continue
-            try:
-                self._table.delete_member(record.instance_id, observed_counter=record.counter)
-                logger.warning("removed a dead instance", extra={"instance": record.instance_id})
-            except ConditionFailed:
-                has_moved = True  # it renewed since our read (or someone else removed it)
-        if has_moved:
-            # Our judgement came from a stale read: look again before taking any queue.
+        if self._peers.remove_dead():
             self._observe_members()
 
     def _note_view(self, *, members: tuple[str, ...] | None = None) -> None:
         queues = tuple(sorted(self._queues))
         members = members if members is not None else self._view.members
-        agreed = self._peers_agree
+        agreed = self._peers.agree
         if (members, queues, agreed) != self._view.key:
             self._view = _View(members, queues, self._round_started_s, agreed)
 
@@ -562,7 +485,7 @@ class DynamoCoordinator:
         if self._is_draining or self._fence.is_fenced:
             return
         wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
-        if wanted and not self._older_alive:
+        if wanted and not self._peers.older_alive:
             rows = self._rows()
             for queue in sorted(wanted):
                 if not self._has_time():
