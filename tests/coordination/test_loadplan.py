@@ -1,0 +1,223 @@
+import math
+import random
+from collections import Counter
+from collections.abc import Mapping
+
+from sqsbalancerd.coordination.loadplan import (
+    MemberLoad,
+    Owners,
+    Plan,
+    PlanSettings,
+    QueueLoad,
+    plan,
+)
+from sqsbalancerd.coordination.ring import capacity
+
+NOW_S = 10_000.0
+OLD_S = -1e9  # joined long ago: no ramp
+
+
+def fleet(count: int, *, workers: int = 10, joined_at_s: float = OLD_S) -> dict[str, MemberLoad]:
+    return {f"m-{i:02d}": MemberLoad(workers, 0.5, joined_at_s) for i in range(count)}
+
+
+def skewed_loads(queues: list[str], seed: int = 1) -> dict[str, QueueLoad]:
+    """Zipf-like: the first queue far hotter than the rest, a long idle tail."""
+    rng = random.Random(seed)
+    return {q: QueueLoad(30.0 / (i + 1) * rng.uniform(0.9, 1.1)) for i, q in enumerate(queues)}
+
+
+def queue_names(count: int) -> list[str]:
+    return [f"q-{i:03d}" for i in range(count)]
+
+
+def member_loads(result: Plan, loads: Mapping[str, QueueLoad]) -> Counter[str]:
+    per_member: Counter[str] = Counter()
+    for queue, owners in result.owners.items():
+        for owner in owners:
+            per_member[owner] += loads[queue].handler_s_per_s / len(owners) if queue in loads else 0
+    return per_member
+
+
+def settle(
+    queues: list[str],
+    loads: Mapping[str, QueueLoad],
+    members: Mapping[str, MemberLoad],
+    *,
+    rounds: int = 40,
+    settings: PlanSettings | None = None,
+) -> Plan:
+    """Plan round after round (dwell long passed each time) until it stops moving."""
+    current: Mapping[str, Owners] = {}
+    moved_at: Mapping[str, float] = {}
+    result = plan(queues, loads, members, current, moved_at, now_s=NOW_S, settings=settings)
+    for step in range(rounds):
+        now_s = NOW_S + (step + 1) * 1000
+        result = plan(
+            queues, loads, members, result.owners, result.moved_at_s, now_s=now_s, settings=settings
+        )
+        if not result.moves:
+            return result
+    raise AssertionError(f"still moving after {rounds} rounds: {result.moves[:3]}")
+
+
+def test_every_queue_gets_an_owner_and_loads_are_balanced() -> None:
+    queues = queue_names(200)
+    loads = skewed_loads(queues)
+    members = fleet(8)
+    result = settle(queues, loads, members)
+    assert set(result.owners) == set(queues)
+    assert all(result.owners[q] for q in queues)
+    per_member = member_loads(result, loads)
+    mean = sum(per_member.values()) / len(members)
+    assert max(per_member.values()) <= 1.2 * mean
+
+
+def test_a_hot_queue_gets_replicas_and_loses_them_when_it_cools() -> None:
+    queues = queue_names(50)
+    members = fleet(5)
+    hot = {q: QueueLoad(0.5) for q in queues} | {"q-000": QueueLoad(40.0)}
+    result = settle(queues, hot, members)
+    assert len(result.owners["q-000"]) >= 3
+    assert len(set(result.owners["q-000"])) == len(result.owners["q-000"])
+    cooled = dict(hot) | {"q-000": QueueLoad(0.5)}
+    later = plan(queues, cooled, members, result.owners, result.moved_at_s, now_s=NOW_S + 1e6)
+    assert len(later.owners["q-000"]) == 1
+    assert later.owners["q-000"][0] in result.owners["q-000"]  # shrinks, does not move
+
+
+def test_replicas_do_not_shrink_at_the_edge() -> None:
+    """A load just under the split point keeps its k: k falls only with headroom."""
+    queues = queue_names(20)
+    members = fleet(4)
+    hot = {q: QueueLoad(0.5) for q in queues} | {"q-000": QueueLoad(20.0)}
+    result = settle(queues, hot, members)
+    k = len(result.owners["q-000"])
+    assert k >= 2
+    slightly_less = dict(hot) | {"q-000": QueueLoad(20.0 * 0.95)}
+    later = plan(
+        queues, slightly_less, members, result.owners, result.moved_at_s, now_s=NOW_S + 1e6
+    )
+    assert len(later.owners["q-000"]) == k
+
+
+def test_same_inputs_in_any_order_give_the_same_plan() -> None:
+    queues = queue_names(120)
+    loads = skewed_loads(queues)
+    members = fleet(6)
+    base = plan(queues, loads, members, {}, {}, now_s=NOW_S)
+    rng = random.Random(7)
+    for _ in range(5):
+        shuffled_queues = rng.sample(queues, len(queues))
+        shuffled_loads = dict(rng.sample(sorted(loads.items()), len(loads)))
+        shuffled_members = dict(rng.sample(sorted(members.items()), len(members)))
+        current = {q: tuple(rng.sample(o, len(o))) for q, o in base.owners.items()}
+        again = plan(shuffled_queues, shuffled_loads, shuffled_members, {}, {}, now_s=NOW_S)
+        assert again.owners == base.owners
+        step = plan(queues, loads, members, base.owners, base.moved_at_s, now_s=NOW_S + 1000)
+        shuffled_step = plan(
+            shuffled_queues, shuffled_loads, shuffled_members, current,
+            dict(rng.sample(sorted(base.moved_at_s.items()), len(base.moved_at_s))),
+            now_s=NOW_S + 1000,
+        )  # fmt: skip
+        assert shuffled_step == step
+
+
+def test_steady_state_moves_nothing() -> None:
+    queues = queue_names(200)
+    loads = skewed_loads(queues)
+    members = fleet(8)
+    result = settle(queues, loads, members)
+    again = plan(queues, loads, members, result.owners, result.moved_at_s, now_s=NOW_S + 1e7)
+    assert again.moves == ()
+    assert again.owners == result.owners
+
+
+def test_noise_below_the_tolerance_moves_nothing() -> None:
+    queues = queue_names(200)
+    loads = skewed_loads(queues)
+    members = fleet(8)
+    result = settle(queues, loads, members)
+    rng = random.Random(3)
+    for step in range(20):
+        noisy = {
+            q: QueueLoad(load.handler_s_per_s * rng.uniform(0.97, 1.03))
+            for q, load in loads.items()
+        }
+        now_s = NOW_S + 1e7 + step * 1000
+        result = plan(queues, noisy, members, result.owners, result.moved_at_s, now_s=now_s)
+        assert result.moves == (), result.moves
+
+
+def test_moves_per_round_are_capped_and_each_has_a_reason() -> None:
+    queues = queue_names(200)
+    loads = {q: QueueLoad(1.0) for q in queues}
+    members = fleet(4)
+    everything_on_one = {q: ("m-00",) for q in queues}  # over the count bound too
+    settings = PlanSettings(max_moves=5, load_factor=4.0)
+    result = plan(queues, loads, members, everything_on_one, {}, now_s=NOW_S, settings=settings)
+    assert 0 < len(result.moves) <= 5
+    assert all(m.reason.startswith("balance") for m in result.moves)
+
+
+def test_a_queue_that_just_moved_stays_put() -> None:
+    queues = queue_names(40)
+    loads = {q: QueueLoad(1.0) for q in queues}
+    members = fleet(2)
+    lopsided = {q: ("m-00",) for q in queues}
+    settings = PlanSettings(load_factor=2.0, min_dwell_s=300.0)
+    just_moved = dict.fromkeys(queues, NOW_S - 10)
+    held = plan(queues, loads, members, lopsided, just_moved, now_s=NOW_S, settings=settings)
+    assert held.moves == ()
+    free = plan(queues, loads, members, lopsided, just_moved, now_s=NOW_S + 300, settings=settings)
+    assert free.moves
+    assert all(free.moved_at_s[m.queue] == NOW_S + 300 for m in free.moves)
+
+
+def test_a_newcomer_ramps_up() -> None:
+    queues = queue_names(300)
+    loads = skewed_loads(queues)
+    members = fleet(5)
+    result = settle(queues, loads, members)
+    joined_s = NOW_S + 1e7
+    grown = members | {"m-new": MemberLoad(10, 0.0, joined_s)}
+    settings = PlanSettings(ramp_s=600.0, min_dwell_s=0.0)
+    shares = []
+    for step in range(8):
+        now_s = joined_s + step * 100
+        result = plan(queues, loads, grown, result.owners, result.moved_at_s, now_s=now_s,
+                      settings=settings)  # fmt: skip
+        per_member = member_loads(result, loads)
+        shares.append(per_member["m-new"] / (sum(per_member.values()) / len(grown)))
+    assert shares[0] < 0.5  # not everything at once
+    assert shares[-1] > 0.8  # but a full share once the ramp is over
+    assert shares == sorted(shares)
+
+
+def test_the_count_bound_holds() -> None:
+    queues = queue_names(300)
+    loads = skewed_loads(queues)
+    members = fleet(7)
+    result = settle(queues, loads, members)
+    owned = Counter(m for owners in result.owners.values() for m in owners)
+    assignments = sum(owned.values())
+    limit = capacity(queue_count=assignments, member_count=7, load_factor=1.1)
+    assert max(owned.values()) <= limit
+    assert math.floor(len(queues) / 7) // 2 <= min(owned.values())
+
+
+def test_a_leavers_queues_move_and_nothing_else_does() -> None:
+    queues = queue_names(200)
+    loads = skewed_loads(queues)
+    members = fleet(6)
+    result = settle(queues, loads, members)
+    smaller = {m: v for m, v in members.items() if m != "m-03"}
+    after = plan(queues, loads, smaller, result.owners, result.moved_at_s, now_s=NOW_S + 1e7,
+                 settings=PlanSettings(max_moves=0))  # fmt: skip
+    for move in after.moves:
+        assert "m-03" in move.before
+    assert all("m-03" not in owners for owners in after.owners.values())
+
+
+def test_no_members_gives_an_empty_plan() -> None:
+    assert plan(["a"], {}, {}, {"a": ("m",)}, {}, now_s=0.0) == Plan({}, {}, ())
