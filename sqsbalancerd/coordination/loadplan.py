@@ -45,7 +45,8 @@ class PlanSettings:
     load_factor: float = 1.10  # the count bound, as the count-based planner
     tolerance: float = 0.08  # no move while every member is within ±8% of its fair share
     max_moves: int = 8  # loaded-queue moves per round (new queues and leavers' queues are free)
-    min_dwell_s: float = 300.0  # a queue that moved stays put this long
+    min_dwell_s: float = 300.0  # a queue that moved stays put this long...
+    dwell_override: float = 0.16  # ... unless its member is this far (2x tolerance) off
     ramp_s: float = 600.0  # a newcomer's share grows linearly to full over this time
     ramp_floor: float = 0.25  # ... starting from this fraction of its workers
     idle_load: float = 0.05  # handler-s/s at or below which a queue is placed by count
@@ -290,27 +291,35 @@ def _place_unowned(
 
 def _balance(board: _Board, live: list[str], dwelling: set[str], settings: PlanSettings) -> None:
     """Up to ``max_moves`` single-replica moves, worst member first, each one improving."""
-    moved: set[str] = set(dwelling)
+    moved: set[str] = set()
     for _ in range(settings.max_moves):
-        found = _best_move(board, live, moved, settings.tolerance)
+        found = _best_move(board, live, moved, dwelling, settings)
         if found is None:
             return
         queue, source, target = found
+        board.reasons.setdefault(
+            queue,
+            f"balance: {source} at {board.ratio(source):.2f}x its fair load,"
+            f" {target} at {board.ratio(target):.2f}x",
+        )
         board.remove(queue, source)
         board.add(queue, target)
         moved.add(queue)
-        board.reasons.setdefault(
-            queue, f"balance: {source} at {board.ratio(source):.2f}x fair, {target} below"
-        )
 
 
 def _best_move(
-    board: _Board, live: list[str], frozen: set[str], tolerance: float
+    board: _Board, live: list[str], moved: set[str], dwelling: set[str], settings: PlanSettings
 ) -> tuple[str, str, str] | None:
     """The move that most reduces the worse deviation of its pair, for the worst member
-    outside the tolerance that has one; None when all are inside or none can improve."""
-    outside = [m for m in live if abs(board.ratio(m) - 1) > tolerance]
+    outside the tolerance that has one; None when all are inside or none can improve.
+
+    Dwelling queues stay put unless the member is past ``dwell_override``: a queue that
+    moved onto a member and then grew must not pin that member far above its share.
+    """
+    outside = [m for m in live if abs(board.ratio(m) - 1) > settings.tolerance]
     for focus in sorted(outside, key=lambda m: (-abs(board.ratio(m) - 1), m)):
+        is_far = abs(board.ratio(focus) - 1) > settings.dwell_override
+        frozen = moved if is_far else moved | dwelling
         if board.ratio(focus) > 1:
             pairs = [(focus, t) for t in live if t != focus]
         else:
