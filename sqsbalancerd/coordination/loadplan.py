@@ -280,7 +280,7 @@ def _place_unowned(
             taken = board.owners.get(queue, [])
             free = [m for m in live if m not in taken]
             if not free:
-                return
+                break
             roomy = [m for m in free if board.count[m] < board.count_limit] or free
             best = min(
                 roomy, key=lambda m: ((board.load[m] + board.share[queue]) / board.fair[m], m)
