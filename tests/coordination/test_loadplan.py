@@ -3,6 +3,8 @@ from collections import Counter
 from collections.abc import Mapping
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sqsbalancerd.coordination.loadplan import (
     MemberLoad,
@@ -282,3 +284,46 @@ def test_a_leavers_queues_move_and_nothing_else_does() -> None:
 
 def test_no_members_gives_an_empty_plan() -> None:
     assert plan(["a"], {}, {}, {"a": ("m",)}, {}, now_s=0.0) == Plan({}, {}, ())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(queue_names(30)),
+        st.floats(min_value=0, max_value=50),
+        max_size=30,
+    ),
+    st.dictionaries(
+        st.sampled_from([f"m-{i}" for i in range(6)]),
+        st.tuples(st.integers(1, 20), st.floats(0, 1), st.floats(-1000, NOW_S)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_any_inputs_give_a_valid_plan_in_any_order(
+    raw_loads: dict[str, float],
+    raw_members: dict[str, tuple[int, float, float]],
+    rng: random.Random,
+) -> None:
+    queues = queue_names(30)
+    loads = {q: QueueLoad(x, is_backlog_growing=x > 25) for q, x in raw_loads.items()}
+    members = {m: MemberLoad(*v) for m, v in raw_members.items()}
+    someone = sorted(members)
+    current = {q: tuple(rng.sample([*someone, "gone"], rng.randint(0, 2))) for q in queues}
+    moved_at = {q: rng.uniform(NOW_S - 600, NOW_S) for q in queues if rng.random() < 0.5}
+    result = plan(queues, loads, members, current, moved_at, now_s=NOW_S)
+    for queue in queues:
+        owners = result.owners[queue]
+        assert 1 <= len(owners) <= min(8, len(members))
+        assert len(set(owners)) == len(owners)
+        assert set(owners) <= set(members)
+    shuffled = plan(
+        rng.sample(queues, len(queues)),
+        dict(rng.sample(sorted(loads.items()), len(loads))),
+        dict(rng.sample(sorted(members.items()), len(members))),
+        {q: tuple(rng.sample(o, len(o))) for q, o in current.items()},
+        moved_at,
+        now_s=NOW_S,
+    )
+    assert shuffled == result
