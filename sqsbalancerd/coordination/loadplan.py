@@ -54,7 +54,8 @@ class PlanSettings:
     replica_min_load: float = 1.0  # ... but never split below one worker's worth
     replica_shrink: float = 0.7  # k falls only when the smaller k leaves this much headroom
     saturated: float = 0.9  # owners this busy with a growing backlog get one more replica
-    max_replicas: int = 8
+    max_replicas: int = 128  # a Zipf tenant of 10% of a 500-instance fleet needs ~100
+    max_focus: int = 16  # members tried per move before the round gives up (bounds CPU)
     virtual_nodes: int = 150
 
 
@@ -83,6 +84,7 @@ class _Board:
     count_limit: int
     share: dict[str, float]  # loaded queue -> load per replica
     owners: dict[str, list[str]] = field(default_factory=dict)
+    held: dict[str, set[str]] = field(default_factory=dict)  # member -> its loaded queues
     reasons: dict[str, str] = field(default_factory=dict)
 
     def ratio(self, member: str) -> float:
@@ -90,11 +92,13 @@ class _Board:
 
     def add(self, queue: str, member: str) -> None:
         self.owners.setdefault(queue, []).append(member)
+        self.held.setdefault(member, set()).add(queue)
         self.load[member] += self.share[queue]
         self.count[member] += 1
 
     def remove(self, queue: str, member: str) -> None:
         self.owners[queue].remove(member)
+        self.held[member].discard(queue)
         self.load[member] -= self.share[queue]
         self.count[member] -= 1
 
@@ -120,11 +124,13 @@ def plan(
     idle = [q for q in names if _load(loads, q) <= settings.idle_load]
     replicas = _replica_counts(loaded, loads, members, kept, settings)
     # Every queue, not just the idle ones: a queue crossing ``idle_load`` must not change
-    # the count planner's inputs, or noise at the threshold would move idle queues.
+    # the queue count, or noise at the threshold would move idle queues. History only for
+    # the idle ones: loaded queues sit where their weight put them, which would pull the
+    # count planner into levelling work it is not given (and cost it its cache).
     idle_owners = rebalance(
         names,
         live,
-        {q: kept[q][0] for q in names if kept[q]},
+        {q: kept[q][0] for q in idle if kept[q]},
         virtual_nodes=settings.virtual_nodes,
         load_factor=settings.load_factor,
     )
@@ -317,7 +323,8 @@ def _best_move(
     moved onto a member and then grew must not pin that member far above its share.
     """
     outside = [m for m in live if abs(board.ratio(m) - 1) > settings.tolerance]
-    for focus in sorted(outside, key=lambda m: (-abs(board.ratio(m) - 1), m)):
+    worst_first = sorted(outside, key=lambda m: (-abs(board.ratio(m) - 1), m))
+    for focus in worst_first[: settings.max_focus]:
         is_far = abs(board.ratio(focus) - 1) > settings.dwell_override
         frozen = moved if is_far else moved | dwelling
         if board.ratio(focus) > 1:
@@ -334,15 +341,11 @@ def _candidates(
     board: _Board, pairs: list[tuple[str, str]], frozen: set[str]
 ) -> Iterable[tuple[float, str, str, str]]:
     """(deviation after, queue, source, target) for each move that improves its pair."""
-    held: dict[str, list[str]] = {}
-    for queue, owners in sorted(board.owners.items()):
-        for member in owners:
-            held.setdefault(member, []).append(queue)
     for source, target in pairs:
         if board.count[target] >= board.count_limit:
             continue
         before = max(abs(board.ratio(source) - 1), abs(board.ratio(target) - 1))
-        for queue in held.get(source, ()):
+        for queue in sorted(board.held.get(source, ())):
             if queue in frozen or target in board.owners[queue]:
                 continue
             share = board.share[queue]
