@@ -50,11 +50,17 @@ def encode(
     min_load: float = MIN_LOAD,
     max_listed: int = MAX_LISTED,
     max_bytes: int = MAX_BYTES,
+    shared: frozenset[str] = frozenset(),
 ) -> str:
-    """The attribute value: busiest queues first, cut to ``max_listed`` and ``max_bytes``."""
+    """The attribute value: busiest queues first, cut to ``max_listed`` and ``max_bytes``.
+
+    ``shared``: queues this instance holds as one of several owners, listed whatever their
+    load: a queue split k ways can fall under ``min_load`` on every owner and would read as
+    idle, losing all its replicas at once.
+    """
     head = f"{VERSION}|{_permille(summary.utilisation)}|"
     listed = sorted(
-        (s for s in summary.queues if s.handler_s_per_s > min_load and _NAME.fullmatch(s.queue)),
+        (s for s in summary.queues if _is_listed(s, min_load, shared)),
         key=lambda s: (-s.handler_s_per_s, s.queue),
     )[:max_listed]
     entries = [_entry(sample) for sample in listed]
@@ -62,6 +68,11 @@ def encode(
     while entries and size > max_bytes:
         size -= len(entries.pop()) + (1 if entries else 0)
     return head + ",".join(entries)
+
+
+def _is_listed(sample: QueueSample, min_load: float, shared: frozenset[str]) -> bool:
+    is_busy = sample.handler_s_per_s > min_load or sample.queue in shared
+    return is_busy and _NAME.fullmatch(sample.queue) is not None
 
 
 def _permille(utilisation: float) -> int:

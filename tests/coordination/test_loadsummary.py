@@ -35,6 +35,12 @@ def test_only_queues_above_the_threshold_are_listed_busiest_first() -> None:
     assert [s.queue for s in decode(encode(summary)).queues] == ["hot", "warm"]
 
 
+def test_a_shared_queue_is_listed_below_the_threshold() -> None:
+    summary = LoadSummary(0.5, (sample("split-8-ways", 0.02), sample("idle", 0.02)))
+    value = encode(summary, shared=frozenset({"split-8-ways"}))
+    assert [s.queue for s in decode(value).queues] == ["split-8-ways"]
+
+
 def test_ten_thousand_queues_stay_within_the_bound() -> None:
     """The worst case: every queue busy, names of SQS's full 80 characters."""
     queues = tuple(sample(f"{i:05d}".ljust(80, "x"), 1 + i / 1000, 10**9) for i in range(10_000))

@@ -6,9 +6,9 @@ and the next plan is computed from the decoded summaries, as every instance woul
 seed decides the Zipf ranks, the load shifts and the measurement noise.
 
 Load over time: Zipf(1) demand over the queues; every ``shift_every_s`` a handful of the
-hottest tenants trade places with cooler ones; the total swings ±20% over the hour; each
-measurement carries ±``noise`` multiplicative noise. Membership: one instance joins at 40%
-of the run and one leaves at 70%.
+hottest tenants trade places with cooler ones (half of them with warm ones); the total
+swings ±20% over the hour; each measurement carries ±``noise`` multiplicative noise.
+Membership: one instance joins at 40% of the run and one leaves at 70%.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ class RoundFigures:
 class RunFigures:
     rounds: list[RoundFigures] = field(default_factory=list)
     moves_by_queue: dict[str, list[tuple[Owners, Owners]]] = field(default_factory=dict)
+    # At the end: queues still shared although their demand is below one worker's worth.
+    cool_but_shared: list[str] = field(default_factory=list)
+
+    def replica_shrinks(self) -> int:
+        return sum(
+            1
+            for moves in self.moves_by_queue.values()
+            for before, after in moves
+            if 1 <= len(after) < len(before)
+        )
 
     @property
     def worst_max_over_mean(self) -> float:
@@ -120,10 +130,15 @@ class LoadWorld:
         return self.base[queue] * swing
 
     def shift_load(self) -> None:
-        """A few of the hottest tenants trade demand with random cooler ones."""
-        hottest = sorted(self.queue_names, key=lambda q: -self.base[q])[:50]
-        for _ in range(self.settings.shifted_tenants):
-            hot, cool = self.rng.choice(hottest), self.rng.choice(self.queue_names)
+        """A few of the hottest tenants trade demand with cooler ones. The very hottest (shared
+        by several owners) always with a warm queue: still loaded, so its replicas must be
+        shrunk by the planner rather than vanish with idleness; every other turn also."""
+        by_demand = sorted(self.queue_names, key=lambda q: (-self.base[q], q))
+        hottest, warm = by_demand[:50], by_demand[100:300]
+        for turn in range(self.settings.shifted_tenants):
+            cooler = warm if turn % 2 == 0 else self.queue_names
+            hot = by_demand[0] if turn == 0 else self.rng.choice(hottest)
+            cool = self.rng.choice(cooler)
             self.base[hot], self.base[cool] = self.base[cool], self.base[hot]
 
     def serve(self, now_s: float) -> float:
@@ -153,7 +168,11 @@ class LoadWorld:
 
     def published(self) -> dict[str, loadsummary.LoadSummary]:
         """Each member's summary as another instance reads it back from the row."""
-        return {m: loadsummary.decode(loadsummary.encode(s)) for m, s in self.summaries.items()}
+        shared = frozenset(q for q, o in self.owners.items() if len(o) > 1)
+        return {
+            m: loadsummary.decode(loadsummary.encode(s, shared=shared))
+            for m, s in self.summaries.items()
+        }
 
     def change_membership(self, now_s: float, *, joined: bool) -> None:
         if joined:
@@ -210,6 +229,10 @@ def run(
             _record(figures, world.owners, owners, now_s, ratio)
             figures.rounds[-1].is_reacting = now_s - last_event_s <= 2 * settings.round_s
         world.owners = owners
+    end_s = settings.duration_s
+    figures.cool_but_shared = [
+        q for q, o in sorted(world.owners.items()) if len(o) > 1 and world.demand(q, end_s) < 1.0
+    ]
     return figures
 
 

@@ -42,9 +42,14 @@ def test_moves_per_hour_stay_bounded_and_nothing_oscillates(
     assert run_figures.most_moves_of_one_queue() <= 8
 
 
-def test_hot_queues_are_shared(figures: tuple[WorldSettings, RunFigures]) -> None:
+def test_hot_queues_are_shared_and_unshared_when_they_cool(
+    figures: tuple[WorldSettings, RunFigures],
+) -> None:
+    """The shifts cool hot tenants' queues: their replicas must go again."""
     _, run_figures = figures
     assert max(r.most_owners for r in run_figures.rounds) >= 3
+    assert run_figures.replica_shrinks() >= 1
+    assert run_figures.cool_but_shared == []
 
 
 def test_count_based_assignment_is_far_off_in_the_same_world() -> None:
