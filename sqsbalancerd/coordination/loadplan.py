@@ -113,7 +113,11 @@ def plan(
     now_s: float,
     settings: PlanSettings | None = None,
 ) -> Plan:
-    """Owners for every queue, starting from ``current``; empty when there are no members."""
+    """Owners for every queue, starting from ``current``; empty when there are no members.
+
+    Agreement needs equal inputs, ``now_s`` included (dwell and ramp read it): instances
+    must plan on a shared time (e.g. the round's epoch), not each its own clock.
+    """
     settings = settings or PlanSettings()
     names = sorted(set(queues))
     live = sorted(members)
