@@ -163,6 +163,23 @@ def test_noise_below_the_tolerance_moves_nothing() -> None:
         assert result.moves == (), result.moves
 
 
+def test_queues_crossing_the_idle_threshold_move_nothing() -> None:
+    """Tail queues hovering around ``idle_load`` switch layers every round; neither they nor
+    the idle queues around them may move for it."""
+    queues = queue_names(300)
+    loads = skewed_loads(queues)
+    members = fleet(7)
+    result = settle(queues, loads, members)
+    hovering = queues[100:160]
+    rng = random.Random(5)
+    for step in range(10):
+        flipped = {q: QueueLoad(rng.choice((0.04, 0.06))) for q in hovering}
+        now_s = NOW_S + 1e7 + step * 1000
+        result = plan(queues, loads | flipped, members, result.owners, result.moved_at_s,
+                      now_s=now_s)  # fmt: skip
+        assert result.moves == (), result.moves[:3]
+
+
 def test_moves_per_round_are_capped_and_each_has_a_reason() -> None:
     queues = queue_names(200)
     loads = {q: QueueLoad(1.0) for q in queues}
