@@ -1,0 +1,381 @@
+"""Load-aware queue placement: balance handler time, not queue counts.
+
+Pure and deterministic: every input is sorted before use, so every instance that reads the
+same member rows computes the same plan whatever order it read them in.
+
+Two layers. Idle queues (load at or below ``idle_load``, most of them) are placed by the
+count-based `ring.rebalance`, which keeps them with their current owner. Loaded queues go on
+top, weighed in handler-seconds per second: each member has a fair share of the total load in
+proportion to its (ramped) worker count, and the count bound ``ceil(load_factor * Q / N)``
+is kept as a safety net. A queue too hot for one share is split into ``k`` replicas, each
+carrying ``load / k``. Current owners are kept; a member is only relieved (or fed) once it is
+more than ``tolerance`` away from its fair share, at most ``max_moves`` per round, and a
+queue that moved stays put for ``min_dwell_s``. So a steady load moves nothing and noise
+below the tolerance never moves anything.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from sqsbalancerd.coordination.ring import capacity, rebalance
+
+Owners = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLoad:
+    """A live member as its row reports it."""
+
+    workers: int
+    utilisation: float  # busy worker fraction over the last interval, 0..1
+    joined_at_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLoad:
+    """A queue's load summed over the summaries of all its owners."""
+
+    handler_s_per_s: float
+    is_backlog_growing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    load_factor: float = 1.10  # the count bound, as the count-based planner
+    tolerance: float = 0.08  # no move while every member is within ±8% of its fair share
+    max_moves: int = 8  # loaded-queue moves per round (new queues and leavers' queues are free)
+    min_dwell_s: float = 300.0  # a queue that moved stays put this long...
+    dwell_override: float = 0.16  # ... unless its member is this far (2x tolerance) off
+    ramp_s: float = 600.0  # a newcomer's share grows linearly to full over this time
+    ramp_floor: float = 0.25  # ... starting from this fraction of its workers
+    idle_load: float = 0.05  # handler-s/s at or below which a queue is placed by count
+    replica_share: float = 0.5  # one replica carries at most this much of a mean fair share
+    replica_min_load: float = 1.0  # ... but never split below one worker's worth
+    replica_shrink: float = 0.7  # k falls only when the smaller k leaves this much headroom
+    saturated: float = 0.9  # owners this busy with a growing backlog get one more replica
+    max_replicas: int = 128  # a Zipf tenant of 10% of a 500-instance fleet needs ~100
+    max_focus: int = 16  # members tried per move before the round gives up (bounds CPU)
+    virtual_nodes: int = 150
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    queue: str
+    before: Owners
+    after: Owners
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    owners: dict[str, Owners]
+    moved_at_s: dict[str, float]  # feed back as the next round's ``moved_at_s``
+    moves: tuple[Move, ...]
+
+
+@dataclass(slots=True)
+class _Board:
+    """The plan being built: loaded queues' owners, and each member's load and count."""
+
+    fair: dict[str, float]  # member -> its fair load (handler-s/s)
+    load: dict[str, float]
+    count: dict[str, int]
+    count_limit: int
+    share: dict[str, float]  # loaded queue -> load per replica
+    owners: dict[str, list[str]] = field(default_factory=dict)
+    held: dict[str, set[str]] = field(default_factory=dict)  # member -> its loaded queues
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def ratio(self, member: str) -> float:
+        return self.load[member] / self.fair[member]
+
+    def add(self, queue: str, member: str) -> None:
+        self.owners.setdefault(queue, []).append(member)
+        self.held.setdefault(member, set()).add(queue)
+        self.load[member] += self.share[queue]
+        self.count[member] += 1
+
+    def remove(self, queue: str, member: str) -> None:
+        self.owners[queue].remove(member)
+        self.held[member].discard(queue)
+        self.load[member] -= self.share[queue]
+        self.count[member] -= 1
+
+
+def plan(
+    queues: Iterable[str],
+    loads: Mapping[str, QueueLoad],
+    members: Mapping[str, MemberLoad],
+    current: Mapping[str, Owners],
+    moved_at_s: Mapping[str, float],
+    *,
+    now_s: float,
+    settings: PlanSettings | None = None,
+) -> Plan:
+    """Owners for every queue, starting from ``current``; empty when there are no members.
+
+    Agreement needs equal inputs, ``now_s`` included (dwell and ramp read it): instances
+    must plan on a shared time (e.g. the round's epoch), not each its own clock.
+    """
+    settings = settings or PlanSettings()
+    names = sorted(set(queues))
+    live = sorted(members)
+    if not live:
+        return Plan({}, {}, ())
+    kept = {q: tuple(sorted(m for m in current.get(q, ()) if m in members)) for q in names}
+    loaded = [q for q in names if _load(loads, q) > settings.idle_load]
+    idle = [q for q in names if _load(loads, q) <= settings.idle_load]
+    replicas = _replica_counts(loaded, loads, members, kept, settings)
+    # Every queue, not just the idle ones: a queue crossing ``idle_load`` must not change
+    # the queue count, or noise at the threshold would move idle queues. History only for
+    # the idle ones: loaded queues sit where their weight put them, which would pull the
+    # count planner into levelling work it is not given (and cost it its cache).
+    idle_owners = rebalance(
+        names,
+        live,
+        {q: kept[q][0] for q in idle if kept[q]},
+        virtual_nodes=settings.virtual_nodes,
+        load_factor=settings.load_factor,
+    )
+    board = _new_board(loaded, loads, members, kept, replicas, now_s, settings)
+    board.count.update({m: 0 for m in live})
+    for queue in idle:
+        board.count[idle_owners[queue]] += 1
+    _keep(board, loaded, kept, replicas, members, moved_at_s, now_s, settings)
+    _place_unowned(board, loaded, replicas, live)
+    dwelling = {q for q in loaded if now_s - moved_at_s.get(q, -math.inf) < settings.min_dwell_s}
+    _balance(board, live, dwelling, settings)
+    owners: dict[str, Owners] = {q: (idle_owners[q],) for q in idle}
+    owners.update({q: tuple(sorted(board.owners.get(q, ()))) for q in loaded})
+    return _finish(names, owners, current, moved_at_s, board.reasons, now_s)
+
+
+def _load(loads: Mapping[str, QueueLoad], queue: str) -> float:
+    entry = loads.get(queue)
+    return 0.0 if entry is None else max(0.0, entry.handler_s_per_s)
+
+
+def _ramp(member: MemberLoad, now_s: float, settings: PlanSettings) -> float:
+    """The fraction of its workers a member's fair share counts: grows after it joins."""
+    if settings.ramp_s <= 0:
+        return 1.0
+    age = max(0.0, now_s - member.joined_at_s) / settings.ramp_s
+    return min(1.0, max(settings.ramp_floor, age))
+
+
+def _chunk_limit(
+    loads: Mapping[str, QueueLoad], members: Mapping[str, MemberLoad], settings: PlanSettings
+) -> float:
+    """Most load one replica may carry: a part of a mean member's fair share."""
+    total = sum(m.utilisation * m.workers for _, m in sorted(members.items()))
+    total = max(total, sum(_load(loads, q) for q in sorted(loads)))
+    return max(settings.replica_min_load, settings.replica_share * total / len(members))
+
+
+def _replica_counts(
+    loaded: list[str],
+    loads: Mapping[str, QueueLoad],
+    members: Mapping[str, MemberLoad],
+    kept: Mapping[str, Owners],
+    settings: PlanSettings,
+) -> dict[str, int]:
+    """k per loaded queue: grows at once, shrinks only with headroom (no flapping at a edge)."""
+    limit = _chunk_limit(loads, members, settings)
+    most = max(1, min(settings.max_replicas, len(members)))
+    counts: dict[str, int] = {}
+    for queue in loaded:
+        load, now_k = _load(loads, queue), max(1, len(kept[queue]))
+        wanted = math.ceil(load / limit)
+        if wanted < now_k:
+            wanted = min(now_k, math.ceil(load / (settings.replica_shrink * limit)))
+        if _is_starved(loads[queue], kept[queue], members, limit, settings):
+            # It served no more than its owners could: the real load is higher still.
+            wanted = max(wanted, math.ceil(2 * load / limit), len(kept[queue]) + 1)
+        counts[queue] = max(1, min(most, wanted))
+    return counts
+
+
+def _is_starved(
+    load: QueueLoad,
+    owners: Owners,
+    members: Mapping[str, MemberLoad],
+    limit: float,
+    settings: PlanSettings,
+) -> bool:
+    """Its backlog grows while every owner is saturated, and it is a big part of their work.
+
+    A saturated owner under-reports (it serves no more than its workers), so this is what
+    says a queue needs more owners than its measured load suggests. Small queues of a
+    saturated member are not starved by their owner count: moving work off it fixes them.
+    """
+    if not owners or not load.is_backlog_growing:
+        return False
+    if load.handler_s_per_s / len(owners) < limit / 2:
+        return False
+    return all(members[m].utilisation >= settings.saturated for m in owners)
+
+
+def _new_board(
+    loaded: list[str],
+    loads: Mapping[str, QueueLoad],
+    members: Mapping[str, MemberLoad],
+    kept: Mapping[str, Owners],
+    replicas: Mapping[str, int],
+    now_s: float,
+    settings: PlanSettings,
+) -> _Board:
+    """Fair shares by ramped workers; each member starts with its background load.
+
+    Background: what its utilisation says it spends beyond the loaded queues it holds (its
+    idle queues, overhead). It stays with the member, as its idle queues do.
+    """
+    live = sorted(members)
+    carried = dict.fromkeys(live, 0.0)
+    for queue in loaded:
+        for member in kept[queue]:
+            carried[member] += _load(loads, queue) / len(kept[queue])
+    background = {
+        m: max(0.0, members[m].utilisation * members[m].workers - carried[m]) for m in live
+    }
+    total = sum(background.values()) + sum(_load(loads, q) for q in loaded)
+    weights = {m: max(1, members[m].workers) * _ramp(members[m], now_s, settings) for m in live}
+    weight_total = sum(weights.values())
+    extra = sum(replicas[q] - 1 for q in loaded)
+    limit = capacity(
+        queue_count=len(kept) + extra, member_count=len(live), load_factor=settings.load_factor
+    )
+    return _Board(
+        fair={m: max(total * weights[m] / weight_total, 1e-9) for m in live},
+        load=background,
+        count={},
+        count_limit=limit,
+        share={q: _load(loads, q) / replicas[q] for q in loaded},
+    )
+
+
+def _keep(
+    board: _Board,
+    loaded: list[str],
+    kept: Mapping[str, Owners],
+    replicas: Mapping[str, int],
+    members: Mapping[str, MemberLoad],
+    moved_at_s: Mapping[str, float],
+    now_s: float,
+    settings: PlanSettings,
+) -> None:
+    """Loaded queues stay with their live owners; surplus replicas leave the busiest ones."""
+    for queue in loaded:
+        owners = sorted(kept[queue], key=lambda m: (members[m].utilisation, m))
+        is_dwelling = now_s - moved_at_s.get(queue, -math.inf) < settings.min_dwell_s
+        if len(owners) > replicas[queue] and is_dwelling:
+            # Not yet: keep every owner, each with its now smaller share.
+            board.share[queue] = _load_of(board, queue, replicas) / len(owners)
+        elif len(owners) > replicas[queue]:
+            board.reasons[queue] = f"replicas {len(owners)} -> {replicas[queue]}"
+        for member in owners[: max(replicas[queue], len(owners) if is_dwelling else 0)]:
+            board.add(queue, member)
+
+
+def _load_of(board: _Board, queue: str, replicas: Mapping[str, int]) -> float:
+    return board.share[queue] * replicas[queue]
+
+
+def _place_unowned(
+    board: _Board, loaded: list[str], replicas: Mapping[str, int], live: list[str]
+) -> None:
+    """New queues, leavers' queues and new replicas: heaviest first, to the least loaded."""
+    for queue in sorted(loaded, key=lambda q: (-board.share[q], q)):
+        while len(board.owners.get(queue, ())) < replicas[queue]:
+            taken = board.owners.get(queue, [])
+            free = [m for m in live if m not in taken]
+            if not free:
+                break
+            roomy = [m for m in free if board.count[m] < board.count_limit] or free
+            best = min(
+                roomy, key=lambda m: ((board.load[m] + board.share[queue]) / board.fair[m], m)
+            )
+            board.reasons.setdefault(queue, "new replica" if taken else "unowned")
+            board.add(queue, best)
+
+
+def _balance(board: _Board, live: list[str], dwelling: set[str], settings: PlanSettings) -> None:
+    """Up to ``max_moves`` single-replica moves, worst member first, each one improving."""
+    moved: set[str] = set()
+    for _ in range(settings.max_moves):
+        found = _best_move(board, live, moved, dwelling, settings)
+        if found is None:
+            return
+        queue, source, target = found
+        board.reasons.setdefault(
+            queue,
+            f"balance: {source} at {board.ratio(source):.2f}x its fair load,"
+            f" {target} at {board.ratio(target):.2f}x",
+        )
+        board.remove(queue, source)
+        board.add(queue, target)
+        moved.add(queue)
+
+
+def _best_move(
+    board: _Board, live: list[str], moved: set[str], dwelling: set[str], settings: PlanSettings
+) -> tuple[str, str, str] | None:
+    """The move that most reduces the worse deviation of its pair, for the worst member
+    outside the tolerance that has one; None when all are inside or none can improve.
+
+    Dwelling queues stay put unless the member is past ``dwell_override``: a queue that
+    moved onto a member and then grew must not pin that member far above its share.
+    """
+    outside = [m for m in live if abs(board.ratio(m) - 1) > settings.tolerance]
+    worst_first = sorted(outside, key=lambda m: (-abs(board.ratio(m) - 1), m))
+    for focus in worst_first[: settings.max_focus]:
+        is_far = abs(board.ratio(focus) - 1) > settings.dwell_override
+        frozen = moved if is_far else moved | dwelling
+        if board.ratio(focus) > 1:
+            pairs = [(focus, t) for t in live if t != focus]
+        else:
+            pairs = [(s, focus) for s in live if s != focus]
+        best = min(_candidates(board, pairs, frozen), default=None)
+        if best is not None:
+            return best[1], best[2], best[3]
+    return None
+
+
+def _candidates(
+    board: _Board, pairs: list[tuple[str, str]], frozen: set[str]
+) -> Iterable[tuple[float, str, str, str]]:
+    """(deviation after, queue, source, target) for each move that improves its pair."""
+    for source, target in pairs:
+        if board.count[target] >= board.count_limit:
+            continue
+        before = max(abs(board.ratio(source) - 1), abs(board.ratio(target) - 1))
+        for queue in sorted(board.held.get(source, ())):
+            if queue in frozen or target in board.owners[queue]:
+                continue
+            share = board.share[queue]
+            after = max(
+                abs((board.load[source] - share) / board.fair[source] - 1),
+                abs((board.load[target] + share) / board.fair[target] - 1),
+            )
+            if after < before - 0.01:
+                yield after, queue, source, target
+
+
+def _finish(
+    names: list[str],
+    owners: dict[str, Owners],
+    current: Mapping[str, Owners],
+    moved_at_s: Mapping[str, float],
+    reasons: Mapping[str, str],
+    now_s: float,
+) -> Plan:
+    moves: list[Move] = []
+    moved_at: dict[str, float] = {}
+    for queue in names:
+        before = tuple(sorted(current.get(queue, ())))
+        if set(before) != set(owners[queue]):
+            moves.append(Move(queue, before, owners[queue], reasons.get(queue, "count")))
+            moved_at[queue] = now_s
+        elif queue in moved_at_s:
+            moved_at[queue] = moved_at_s[queue]
+    return Plan(owners, moved_at, tuple(moves))
