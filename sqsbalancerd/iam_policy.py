@@ -36,6 +36,7 @@ QUEUE_ACTIONS = (
 TABLE_ACTIONS = (
     "dynamodb:DescribeTable",
     "dynamodb:GetItem",
+    "dynamodb:BatchGetItem",
     "dynamodb:PutItem",
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",
