@@ -11,13 +11,14 @@ owner is dead.
 Plans agree because every instance reads the same rows: all see a view change within one
 round of each other and plan after the same delay, and nobody releases a queue until
 RELEASE_DELAY_ROUNDS after planning, so each plan is made before any move. After a plan we
-follow the handoff (reading the rows each round, which steady state never does) until the
-rows are the assignment's fixed point, and then keep exactly what they give us. A handoff
+follow the handoff (each round rereading the shards whose version moved) until the rows
+are the assignment's fixed point, and then keep exactly what they give us. A handoff
 that stops moving is planned again from the rows as they are, and a row left free for
 ORPHAN_ROUNDS (plans made from different views, say a queue only some have discovered) is
 taken by a following instance with room, so a disagreement cannot leave a queue unowned.
 
-The parts: membership.py (join, heartbeat, liveness verdicts), rows.py (our copy of
+The parts: membership.py (join, heartbeat, liveness verdicts), peers.py (who is in the
+ring), rows.py (our copy of
 the ownership rows, read only when a shard moved), leases.py (the rows we hold and every
 write to them), handoff.py (following a plan until the rows settle), sweep.py (what a
 periodic look at the rows repairs), fence.py (self-fencing). This module is the round
@@ -395,7 +396,7 @@ class DynamoCoordinator:
     # -- sweep ----------------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        """Once every SWEEP_ROUNDS outside a handoff: read the rows and act on what differs
+        """Once every SWEEP_ROUNDS outside a handoff: reread our rows and act on what differs
         from what we believe (see sweep.py). A handoff follows the rows on its own; in its
         rounds only what we hold is checked."""
         is_due = self._handoff is None and self._round_started_s >= self._next_sweep_s
@@ -429,7 +430,7 @@ class DynamoCoordinator:
             self._handoff = Handoff(planned_at_s=self._round_started_s)
 
     def _check_holdings(self) -> None:
-        """Rows a handoff read this round: stop on a held row taken, rewrite one deleted
+        """Shards reread this round: stop on a held row taken, rewrite one deleted
         under us (an acquirer waiting for a vanished row must find it back)."""
         found = inspect(
             self._rows(),
@@ -616,7 +617,7 @@ class DynamoCoordinator:
 
     @property
     def is_following_handoff(self) -> bool:
-        """True from a plan until the rows settle (the only time rows are read each round)."""
+        """True from a plan until the rows settle."""
         return self._handoff is not None
 
     def snapshot(self) -> CoordinationStats:

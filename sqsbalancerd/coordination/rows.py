@@ -35,7 +35,6 @@ class OwnershipView:
         self._unannounced: set[int] = set()  # shards we wrote and did not advance yet
         # Queues whose row we saw, then found gone: since when (monotonic s).
         self.missing_since: dict[str, float] = {}
-        self.reads = 0  # shard queries made (for tests and the cost model)
 
     @property
     def rows(self) -> dict[str, OwnershipRecord]:
@@ -54,7 +53,6 @@ class OwnershipView:
 
     def _read_shard(self, shard: int, version: int, now_s: float) -> None:
         fresh = self._table.shard_rows(shard)
-        self.reads += 1
         self._track_vanished(self._shards[shard].rows, fresh, now_s)
         self._shards[shard] = _Shard(fresh, version)
         self._merged = None

@@ -1,11 +1,11 @@
 """The periodic sweep: compare the ownership rows with what this instance believes.
 
-Steady state never reads the ownership rows, so without a sweep a row left free (a
-release whose plan others did not share, a queue only some instances had discovered),
-a row of a deleted queue, or a row naming us that we no longer hold would stay that way
-until the next view change. Once every SWEEP_ROUNDS rounds, outside a handoff, one read
-of the rows (far below a handoff's read per round) finds them; `inspect` is pure, the
-coordinator acts on what it returns.
+Outside a handoff nobody acts on the ownership rows, so without a sweep a row left free (a
+release whose plan others did not share, a queue only some instances had discovered), a
+row of a deleted queue, or a row naming us that we no longer hold would stay that way until
+the next view change. Once every SWEEP_ROUNDS rounds, outside a handoff, the sweep looks at
+our copy of the rows (kept fresh by the shard versions, rows.py) with the rows naming us
+reread; `inspect` is pure, the coordinator acts on what it returns.
 """
 
 from __future__ import annotations
