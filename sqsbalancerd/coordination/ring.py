@@ -97,7 +97,7 @@ def _layout(
     unique_members = sorted(set(members))
     if not unique_members or not unique_queues:
         return None
-    ring, continuum = _build_ring(unique_members, virtual_nodes)
+    ring, continuum = _build_ring(tuple(unique_members), virtual_nodes)
     return _Layout(
         members=unique_members,
         hashes={queue: ring.get_key(queue) for queue in unique_queues},
@@ -111,10 +111,14 @@ def _layout(
     )
 
 
-def _build_ring(members: list[str], virtual_nodes: int) -> tuple[HashRing, _Continuum]:
+@functools.lru_cache(maxsize=2)
+def _build_ring(members: tuple[str, ...], virtual_nodes: int) -> tuple[HashRing, _Continuum]:
+    """Remembered for the current and the next membership: a handoff replans every round
+    from new rows but the same members, and at 500 members a ring is 75,000 md5 points
+    (about half a second of CPU). Callers only read the ring."""
     # Sorted members: if two points ever collided, uhashring keeps the last writer, so the
     # insertion order must not depend on the caller's order.
-    ring = HashRing(nodes=members, vnodes=virtual_nodes)
+    ring = HashRing(nodes=list(members), vnodes=virtual_nodes)
     points: list[tuple[int, str]] = ring.get_points()
     continuum = _Continuum(
         positions=[position for position, _ in points],

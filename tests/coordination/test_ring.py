@@ -284,3 +284,30 @@ def test_a_join_at_scale_moves_no_more_than_the_newcomers_share() -> None:
     after = rebalance(queues, [*members, "instance-new"], before)
     moved = sum(1 for queue in queues if after[queue] != before[queue])
     assert moved == loads(after)["instance-new"] == 10_000 // 501
+
+
+def test_a_handoff_replans_over_the_same_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each handoff round plans from new rows but the same members: the ring (virtual-node
+    points, the costly part at hundreds of members) is built once for them, not per plan."""
+    from sqsbalancerd.coordination import ring as ring_module
+
+    built: list[tuple[str, ...]] = []
+
+    class CountingRing(HashRing):  # type: ignore[misc]
+        def __init__(self, nodes: list[str], **kwargs: object) -> None:
+            built.append(tuple(nodes))
+            super().__init__(nodes=nodes, **kwargs)
+
+    forget = getattr(ring_module._build_ring, "cache_clear", lambda: None)
+    monkeypatch.setattr(ring_module, "HashRing", CountingRing)
+    forget()
+    queues = [f"q-{i}" for i in range(30)]
+    members = ["m-0", "m-1", "m-2"]
+    owners = rebalance(queues, members, {})
+    for step in range(5):  # the history moves each round, the members do not
+        moved = dict(owners)
+        moved[queues[step]] = members[(members.index(owners[queues[step]]) + 1) % 3]
+        owners = rebalance(queues, members, moved)
+    rebalance(queues, [*members, "m-3"], owners)
+    forget()
+    assert built == [tuple(members), (*members, "m-3")]

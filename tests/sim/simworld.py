@@ -195,6 +195,8 @@ class World:
         self.db.items[TABLE] = SimTable()
         self.queues: set[str] = set()
         self.nodes: dict[str, Node] = {}
+        self._wakes: dict[str, float] = {}  # live node id -> when it next steps
+        self._discovered: tuple[frozenset[str], DiscoveryResult] | None = None
         self.retired: list[Node] = []
         self.violations: list[Violation] = []
         self.events: list[tuple[float, str, Callable[[], None]]] = []
@@ -257,10 +259,11 @@ class World:
         return node
 
     def discovery(self) -> DiscoveryResult:
-        return DiscoveryResult(
-            matched=tuple(QueueInfo(name=n, url=f"http://sqs/{n}") for n in sorted(self.queues)),
-            skipped=(),
-        )
+        queues = frozenset(self.queues)
+        if self._discovered is None or self._discovered[0] != queues:
+            matched = tuple(QueueInfo(name=n, url=f"http://sqs/{n}") for n in sorted(queues))
+            self._discovered = (queues, DiscoveryResult(matched=matched, skipped=()))
+        return self._discovered[1]
 
     def note(self, text: str) -> None:
         self.log.append(f"t={self.now:.2f} {text}")
@@ -274,10 +277,19 @@ class World:
             times.append(self.now + budget + 1e-6)
         return max(min(times), node.paused_until_s)
 
+    def _next_wake(self) -> tuple[float, str] | None:
+        """The earliest node wake-up. A node's wake time changes only when it steps or an
+        event runs (both forget it), so it is remembered between (hundreds of instances)."""
+        wakes = self._wakes
+        for node in self.nodes.values():
+            if node.is_alive and node.instance_id not in wakes:
+                wakes[node.instance_id] = self._wake_at(node)
+        return min(((t, i) for i, t in wakes.items()), default=None)
+
     def run_until(self, end_s: float) -> None:
+        self._wakes.clear()  # callers may have changed nodes since the last run
         while True:
-            live = [n for n in self.nodes.values() if n.is_alive]
-            wake = min(((self._wake_at(n), n.instance_id) for n in live), default=None)
+            wake = self._next_wake()
             next_event = self.events[0][0] if self.events else float("inf")
             next_wake = wake[0] if wake else float("inf")
             when = min(next_event, next_wake)
@@ -290,8 +302,11 @@ class World:
                 _, label, action = self.events.pop(0)
                 self.note(label)
                 action()
+                self._wakes.clear()
             elif wake is not None:
+                self._wakes.pop(wake[1], None)
                 self.step(self.nodes[wake[1]])
+                self._wakes.pop(wake[1], None)
             if self.now - self._checked_at_s >= self.check_every_s:
                 self.check()
 
@@ -325,6 +340,7 @@ class World:
         node.engine.owned.clear()
         node.engine.draining.clear()
         self.retired.append(self.nodes.pop(instance_id))
+        self._wakes.pop(instance_id, None)
         self.note(f"{instance_id} {note}")
 
     def leave(self, instance_id: str) -> None:
