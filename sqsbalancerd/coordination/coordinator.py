@@ -312,14 +312,14 @@ class DynamoCoordinator:
         self._view = _View(self._view.members, self._view.queues, self._round_started_s)
         self._membership.rejoin()  # DuplicateInstanceError: a live process has our id
 
-    def _observe_members(self) -> None:
-        members = self._peers.observe(is_draining=self._is_draining)
+    def _observe_members(self, *, consistent: bool = False) -> None:
+        members = self._peers.observe(is_draining=self._is_draining, consistent=consistent)
         self._has_observed = True
         self._note_view(members=members)
 
     def _remove_dead_rows(self) -> None:
         if self._peers.remove_dead():
-            self._observe_members()
+            self._observe_members(consistent=True)  # our read was stale: not again
 
     def _note_view(self, *, members: tuple[str, ...] | None = None) -> None:
         queues = tuple(sorted(self._queues))
@@ -559,7 +559,7 @@ class DynamoCoordinator:
         if row is None and vanished_s is not None and vanished_s < self._vanished_wait_s:
             return  # a row we saw vanish: its holder may still consume (see _sweep)
         if row is not None and row.owner and row.owner != self.instance_id:
-            if not self._liveness.is_dead(row.owner):
+            if not self._liveness.is_dead(row.owner) or not self._peers.confirm_dead(row.owner):
                 return  # its owner is alive: it drains the queue and releases the row
             logger.warning(
                 "taking over a queue from a dead instance",

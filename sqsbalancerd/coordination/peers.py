@@ -40,10 +40,19 @@ class Peers:
         self.agree = True  # every member in the ring reports our queue set
         self.older_alive: tuple[str, ...] = ()
         self.latest_wall_s = 0.0
+        self._has_confirmed = False  # the latest observation was a consistent read
 
-    def observe(self, *, is_draining: bool) -> tuple[str, ...]:
-        """Read the member rows; the members in the ring (us too, unless draining)."""
-        records = self._table.members()
+    def observe(self, *, is_draining: bool, consistent: bool = False) -> tuple[str, ...]:
+        """Read the member rows; the members in the ring (us too, unless draining).
+
+        Eventually consistent by default, at half the cost: a stale answer can only show
+        an older counter, which delays a death verdict, or hide a row created or keep one
+        deleted a moment ago, which delays a join or a leave. Acting on a death verdict
+        never rests on it: the member delete is conditional on the counter we judged, and
+        a dead owner's queue is taken only after `confirm_dead` read the rows consistently.
+        """
+        records = self._table.members(consistent=consistent)
+        self._has_confirmed = consistent
         self.liveness.observe(records)
         self.latest_wall_s = max([self.latest_wall_s, *(r.heartbeat_at for r in records)])
         in_ring = [r for r in records if self._counts_in_ring(r, is_draining=is_draining)]
@@ -55,6 +64,14 @@ class Peers:
         # "" is a member of a version that does not publish it: it cannot disagree.
         self.agree = all(r.queues_hash in ("", mine) for r in in_ring)
         return tuple(sorted(members))
+
+    def confirm_dead(self, instance_id: str) -> bool:
+        """Dead by a consistent read of the member rows (one per round, only when needed):
+        a replica lagging longer than our timeout must not kill a live member."""
+        if not self._has_confirmed:
+            self.liveness.observe(self._table.members(consistent=True))
+            self._has_confirmed = True
+        return self.liveness.is_dead(instance_id)
 
     def remove_dead(self) -> bool:
         """Delete dead members' rows before taking their queues: the delete, conditional on

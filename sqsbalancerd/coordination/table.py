@@ -295,8 +295,11 @@ class CoordinationTable:
             kwargs["ExpressionAttributeNames"] = names
         self._write("delete_item", **kwargs)
 
-    def members(self) -> list[MemberRecord]:
-        return [_member_from_item(i) for i in self._query(MEMBER_PREFIX)]
+    def members(self, *, consistent: bool = True) -> list[MemberRecord]:
+        """Every member row. Eventually consistent costs half (the heartbeat's read of all
+        N rows is the one read that grows with the cluster); see peers.Peers.observe."""
+        items = self._query(MEMBER_PREFIX, consistent=consistent)
+        return [_member_from_item(i) for i in items]
 
     # -- ownership ------------------------------------------------------------------------
 
@@ -410,12 +413,14 @@ class CoordinationTable:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _query(self, prefix: str, *, pk: str | None = None) -> Iterator[dict[str, Any]]:
+    def _query(
+        self, prefix: str, *, pk: str | None = None, consistent: bool = True
+    ) -> Iterator[dict[str, Any]]:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
             "ExpressionAttributeValues": {":pk": _s(pk or self._pk), ":prefix": _s(prefix)},
-            "ConsistentRead": True,
+            "ConsistentRead": consistent,
         }
         while True:
             page = self._call("query", **kwargs)

@@ -1,12 +1,14 @@
 """An in-memory DynamoDB for deterministic simulations: the calls CoordinationTable makes.
 
 It honours what coordination relies on: conditional writes (the condition and update
-expression languages, the subset the code uses, parsed for real), consistent reads (every
-read here is consistent; an eventually consistent one may see a state up to
-`stale_read_s` old), pagination (1 MB pages, `Limit`, or `page_items` to force small
-pages) and per-partition throughput limits (3,000 read / 1,000 write units per second per
-partition key, beyond which it throttles as DynamoDB does). Every request is metered per
-caller in requests, read units and write units, which is what the cost model reads.
+expression languages, the subset the code uses, parsed for real), consistent and
+eventually consistent reads (a query that is not consistent sees its partition as it stood
+up to `stale_read_s` ago, a lag drawn per request: `allow_stale_reads`; or as of
+`frozen_at_s`, a stalled replica), pagination (1 MB pages, `Limit`, or `page_items` to
+force small pages) and per-partition throughput limits (3,000 read / 1,000 write units per
+second per partition key, beyond which it throttles as DynamoDB does). Every request is
+metered per caller in requests, read units and write units, which is what the cost model
+reads.
 
 One `SimDynamoDB` is the service; each instance talks to it through its own `SimClient`,
 where the simulation injects latency, loss (before or after the write applies), partitions
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -254,8 +257,13 @@ class SimTable(dict[Key, Item]):
         self._sorted: dict[str, list[Key]] = {}
         # Writes per partition: a cached query page is good while its partition's count holds.
         self.writes: Counter[str] = Counter()
+        # For eventually consistent reads: each key's earlier values, (replaced at, value).
+        self.clock: Callable[[], float] | None = None  # set: keep history this long
+        self.history_s = 0.0
+        self._history: dict[str, dict[str, list[tuple[float, Item | None]]]] = {}
 
     def __setitem__(self, key: Key, item: Item) -> None:
+        self._remember(key)
         if key not in self:
             self.by_pk[key[0]].add(key[1])
             self._sorted.pop(key[0], None)
@@ -263,6 +271,7 @@ class SimTable(dict[Key, Item]):
         super().__setitem__(key, item)
 
     def __delitem__(self, key: Key) -> None:
+        self._remember(key)
         super().__delitem__(key)
         self.by_pk[key[0]].discard(key[1])
         self._sorted.pop(key[0], None)
@@ -270,10 +279,31 @@ class SimTable(dict[Key, Item]):
 
     def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
         if key in self:
+            self._remember(key)
             self.by_pk[key[0]].discard(key[1])
             self._sorted.pop(key[0], None)
             self.writes[key[0]] += 1
         return super().pop(key, *default)
+
+    def _remember(self, key: Key) -> None:
+        if self.clock is None:
+            return
+        now = self.clock()
+        changes = self._history.setdefault(key[0], {}).setdefault(key[1], [])
+        changes.append((now, self.get(key)))
+        while changes and changes[0][0] < now - self.history_s:
+            changes.pop(0)
+
+    def as_of(self, pk: str, at_s: float) -> list[tuple[Key, Item]]:
+        """The partition as it stood at `at_s` (within the history kept), in key order."""
+        view = {key: self[key] for key in self.keys_of(pk)}
+        for sk, changes in self._history.get(pk, {}).items():
+            earlier = next((value for when, value in changes if when > at_s), view.get((pk, sk)))
+            if earlier is None:
+                view.pop((pk, sk), None)
+            else:
+                view[(pk, sk)] = earlier
+        return sorted(view.items())
 
     def keys_of(self, pk: str) -> list[Key]:
         """The partition's keys in sort-key order (kept until the key set changes)."""
@@ -323,8 +353,26 @@ class SimDynamoDB:
         # Without copies, an unchanged partition answers a repeated query with the same page
         # (harness speed: hundreds of instances read the same rows every round).
         self.pages: dict[tuple[Any, ...], tuple[int, dict[str, Any], int, SimTable]] = {}
+        # Eventually consistent reads see the table as it stood up to this long ago (a lag
+        # drawn per request from `rng`); 0: every read is current.
+        self.stale_read_s = 0.0
+        self.rng = random.Random(0)
+        # A stalled replica: eventually consistent reads see the table as of this time.
+        self.frozen_at_s: float | None = None
         self.queue_writes = 0  # conditional writes to ownership rows, applied or not
         self.peak_units: dict[tuple[str, str], float] = defaultdict(float)  # (pk, r|w) -> max/s
+
+    def now(self) -> float:
+        return self._now()
+
+    def allow_stale_reads(self, lag_s: float, *, history_s: float | None = None) -> None:
+        """Let eventually consistent reads lag up to `lag_s` (tables keep their history for
+        `history_s`, at least the lag: a lag can shrink, the history it needs stays)."""
+        self.stale_read_s = lag_s
+        for table in self.items.values():
+            if isinstance(table, SimTable):
+                table.clock = self._now
+                table.history_s = max(table.history_s, lag_s, history_s or 0.0)
 
     def table(self, name: str) -> dict[Key, Item]:
         try:
@@ -520,38 +568,33 @@ class SimClient:
 
     def _query_page(self, kw: dict[str, Any]) -> dict[str, Any]:
         table = self._db.table(kw["TableName"])
-        names = kw.get("ExpressionAttributeNames", {})
         values = kw.get("ExpressionAttributeValues", {})
         text = kw["KeyConditionExpression"]
-        condition = _Expr(text, names, values)
+        condition = _Expr(text, kw.get("ExpressionAttributeNames", {}), values)
         # The query the code makes, answered without parsing (the hot path of the harness).
         prefix = values[":prefix"]["S"] if text == _MEMBER_OR_QUEUE_QUERY else None
         pk = values[":pk"]["S"]
         start = kw.get("ExclusiveStartKey")
         after = (start["pk"]["S"], start["sk"]["S"]) if start else None
         limit = kw.get("Limit") or self._db.page_items
+        consistent = bool(kw.get("ConsistentRead"))
+        rows = None if consistent else self._stale_rows(table, pk, after)
+        # A current answer to the code's own query, without copies, can be answered again.
         cache_key = (id(table), pk, prefix, after, limit)
-        cached = self._db.pages.get(cache_key) if prefix is not None else None
+        cacheable = (
+            rows is None and prefix is not None and isinstance(table, SimTable)
+        ) and not self._db.copy_reads
+        cached = self._db.pages.get(cache_key) if cacheable else None
         if cached is not None and cached[3] is table and cached[0] == table.writes[pk]:
-            _, response, size, _ = cached
-            self._charge_read(pk, size, consistent=bool(kw.get("ConsistentRead")))
-            return response
+            self._charge_read(pk, cached[2], consistent=consistent)
+            return cached[1]
+        if rows is None:
+            rows = self._current_rows(table, pk, after)
         page: list[Item] = []
         size = 0
         last: Key | None = None
-        keys = (
-            table.keys_of(pk)
-            if isinstance(table, SimTable)
-            else sorted(k for k in table if k[0] == pk)
-        )
-        if after is not None:
-            keys = keys[bisect.bisect_right(keys, after) :]
-        for key in keys:
-            item = table[key]
-            if prefix is not None:
-                if not key[1].startswith(prefix):
-                    continue
-            elif not condition.evaluate(item):
+        for key, item in rows:
+            if not (key[1].startswith(prefix) if prefix is not None else condition.evaluate(item)):
                 continue
             page.append(self._db.answer(item))
             size += self._db.size_of(item)
@@ -560,13 +603,37 @@ class SimClient:
                 break
         else:
             last = None
-        self._charge_read(pk, size, consistent=bool(kw.get("ConsistentRead")))
+        self._charge_read(pk, size, consistent=consistent)
         response: dict[str, Any] = {"Items": page, "Count": len(page)}
         if last is not None:
             response["LastEvaluatedKey"] = {"pk": {"S": last[0]}, "sk": {"S": last[1]}}
-        if prefix is not None and not self._db.copy_reads and isinstance(table, SimTable):
+        if cacheable and isinstance(table, SimTable):
             self._db.pages[cache_key] = (table.writes[pk], response, size, table)
         return response
+
+    @staticmethod
+    def _current_rows(
+        table: dict[Key, Item], pk: str, after: Key | None
+    ) -> Iterator[tuple[Key, Item]]:
+        keys = (
+            table.keys_of(pk)
+            if isinstance(table, SimTable)
+            else sorted(k for k in table if k[0] == pk)
+        )
+        if after is not None:
+            keys = keys[bisect.bisect_right(keys, after) :]
+        return ((key, table[key]) for key in keys)
+
+    def _stale_rows(
+        self, table: dict[Key, Item], pk: str, after: Key | None
+    ) -> list[tuple[Key, Item]] | None:
+        """An eventually consistent read's view of the partition (None: the current one)."""
+        lag, frozen_at = self._db.stale_read_s, self._db.frozen_at_s
+        if (lag <= 0 and frozen_at is None) or not isinstance(table, SimTable):
+            return None
+        at_s = self._db.now() - self._db.rng.uniform(0.0, lag) if frozen_at is None else frozen_at
+        rows = table.as_of(pk, at_s)
+        return [(key, item) for key, item in rows if after is None or key > after]
 
     def _check(self, kw: dict[str, Any], current: Item | None) -> None:
         text = kw.get("ConditionExpression")

@@ -28,6 +28,7 @@ VIRTUAL_NODES = 16  # small rings keep 2,000 schedules fast; the ring itself is 
 # then a handoff takes a few rounds.
 SETTLE_BOUND_S = DISCOVERY_S + TIMEOUT_S + 2 * DELAY_S + 12 * INTERVAL_S
 HOLD_S = 4 * INTERVAL_S  # settled must last this long at the end
+STALE_HEALED_S = 2.0  # eventually consistent reads lag at most this once faults end
 
 KINDS = (
     "partition_one",
@@ -287,6 +288,30 @@ def check_quiet_table(world: World, writes_before_hold: int) -> None:
         world.violate("stale_rows", f"ownership rows of deleted queues: {stale[:4]}")
 
 
+def _draw_stale_reads(world: World, rng: random.Random) -> float:
+    """Eventually consistent reads (a stream of its own: the schedule stays the same).
+    Most schedules lag as DynamoDB usually does (under a second or two, drawn per read);
+    one in six also has a replica stall for longer than the heartbeat timeout, so that
+    every live member looks dead to a stale read: nothing may be taken on that verdict."""
+    draw = rng.random()
+    lag_s = 0.0 if draw < 0.25 else rng.uniform(0.05, STALE_HEALED_S)
+    world.db.rng = random.Random(rng.random())
+    world.db.allow_stale_reads(lag_s, history_s=2 * TIMEOUT_S + 10)
+    if draw > 5 / 6:
+        start, duration = rng.uniform(25, 200), rng.uniform(TIMEOUT_S, 2 * TIMEOUT_S)
+        db = world.db
+
+        def stall() -> None:
+            db.frozen_at_s = world.now
+
+        def catch_up() -> None:
+            db.frozen_at_s = None
+
+        world.at(start, "replica stalls", stall)
+        world.at(start + duration, "replica catches up", catch_up)
+    return lag_s
+
+
 def run(
     seed: int,
     *,
@@ -299,10 +324,12 @@ def run(
     # Small pages in one schedule of five (a stream of its own: the schedule stays the same).
     page_items = 3 if random.Random(seed ^ 0x5EED).random() < 0.2 else None
     world = World(seed, settings or Settings(coordination=coordination()), page_items=page_items)
+    stale_s = _draw_stale_reads(world, random.Random(seed ^ 0x57A1E))
     schedule = Schedule(world, kinds=kinds)
     schedule.build(end)
     world.run_until(end)
     schedule.heal_all()
+    world.db.allow_stale_reads(min(stale_s, STALE_HEALED_S))
     world.faults_end_s = end
     world.is_checking_settled = True
     world.settled_since_s = world.now if world.is_settled() else None

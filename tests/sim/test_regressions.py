@@ -159,3 +159,23 @@ def test_a_row_deleted_by_hand_and_retaken_is_given_up_within_a_round(seed: int)
     interval = coordination().heartbeat_interval
     assert result.longest_overlap_s, "the schedule no longer overlaps: pick new seeds"
     assert max(result.longest_overlap_s.values()) <= interval + 3.0
+
+
+def test_a_stalled_replica_kills_no_live_member() -> None:
+    """Member rows are read eventually consistently (half the cost). A replica that stops
+    catching up for longer than the heartbeat timeout shows every counter frozen: every
+    live member looks dead. The member delete conditional on the judged counter fails; the
+    reread after it, and the check before taking a dead owner's queue, must be consistent
+    (before: the stale reread confirmed the verdict and both instances took each other's
+    queues while their owners still consumed)."""
+    world = _world(queues=8)
+    world.db.allow_stale_reads(0.5, history_s=120.0)
+    for instance_id in ("a", "b", "c"):
+        world.add_node(instance_id)
+    _settle(world)
+    world.db.frozen_at_s = world.now
+    world.run_until(world.now + 90.0)  # three timeouts of frozen reads
+    world.db.frozen_at_s = None
+    assert not world.violations, world.violations
+    assert sorted(world.nodes) == ["a", "b", "c"]  # nobody was judged dead and removed
+    _settle(world)

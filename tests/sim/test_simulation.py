@@ -11,7 +11,7 @@ import os
 
 import pytest
 from botocore.exceptions import ClientError
-from simdb import SimClient, SimDynamoDB
+from simdb import SimClient, SimDynamoDB, SimTable
 from simfaults import KINDS, run
 
 from sqsbalancerd.coordination.table import SHARDS, ConditionFailed, CoordinationTable, MemberRecord
@@ -82,6 +82,26 @@ def test_fake_dynamodb_throttles_a_hot_partition() -> None:
     assert caught.value.response["Error"]["Code"] == "ProvisionedThroughputExceededException"
     clock.now_s += 1.0  # the next second has room again
     table.create_member(_member("m3"))
+
+
+def test_fake_dynamodb_eventually_consistent_reads_can_lag() -> None:
+    clock = _Clock()
+    db = SimDynamoDB(clock.monotonic)
+    db.items["t"] = SimTable()
+    table = _table(db, clock)
+    db.allow_stale_reads(0.0, history_s=60.0)
+    table.create_member(_member("m0"))
+    clock.now_s = 10.0
+    db.frozen_at_s = 5.0  # a stalled replica
+    table.heartbeat("m0", epoch="e", status="active", now_wall=2.0)
+    table.create_member(_member("m1"))
+    assert [(r.instance_id, r.counter) for r in table.members(consistent=False)] == [("m0", 1)]
+    current = table.members(consistent=True)
+    assert [(r.instance_id, r.counter) for r in current] == [("m0", 2), ("m1", 1)]
+    db.frozen_at_s = None  # caught up: no lag left
+    assert len(table.members(consistent=False)) == 2
+    meter = table._db.meter  # type: ignore[attr-defined]
+    assert meter.read_units == 0.5 + 1.0 + 0.5  # eventually consistent reads cost half
 
 
 def test_a_seed_replays_exactly() -> None:
