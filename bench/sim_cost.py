@@ -129,8 +129,8 @@ def _read_once() -> None:
         parse = table_module._ownership_from_item
         return dict(parsed(pk, items, lambda i: {r.queue: r for r in map(parse, i)}))
 
-    def members(self: Any) -> list[Any]:
-        items = list(self._query(table_module.MEMBER_PREFIX))
+    def members(self: Any, *, consistent: bool = True) -> list[Any]:
+        items = list(self._query(table_module.MEMBER_PREFIX, consistent=consistent))
         parse = table_module._member_from_item
         return list(parsed(f"{self._pk}/members", items, lambda i: [parse(x) for x in i]))
 
@@ -161,6 +161,10 @@ def measure(instances: int, *, steady_only: bool = False) -> list[Cost]:
         and not any(n.coordinator.is_following_handoff for n in world.nodes.values())
     ):
         world.run_until(world.now + 10)
+    if len(world.nodes) < instances:  # a harness fault, not a cost: say so, loudly
+        raise SystemExit(
+            f"only {len(world.nodes)} of {instances} instances started: {world.log[-3:]}"
+        )
     costs = [_window(world, instances, "steady", WINDOW_S)]
     if steady_only:  # hundreds of instances: the deploy window takes most of the run
         return costs
