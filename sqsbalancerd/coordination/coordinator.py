@@ -50,7 +50,7 @@ from sqsbalancerd.coordination.ownership import plan
 from sqsbalancerd.coordination.peers import Peers
 from sqsbalancerd.coordination.ring import capacity
 from sqsbalancerd.coordination.rows import OwnershipView
-from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
+from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, check_held, inspect
 from sqsbalancerd.coordination.table import (
     ConditionFailed,
     CoordinationTable,
@@ -432,17 +432,10 @@ class DynamoCoordinator:
     def _check_holdings(self) -> None:
         """Shards reread this round: stop on a held row taken, rewrite one deleted
         under us (an acquirer waiting for a vanished row must find it back)."""
-        found = inspect(
-            self._rows(),
-            me=self.instance_id,
-            held=self._holdings.leases,
-            unreleased=self._holdings.unreleased,
-            wanted=self._target,
-            known=self._queues,
-            members=set(self._view.members),
-            is_dead=self._liveness.is_dead,
+        lost, missing = check_held(
+            self._ownership.row, me=self.instance_id, held=self._holdings.leases
         )
-        self._apply_sweep(SweepFindings(lost=found.lost, missing=found.missing))
+        self._apply_sweep(SweepFindings(lost=lost, missing=missing))
 
     def _apply_sweep(self, found: SweepFindings) -> None:
         holdings = self._holdings

@@ -43,6 +43,10 @@ class OwnershipView:
             self._merged = {q: r for shard in self._shards for q, r in shard.rows.items()}
         return self._merged
 
+    def row(self, queue: str) -> OwnershipRecord | None:
+        """One row as last read (no merge of every shard: the rounds that guard holdings)."""
+        return self._shards[shard_of(queue)].rows.get(queue)
+
     def refresh(self, now_s: float) -> bool:
         """Read the shards whose version moved; True if any was read."""
         versions = self._table.shard_versions()
@@ -80,8 +84,8 @@ class OwnershipView:
     ) -> None:
         for queue in before.keys() - after.keys():
             self.missing_since.setdefault(queue, now_s)
-        for queue in after:
-            self.missing_since.pop(queue, None)
+        for queue in self.missing_since.keys() & after.keys():  # usually none: no loop
+            del self.missing_since[queue]
 
     def note_write(self, record: OwnershipRecord | None, queue: str) -> None:
         """Our write landed: keep our copy true to it, and announce it at `announce`."""

@@ -36,6 +36,21 @@ class SweepFindings:
     needs_plan: bool = False
 
 
+def check_held(
+    row_of: Callable[[str], OwnershipRecord | None], *, me: str, held: Mapping[str, int]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """(lost, missing) of what we hold: O(held), for the rounds that only guard holdings."""
+    missing, lost = set(), set()
+    for queue, lease in held.items():
+        row = row_of(queue)
+        # A row gone, or ours with a lease edited into nonsense: we write it again.
+        if row is None or (row.owner == me and row.damaged_lease):
+            missing.add(queue)
+        elif (row.owner, row.lease) != (me, lease):
+            lost.add(queue)
+    return frozenset(lost), frozenset(missing)
+
+
 def inspect(
     rows: Mapping[str, OwnershipRecord],
     *,
@@ -47,15 +62,7 @@ def inspect(
     members: Collection[str],
     is_dead: Callable[[str], bool],
 ) -> SweepFindings:
-    # A row gone, or ours with a lease edited into nonsense: we write it again.
-    missing = frozenset(
-        q for q in held if q not in rows or (rows[q].owner == me and rows[q].damaged_lease)
-    )
-    lost = frozenset(
-        q
-        for q, lease in held.items()
-        if q not in missing and (rows[q].owner, rows[q].lease) != (me, lease)
-    )
+    lost, missing = check_held(rows.get, me=me, held=held)
     not_held = {q: row for q, row in rows.items() if row.owner == me and q not in held}
     repair = frozenset(q for q, row in not_held.items() if row.damaged_lease and q in known)
     ours = {
