@@ -5,15 +5,17 @@
 `--baseline` is a checkout of the code to compare with (e.g. `git archive main | tar -x`);
 both variants run in the same emulator, on the same queues, one after the other, each with
 its own table; without it, this checkout alone. `--scale-emulator` hosts moto for thousands
-of long polls (bench/emulator.py `--scale`: a 100 ms GIL hand-off, 16 KB DynamoDB pages):
+of long polls (bench/emulator.py `--scale`: quiet empty long polls, 16 KB DynamoDB pages):
 without it, the start-up figures past joining measure moto, not the daemon. Per variant
 and size, on a fresh fixed-timings cluster (heartbeat 5 s,
 timeout 20 s, rebalance delay 1 s, long polls of 20 s):
 
 - discovery alone (bench.discovery_probe, no daemon running): a cold and a warm refresh;
-- instance A starts alone: seconds from its process start to "joined the cluster" and to
-  its first "handoff complete" (owning every queue: its share when alone), from its log, so
-  that watching costs the emulator nothing;
+- instance A starts alone: seconds from its process start to "joined the cluster", to
+  its first "handoff complete" (holding the rows of every queue: its share when alone) and
+  to its last "consuming queue" once it consumes them all (a poller started per owned row,
+  waiting at most 120 s more), and how often it self-fenced by then, from its log, so that
+  watching costs the emulator nothing;
 - instance B starts next to it: the same two (its first handoff complete: its share taken),
   waiting at most 90 s for the handoff (the coordinator's part, which stalls on a loaded
   emulator), then how many rows each owns and whether every queue is owned once (only up to
@@ -163,9 +165,10 @@ class Run:
                 started_wall = time.time()
                 processes.append(self.start(instance))
                 result[instance] = self.follow(instance, started_wall, wait_s)
-                result[instance]["sqs_calls"] = self.sqs_calls(instance)
                 owners = self.harness.owners(self.table, self.app)
                 result[instance]["owned"] = list(owners.values()).count(instance)
+                result[instance].update(self.consuming(instance, started_wall, owners))
+                result[instance]["sqs_calls"] = self.sqs_calls(instance)
             result["owned_once"] = len(owners) == self.size and all(owners.values())
             result["status"] = self.status([])
             if details:
@@ -192,6 +195,34 @@ class Run:
                 ("joined_s", "joined the cluster"),
                 ("owns_share_s", "handoff complete"),
             )
+        }
+
+    def consuming(
+        self, instance: str, started_wall: float, owners: dict[str, str | None]
+    ) -> dict[str, Any]:
+        """Seconds from process start to the last "consuming queue" once there is one per
+        row it holds (the engine has a poller per owned queue), and self-fences by then."""
+        log = self.log_dir / f"{self.app}-{instance}.log"
+        held = {queue for queue, owner in owners.items() if owner == instance}
+        last: dict[str, float] = {}
+        fenced: list[float] = []
+
+        def consumed() -> bool:
+            last.clear()
+            fenced.clear()
+            for line in log.read_text(errors="replace").splitlines():
+                if '"consuming queue"' in line:
+                    event = json.loads(line)
+                    last[event["queue"]] = _epoch(event["ts"])
+                elif "(self-fenced)" in line:
+                    fenced.append(_epoch(json.loads(line)["ts"]))
+            return bool(held) and held <= set(last)
+
+        is_all = wait_until(consumed, timeout_s=120, every_s=2.0)
+        return {
+            "consumes_all_s": round(max(last.values()) - started_wall, 2) if is_all else None,
+            "consuming": len(held & set(last)),
+            "self_fenced": len(fenced),
         }
 
     def probe(self) -> dict[str, Any]:
