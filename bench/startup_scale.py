@@ -35,7 +35,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -165,9 +165,9 @@ class Run:
                 started_wall = time.time()
                 processes.append(self.start(instance))
                 result[instance] = self.follow(instance, started_wall, wait_s)
+                result[instance].update(self.consuming(instance, started_wall))
                 owners = self.harness.owners(self.table, self.app)
                 result[instance]["owned"] = list(owners.values()).count(instance)
-                result[instance].update(self.consuming(instance, started_wall, owners))
                 result[instance]["sqs_calls"] = self.sqs_calls(instance)
             result["owned_once"] = len(owners) == self.size and all(owners.values())
             result["status"] = self.status([])
@@ -197,32 +197,25 @@ class Run:
             )
         }
 
-    def consuming(
-        self, instance: str, started_wall: float, owners: dict[str, str | None]
-    ) -> dict[str, Any]:
-        """Seconds from process start to the last "consuming queue" once there is one per
-        row it holds (the engine has a poller per owned queue), and self-fences by then."""
+    def consuming(self, instance: str, started_wall: float) -> dict[str, Any]:
+        """Seconds from process start to the last "consuming queue" once there are as many
+        distinct ones as its last "handoff complete" says it holds ("mine": read from the
+        log, not the table, whose row format differs between variants), and self-fences."""
         log = self.log_dir / f"{self.app}-{instance}.log"
-        held = {queue for queue, owner in owners.items() if owner == instance}
-        last: dict[str, float] = {}
-        fenced: list[float] = []
+        found: dict[str, Any] = {}
+        consumed_at = _consumed_at(found)
 
         def consumed() -> bool:
-            last.clear()
-            fenced.clear()
-            for line in log.read_text(errors="replace").splitlines():
-                if '"consuming queue"' in line:
-                    event = json.loads(line)
-                    last[event["queue"]] = _epoch(event["ts"])
-                elif "(self-fenced)" in line:
-                    fenced.append(_epoch(json.loads(line)["ts"]))
-            return bool(held) and held <= set(last)
+            found.clear()
+            found.update(scan_log(log))
+            return consumed_at() is not None
 
-        is_all = wait_until(consumed, timeout_s=120, every_s=2.0)
+        wait_until(consumed, timeout_s=120, every_s=2.0)
+        at = consumed_at()
         return {
-            "consumes_all_s": round(max(last.values()) - started_wall, 2) if is_all else None,
-            "consuming": len(held & set(last)),
-            "self_fenced": len(fenced),
+            "consumes_all_s": None if at is None else round(at - started_wall, 2),
+            "consuming": len(found.get("consuming", {})),
+            "self_fenced": found.get("self_fenced", 0),
         }
 
     def probe(self) -> dict[str, Any]:
@@ -260,6 +253,33 @@ class Run:
             "queues": len(report["queues"]),
             "sqs_calls": self.sqs_calls("status" + "".join(flags).replace("-", "")),
         }
+
+
+def scan_log(log: Path) -> dict[str, Any]:
+    """From a daemon's JSON log: when each queue was first consumed, how many queues its
+    last "handoff complete" held ("mine"), and how often it self-fenced."""
+    consuming: dict[str, float] = {}
+    mine: int | None = None
+    fenced = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if '"consuming queue"' in line:
+            event = json.loads(line)
+            consuming.setdefault(event["queue"], _epoch(event["ts"]))
+        elif '"handoff complete"' in line:
+            mine = int(json.loads(line)["mine"])
+        elif "(self-fenced)" in line:
+            fenced += 1
+    return {"consuming": consuming, "mine": mine, "self_fenced": fenced}
+
+
+def _consumed_at(found: dict[str, Any]) -> Callable[[], float | None]:
+    def at() -> float | None:
+        consuming, mine = found.get("consuming", {}), found.get("mine")
+        if not mine or len(consuming) < mine:
+            return None
+        return float(sorted(consuming.values())[mine - 1])
+
+    return at
 
 
 def _epoch(stamp: str) -> float:
