@@ -13,14 +13,17 @@ It also counts the messages ReceiveMessage returned to each client, and notes re
 took longer than a second (ReceiveMessage with WaitTimeSeconds excepted): the emulator's own
 stalls, so they are not blamed on a consumer.
 
-`--scale` hosts moto for thousands of long polls (startup_scale): the interpreter hands the
-GIL over every 100 ms instead of 5 (moto serves each long poll on a thread woken every
-second, and with 2,000 of them a forced hand-off every 5 ms made a 1 s request take 90 s),
+`--scale` hosts moto for thousands of long polls (startup_scale, tests/e2e/test_many_queues):
+a long poll of an empty queue sleeps until a send or its end (bench.moto_patch
+`quiet_long_polls`; moto wakes each one every second, and with 2,000 of them an ownership
+read of 2,000 rows took 255 s instead of 11: bench.status_long_polls --quiet),
 and DynamoDB pages are cut at 16 KB (~160 rows) instead of 1 MB (moto spends ~0.5 ms per
 item serialising a page: a 1 MB page of ownership rows took 4-5 s, past the daemons' table
-read timeout of at most 5 s, where AWS answers in tens of milliseconds). Both change the
-emulator's speed, not its answers: the daemons page with LastEvaluatedKey either way (more
-Query calls than on AWS, which the DynamoDB counts then show).
+read timeout of at most 5 s, where AWS answers in tens of milliseconds). `--switch-interval S`
+sets the interpreter's GIL hand-off (CPython's 5 ms by default; 100 ms helped stock moto's
+waking polls, but with quiet ones it only delays every answer: member rows 0.05 s at 5 ms,
+4.0 s at 100 ms). These change the emulator's speed, not its answers: the daemons page with
+LastEvaluatedKey either way (more Query calls than on AWS, which the DynamoDB counts show).
 
     GET  /__bench/counts   the counters as JSON
     POST /__bench/reset    the counters as JSON, then zeroed
@@ -147,7 +150,6 @@ def fill(queue: str, count: int, body: str = "{}") -> dict[str, Any]:
     return {"ids": ids, "sent_at": sent_at}
 
 
-SCALE_SWITCH_INTERVAL_S = 0.1
 SCALE_DYNAMODB_PAGE_BYTES = 16 * 1024
 
 
@@ -155,11 +157,16 @@ def host_for_scale() -> None:
     """See `--scale` in the module docstring."""
     import moto.dynamodb.models.table as dynamodb_table
 
-    sys.setswitchinterval(SCALE_SWITCH_INTERVAL_S)
+    from bench import moto_patch
+
+    moto_patch.quiet_long_polls()
+    moto_patch.verify_quiet_long_polls()
     dynamodb_table.RESULT_SIZE_LIMIT = SCALE_DYNAMODB_PAGE_BYTES  # type: ignore[attr-defined]
 
 
-def serve(port: int, *, patch: bool, scale: bool = False) -> None:
+def serve(
+    port: int, *, patch: bool, scale: bool = False, switch_interval_s: float | None = None
+) -> None:
     import logging
 
     from moto.moto_server.werkzeug_app import (
@@ -177,6 +184,8 @@ def serve(port: int, *, patch: bool, scale: bool = False) -> None:
         moto_patch.verify()
     if scale:
         host_for_scale()
+    if switch_interval_s is not None:
+        sys.setswitchinterval(switch_interval_s)
     app = CountingMiddleware(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     server.daemon_threads = True
@@ -189,9 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-moto-patch", action="store_true")
     parser.add_argument("--scale", action="store_true", help="host thousands of long polls")
+    parser.add_argument("--switch-interval", type=float, default=None, help="GIL hand-off, s")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.port, patch=not args.no_moto_patch, scale=args.scale)
+    serve(
+        args.port,
+        patch=not args.no_moto_patch,
+        scale=args.scale,
+        switch_interval_s=args.switch_interval,
+    )
     return 0
 
 

@@ -198,3 +198,70 @@ def _scenario() -> list[Any]:
     out.append([m.body for m in backend.receive_message("v.fifo", 10, 0, 30)])
     out.append(len(sent))
     return out
+
+
+# -- quiet long polls (bench.emulator --scale) ---------------------------------------------
+
+_poll = threading.local()
+# A quiet wait ends this long after the poll's deadline, so that moto's loop sees it passed.
+_QUIET_END_MARGIN_S = 0.05
+
+
+def _noting_deadline(original: Callable[..., Any]) -> Callable[..., Any]:
+    def receive_message(
+        self: Any, queue_name: str, count: int, wait_seconds_timeout: int, *args: Any
+    ) -> Any:
+        _poll.end_s = time.time() + wait_seconds_timeout
+        try:
+            return original(self, queue_name, count, wait_seconds_timeout, *args)
+        finally:
+            _poll.end_s = None
+
+    receive_message.__wrapped__ = original  # type: ignore[attr-defined]
+    return receive_message
+
+
+def _quiet_wait(self: Any, timeout: float) -> None:
+    end_s = getattr(_poll, "end_s", None)
+    # Nothing queued, in flight or delayed: only a send (which notifies this condition) can
+    # give the poll a message before its end, so waking every second would find nothing.
+    if end_s is not None and not self._messages:
+        timeout = max(timeout, end_s - time.time() + _QUIET_END_MARGIN_S)
+    with self._messages_lock:
+        self._messages_lock.wait_for(lambda: self.messages, timeout=timeout)
+
+
+def quiet_long_polls() -> None:
+    """A long poll of an empty queue sleeps until a send or its WaitTimeSeconds, instead of
+    waking every second (moto's `wait_for_messages(1)`). Answers are unchanged; a queue with
+    any message (in flight or delayed: it may become visible without a send) keeps the
+    one-second wake. With thousands of polls those wakes, not the daemons' requests, were
+    what slowed every other answer (bench/status_long_polls.py)."""
+    from moto.sqs.models import Queue, SQSBackend
+
+    if "receive_message" in _ORIGINAL:
+        return
+    _ORIGINAL["receive_message"] = SQSBackend.receive_message
+    _ORIGINAL["wait_for_messages"] = Queue.wait_for_messages
+    SQSBackend.receive_message = _noting_deadline(SQSBackend.receive_message)
+    Queue.wait_for_messages = _quiet_wait
+
+
+def verify_quiet_long_polls() -> None:
+    """An empty queue's long poll still returns a message sent while it waits, at once, and
+    an idle one still returns empty after its WaitTimeSeconds (about 2 s in all)."""
+    from moto.sqs.models import SQSBackend
+
+    backend = SQSBackend("us-east-1", "123456789012")
+    backend.create_queue("v-quiet")
+    sender = threading.Timer(0.3, lambda: backend.send_message("v-quiet", "woken"))
+    started = time.monotonic()
+    sender.start()
+    woken = backend.receive_message("v-quiet", 10, 5, 30)
+    woken_s = time.monotonic() - started
+    sender.join()
+    assert [m.body for m in woken] == ["woken"] and woken_s < 2.0, (woken, woken_s)
+    backend.delete_message("v-quiet", woken[0].receipt_handle)
+    started = time.monotonic()
+    assert backend.receive_message("v-quiet", 10, 1, 30) == []
+    assert 1.0 <= time.monotonic() - started < 2.0

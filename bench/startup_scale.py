@@ -5,15 +5,17 @@
 `--baseline` is a checkout of the code to compare with (e.g. `git archive main | tar -x`);
 both variants run in the same emulator, on the same queues, one after the other, each with
 its own table; without it, this checkout alone. `--scale-emulator` hosts moto for thousands
-of long polls (bench/emulator.py `--scale`: a 100 ms GIL hand-off, 16 KB DynamoDB pages):
+of long polls (bench/emulator.py `--scale`: quiet empty long polls, 16 KB DynamoDB pages):
 without it, the start-up figures past joining measure moto, not the daemon. Per variant
 and size, on a fresh fixed-timings cluster (heartbeat 5 s,
 timeout 20 s, rebalance delay 1 s, long polls of 20 s):
 
 - discovery alone (bench.discovery_probe, no daemon running): a cold and a warm refresh;
-- instance A starts alone: seconds from its process start to "joined the cluster" and to
-  its first "handoff complete" (owning every queue: its share when alone), from its log, so
-  that watching costs the emulator nothing;
+- instance A starts alone: seconds from its process start to "joined the cluster", to
+  its first "handoff complete" (holding the rows of every queue: its share when alone) and
+  to its last "consuming queue" once it consumes them all (a poller started per owned row,
+  waiting at most 120 s more), and how often it self-fenced by then, from its log, so that
+  watching costs the emulator nothing;
 - instance B starts next to it: the same two (its first handoff complete: its share taken),
   waiting at most 90 s for the handoff (the coordinator's part, which stalls on a loaded
   emulator), then how many rows each owns and whether every queue is owned once (only up to
@@ -33,7 +35,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -163,9 +165,10 @@ class Run:
                 started_wall = time.time()
                 processes.append(self.start(instance))
                 result[instance] = self.follow(instance, started_wall, wait_s)
-                result[instance]["sqs_calls"] = self.sqs_calls(instance)
+                result[instance].update(self.consuming(instance, started_wall))
                 owners = self.harness.owners(self.table, self.app)
                 result[instance]["owned"] = list(owners.values()).count(instance)
+                result[instance]["sqs_calls"] = self.sqs_calls(instance)
             result["owned_once"] = len(owners) == self.size and all(owners.values())
             result["status"] = self.status([])
             if details:
@@ -192,6 +195,27 @@ class Run:
                 ("joined_s", "joined the cluster"),
                 ("owns_share_s", "handoff complete"),
             )
+        }
+
+    def consuming(self, instance: str, started_wall: float) -> dict[str, Any]:
+        """Seconds from process start to the last "consuming queue" once there are as many
+        distinct ones as its last "handoff complete" says it holds ("mine": read from the
+        log, not the table, whose row format differs between variants), and self-fences."""
+        log = self.log_dir / f"{self.app}-{instance}.log"
+        found: dict[str, Any] = {}
+        consumed_at = _consumed_at(found)
+
+        def consumed() -> bool:
+            found.clear()
+            found.update(scan_log(log))
+            return consumed_at() is not None
+
+        wait_until(consumed, timeout_s=120, every_s=2.0)
+        at = consumed_at()
+        return {
+            "consumes_all_s": None if at is None else round(at - started_wall, 2),
+            "consuming": len(found.get("consuming", {})),
+            "self_fenced": found.get("self_fenced", 0),
         }
 
     def probe(self) -> dict[str, Any]:
@@ -229,6 +253,33 @@ class Run:
             "queues": len(report["queues"]),
             "sqs_calls": self.sqs_calls("status" + "".join(flags).replace("-", "")),
         }
+
+
+def scan_log(log: Path) -> dict[str, Any]:
+    """From a daemon's JSON log: when each queue was first consumed, how many queues its
+    last "handoff complete" held ("mine"), and how often it self-fenced."""
+    consuming: dict[str, float] = {}
+    mine: int | None = None
+    fenced = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if '"consuming queue"' in line:
+            event = json.loads(line)
+            consuming.setdefault(event["queue"], _epoch(event["ts"]))
+        elif '"handoff complete"' in line:
+            mine = int(json.loads(line)["mine"])
+        elif "(self-fenced)" in line:
+            fenced += 1
+    return {"consuming": consuming, "mine": mine, "self_fenced": fenced}
+
+
+def _consumed_at(found: dict[str, Any]) -> Callable[[], float | None]:
+    def at() -> float | None:
+        consuming, mine = found.get("consuming", {}), found.get("mine")
+        if not mine or len(consuming) < mine:
+            return None
+        return float(sorted(consuming.values())[mine - 1])
+
+    return at
 
 
 def _epoch(stamp: str) -> float:

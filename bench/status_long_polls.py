@@ -1,13 +1,15 @@
 """What thousands of waiting long polls do to the emulator's other answers (issue 16).
 
-    python -m bench.status_long_polls --queues 2000 --switch-interval 0.005,0.1
+    python -m bench.status_long_polls --queues 2000 --switch-interval 0.005,0.1 [--quiet]
 
 Per switch interval: moto's server in a child process whose interpreter hands the GIL over
 every that many seconds (0.005 is CPython's default), `--queues` empty queues and as many
 ownership rows (bench.emulator is not used: nothing else of moto is changed). The reads
 `status` makes (the member rows, every ownership row, ListQueues) are timed once on the idle
 server, then again while a load process long-polls every queue (WaitTimeSeconds 20, a
-thread each, as the daemons do). Prints JSON.
+thread each, as the daemons do). `--quiet` repeats each run with moto's empty-queue long polls
+made quiet (bench.moto_patch.quiet_long_polls: no wake every second), which tells the cost
+of those wake-ups from that of the requests. Prints JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sqsbalancerd.local import DUMMY_ENV, LOOPBACK, free_port
 
 _SERVER = (
     "import sys; sys.setswitchinterval(float(sys.argv[3])); from moto.server import main; "
+    "from bench import moto_patch; sys.argv[4] == '1' and moto_patch.quiet_long_polls(); "
     "main(['-H', sys.argv[1], '-p', sys.argv[2]])"
 )
 _WARM_UP_S = 22.0  # every long poll started and past its first 20 s
@@ -42,21 +45,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.status_long_polls")
     parser.add_argument("--queues", type=int, default=2000)
     parser.add_argument("--switch-interval", default="0.005,0.1")
+    parser.add_argument("--quiet", action="store_true", help="also with quiet long polls")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load:
         return _long_poll_everything(args.endpoint)
-    runs = [_run(args.queues, float(s)) for s in args.switch_interval.split(",")]
+    quiet = (False, True) if args.quiet else (False,)
+    runs = [_run(args.queues, float(s), q) for s in args.switch_interval.split(",") for q in quiet]
     print(json.dumps({"queues": args.queues, "runs": runs}, indent=2))
     return 0
 
 
-def _run(size: int, switch_interval_s: float) -> dict[str, Any]:
+def _run(size: int, switch_interval_s: float, is_quiet: bool) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, **DUMMY_ENV}
     server = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, LOOPBACK, str(port), str(switch_interval_s)], env=env
+        [
+            sys.executable,
+            "-c",
+            _SERVER,
+            LOOPBACK,
+            str(port),
+            str(switch_interval_s),
+            str(int(is_quiet)),
+        ],
+        env=env,
     )
     endpoint = f"http://{LOOPBACK}:{port}"
     load = None
@@ -75,7 +89,12 @@ def _run(size: int, switch_interval_s: float) -> dict[str, Any]:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=60)
-    return {"switch_interval_s": switch_interval_s, "idle": idle, "long_polls": busy}
+    return {
+        "switch_interval_s": switch_interval_s,
+        "quiet_long_polls": is_quiet,
+        "idle": idle,
+        "long_polls": busy,
+    }
 
 
 def _wait_for_port(port: int, timeout_s: float = 60.0) -> None:

@@ -24,8 +24,8 @@ from sqsbalancerd.status import (
     QueueView,
     StatusReader,
     StatusReport,
-    _warnings,
     read_report,
+    warnings_for,
     watch,
 )
 
@@ -57,13 +57,13 @@ def test_a_cluster_at_the_capacity_is_not_an_imbalance() -> None:
     # 60 queues over 3: capacity ceil(1.1 * 20) = 22, and the ring may fill a member to it.
     names = [f"q{index:02d}" for index in range(60)]
     instances, queues = owned({"a": names[:22], "b": names[22:41], "c": names[41:]})
-    assert _warnings(instances, queues, 1.10) == ()
+    assert warnings_for(instances, queues, 1.10) == ()
 
 
 def test_more_than_the_capacity_is_an_imbalance() -> None:
     names = [f"q{index:02d}" for index in range(60)]
     instances, queues = owned({"a": names[:23], "b": names[23:41], "c": names[41:]})
-    assert _warnings(instances, queues, 1.10) == (
+    assert warnings_for(instances, queues, 1.10) == (
         "imbalance: an instance owns 23 queues (capacity 22 at load_factor 1.1)",
     )
 
@@ -75,7 +75,7 @@ def test_unowned_queues_and_dead_owners_are_named() -> None:
         QueueView("q2", "http://sqs/q2", "b"),
         QueueView("q3", "http://sqs/q3", None),
     )
-    assert set(_warnings(instances, queues, 1.10)) == {
+    assert set(warnings_for(instances, queues, 1.10)) == {
         "queue q3 has no owner",
         "queue q2 is owned by b, which is not alive",
         "instance b looks dead (stale record)",

@@ -45,6 +45,13 @@ LOOP_BLOCKED_S = 1.0
 DEFAULT_LOOP_LAG_LIMIT_S = 60.0
 # At stop, how long idle workers get to notice (longer than a take timeout).
 WORKER_JOIN_S = 1.0
+# A set_owned call starts this many new queues itself; the rest start on the starter thread.
+# Starting a queue starts a thread (~4 ms each on a loaded box, slower as threads pile up):
+# 10,000 of them inside set_owned took 287 s and held the coordinator's round, heartbeat
+# included, for all of it.
+INLINE_STARTS = 32
+# Longest the starter thread sleeps before looking at its stop flag again.
+STARTER_WAIT_S = 1.0
 
 
 class ThreadHandle(Protocol):
@@ -138,6 +145,10 @@ class Engine:
         self._owned: dict[str, _Owned] = {}
         self._stopping: dict[str, _Owned] = {}
         self._wanted: dict[str, QueueInfo] = {}
+        # Owned but not started yet, in the order set_owned gave them (see INLINE_STARTS).
+        self._pending: dict[str, QueueInfo] = {}
+        self._starts_wanted = threading.Event()
+        self._starter_stop = threading.Event()
         self._workers: list[Worker] = []
         self._workers_stop = threading.Event()
         self._acks_stop = threading.Event()
@@ -174,6 +185,9 @@ class Engine:
             self._threads.append(
                 self._spawner.spawn("async-handlers", self.bridge.run, self._workers_stop)
             )
+        self._threads.append(
+            self._spawner.spawn("poller-starter", self._run_starter, self._starter_stop)
+        )
         self._acks_thread = self._spawner.spawn("acks", self.acks.run, self._acks_stop)
         self._threads.append(self._acks_thread)
         for index in range(1, SENDER_THREADS):
@@ -196,20 +210,62 @@ class Engine:
             )
 
     def set_owned(self, queues: Iterable[QueueInfo]) -> None:
-        """Consume exactly these queues: start new ones, drain removed ones."""
+        """Consume exactly these queues: drain removed ones, start new ones.
+
+        Returns after starting at most INLINE_STARTS new queues: the starter thread starts
+        the rest, one at a time, so that taking thousands does not hold the caller (the
+        coordinator's round) for minutes.
+        """
         wanted = {q.name: q for q in queues}
         with self._lock:
             self._wanted = wanted
             for name in list(self._owned):
                 if name not in wanted:
                     self._stop_queue(name)
-            for name, info in wanted.items():
-                if name not in self._owned and name not in self._stopping:
-                    self._start_queue(info)
+            self._pending = {
+                name: info
+                for name, info in wanted.items()
+                if name not in self._owned and name not in self._stopping
+            }
+        self.start_pending(limit=INLINE_STARTS)
+        if self._pending:
+            self._starts_wanted.set()
+
+    def start_pending(
+        self, *, limit: int | None = None, stop: threading.Event | None = None
+    ) -> int:
+        """Start waiting queues (up to `limit`); returns how many. The lock is taken once per
+        queue, so the acks thread and set_owned never wait behind a long run of starts."""
+        started = 0
+        while (limit is None or started < limit) and not (stop is not None and stop.is_set()):
+            with self._lock:
+                if not self._pending or self.dispatcher_stopped:
+                    return started
+                name = next(iter(self._pending))
+                self._start_queue(self._pending.pop(name))
+            started += 1
+        return started
+
+    def _run_starter(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not self._starts_wanted.wait(STARTER_WAIT_S):
+                continue
+            self._starts_wanted.clear()
+            started_s = self._clock.monotonic()
+            count = self.start_pending(stop=stop)
+            if count:
+                logger.info(
+                    "pollers started",
+                    extra={
+                        "count": count,
+                        "duration_s": round(self._clock.monotonic() - started_s, 3),
+                    },
+                )
 
     def owned(self) -> tuple[str, ...]:
+        """The queues consumed now or about to be (a poller not started yet included)."""
         with self._lock:
-            return tuple(sorted(self._owned))
+            return tuple(sorted({*self._owned, *self._pending}))
 
     def pause_receiving(self) -> None:
         self.gate.pause()
@@ -232,7 +288,10 @@ class Engine:
     def stop_receiving(self) -> int:
         """Drain step 1: no receive starts from now on; unstarted messages are released."""
         released = self.dispatcher.stop_receiving()
+        self._starter_stop.set()
+        self._starts_wanted.set()
         with self._lock:
+            self._pending.clear()
             for owned in self._owned.values():
                 owned.stop.set()
         self.acks.wake_held_back()
@@ -270,6 +329,8 @@ class Engine:
         timeout; a worker still inside an abandoned handler is not waited for (its result is
         discarded, and it is a daemon thread), or the shutdown deadline would not hold.
         """
+        self._starter_stop.set()
+        self._starts_wanted.set()
         self._workers_stop.set()
         self._acks_stop.set()
         if self.bridge is not None:
