@@ -56,12 +56,19 @@ class Leases:
         self._clock = clock
         self._me = instance_id
         self.holdings = Holdings()
+        # Written into rows we take: the planning epoch's time, for the dwell (None: none).
+        self.moved_at_s: float | None = None
 
     def acquire(self, queue: str, url: str, previous: OwnershipRecord | None) -> bool:
         """Write the row naming us, conditional on `previous`; False if it had changed."""
         try:
             lease = self._table.acquire(
-                queue, url, owner=self._me, previous=previous, now_wall=self._clock.wall()
+                queue,
+                url,
+                owner=self._me,
+                previous=previous,
+                now_wall=self._clock.wall(),
+                moved_at=self.moved_at_s,
             )
         except ConditionFailed:
             self._ownership.distrust(queue)  # changed since we read it: read it again
@@ -157,5 +164,7 @@ class Leases:
         return True
 
     def _note(self, queue: str, url: str, lease: int) -> None:
-        record = OwnershipRecord(queue, url, self._me, lease, self._clock.wall())
+        record = OwnershipRecord(
+            queue, url, self._me, lease, self._clock.wall(), moved_at=self.moved_at_s
+        )
         self._ownership.note_write(record, queue)

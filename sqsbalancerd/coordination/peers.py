@@ -40,10 +40,12 @@ class Peers:
         self.agree = True  # every member in the ring reports our queue set
         self.older_alive: tuple[str, ...] = ()
         self.latest_wall_s = 0.0
+        self.records: dict[str, MemberRecord] = {}  # as last read (load summaries)
 
     def observe(self, *, is_draining: bool) -> tuple[str, ...]:
         """Read the member rows; the members in the ring (us too, unless draining)."""
         records = self._table.members()
+        self.records = {r.instance_id: r for r in records}
         self.liveness.observe(records)
         self.latest_wall_s = max([self.latest_wall_s, *(r.heartbeat_at for r in records)])
         in_ring = [r for r in records if self._counts_in_ring(r, is_draining=is_draining)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simdb import Faults, Meter
-from simworld import DAY_S, TABLE, Node, Settings, Violation, World
+from simworld import DAY_S, TABLE, Node, Settings, Violation, World, is_load_move_pending
 
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS
@@ -249,8 +249,11 @@ def settle_until(world: World, end_s: float) -> None:
     """Run until the cluster is settled for good (or the bound passes): every instance has
     refreshed discovery since the faults ended, none follows a handoff, and every queue
     has had one consumer for a few rounds."""
+    writes, written_s = world.db.queue_writes, world.now
     while world.now < end_s + SETTLE_BOUND_S:
         world.run_until(min(world.now + INTERVAL_S, end_s + SETTLE_BOUND_S))
+        if world.db.queue_writes != writes:
+            writes, written_s = world.db.queue_writes, world.now
         since = world.settled_since_s
         nodes = [n for n in world.nodes.values() if n.is_alive]
         if (
@@ -261,6 +264,8 @@ def settle_until(world: World, end_s: float) -> None:
             and not any(n.coordinator.is_following_handoff for n in nodes)
             # No plan pending (a view change still inside its rebalance_delay).
             and all(n.coordinator._applied == n.coordinator._view.key for n in nodes)
+            # Planning by load: no balance move left to make (none once dwells end).
+            and not any(is_load_move_pending(n, world, written_s) for n in nodes)
         ):
             return
 

@@ -26,13 +26,15 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from simdb import Faults, Meter, SimClient, SimDynamoDB, SimTable
 
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
+from sqsbalancerd.coordination.loadbalance import Epoch, assign
+from sqsbalancerd.coordination.loadsummary import LoadSummary, QueueSample
 from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
 from sqsbalancerd.errors import SqsBalancerError
@@ -176,6 +178,49 @@ class Settings:
     coordination: CoordinationSettings
     discovery_interval_s: float = 60.0
     skewed: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> setting changes
+    # Load-aware runs: each queue's demand in handler-s/s (None: nodes publish no load and
+    # the cluster plans by count, as before).
+    demand: Callable[[str], float] | None = None
+    workers: int = 8
+
+
+def is_load_move_pending(node: Node, world: World, rows_changed_s: float) -> bool:
+    """Load-aware planning has not settled yet: the node's latest complete epoch was
+    measured before the ownership rows last changed (world time `rows_changed_s`), or
+    planning from it once every dwell and ramp is over would still move a queue."""
+    coordinator = node.coordinator
+    context = coordinator._load
+    if coordinator._load_source is None:
+        return False
+    clock = world.nodes.get(context.epoch.token.split(":")[0]) if context else None
+    if context is None or clock is None:
+        return True
+    started_s = context.epoch.now_s - WALL_EPOCH_S - clock.clock.wall_skew_s
+    if started_s <= rows_changed_s:
+        return True
+    later = replace(context, epoch=Epoch(context.epoch.token, context.epoch.now_s + DAY_S))
+    found = assign(
+        later,
+        queues=coordinator._view.queues,
+        members=coordinator._view.members,
+        rows=coordinator._rows(),
+        owners=coordinator._owners(),
+        settings=coordinator._plan_settings,
+    )
+    return bool(found.moves)
+
+
+def served_load(engine: SimEngine, settings: Settings) -> LoadSummary:
+    """What a node measures: its queues' demand, capped together at its workers (a
+    saturated instance serves no more than it can, and under-reports)."""
+    assert settings.demand is not None
+    wanted = {q: settings.demand(q) for q in sorted(engine.consuming())}
+    total = sum(wanted.values())
+    scale = min(1.0, settings.workers / total) if total > 0 else 1.0
+    samples = tuple(
+        QueueSample(q, d * scale, 10 * d * scale, 0) for q, d in wanted.items() if d > 0
+    )
+    return LoadSummary(min(1.0, total / settings.workers), samples)
 
 
 class World:
@@ -230,6 +275,8 @@ class World:
         client = SimClient(self.db, faults=Faults(), sleep=self.sleep)
         engine = SimEngine(self, random.Random(self.rng.random()))
         exits: list[str] = []
+        sim = self.settings
+        load = None if sim.demand is None else (lambda: served_load(engine, sim))
         coordinator = DynamoCoordinator(
             table=CoordinationTable(client, table_name=TABLE, application="sim", clock=clock),  # type: ignore[arg-type]
             settings=settings,
@@ -240,6 +287,8 @@ class World:
             control=engine.control(),
             spawn=lambda name, run, stop: None,
             fail=exits.append,
+            load_source=load,
+            workers=sim.workers,
         )
         every = self.settings.discovery_interval_s
         node = Node(
