@@ -88,6 +88,8 @@ class CoordinationSettings(_Section):
     load_interval: LoopSeconds = 60.0
     # A queue moved for balance stays put at least this long (no flapping on noise).
     load_min_dwell: Seconds = 300.0
+    # Most owners one hot queue may have (each with a row of its own); 1: never shared.
+    max_replicas: int = Field(default=128, ge=1, le=1_000)
 
     @model_validator(mode="after")
     def _check_timings(self) -> CoordinationSettings:

@@ -56,6 +56,7 @@ from sqsbalancerd.coordination.loadbalance import (
 from sqsbalancerd.coordination.loadplan import PlanSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
 from sqsbalancerd.coordination.peers import Peers
+from sqsbalancerd.coordination.replicas import base_of
 from sqsbalancerd.coordination.ring import capacity, rebalance
 from sqsbalancerd.coordination.rows import OwnershipView
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, inspect
@@ -186,7 +187,7 @@ class DynamoCoordinator:
             load_factor=settings.load_factor,
             virtual_nodes=settings.virtual_nodes,
             min_dwell_s=settings.load_min_dwell,
-            max_replicas=1,  # one owner per queue: replica rows are not part of the protocol
+            max_replicas=settings.max_replicas,
         )
         self._assigned: tuple[object, Assignment] | None = None  # the last plan, by inputs
 
@@ -391,7 +392,7 @@ class DynamoCoordinator:
             # Members see different queue sets (discovery is not synchronised): moving a
             # queue for balance now would move it back once they agree. Keep what we hold
             # and take only free rows; the balance moves wait for agreement.
-            held = {q for q in self._holdings.leases if q in self._queues}
+            held = {q for q in self._holdings.leases if base_of(q) in self._queues}
             self._target |= frozenset(held) | self._free_known(owners)
         interval = self._settings.heartbeat_interval
         self._release_at_s = self._round_started_s + RELEASE_DELAY_ROUNDS * interval
@@ -451,7 +452,8 @@ class DynamoCoordinator:
         self._planning = context
         owners = self._owners()
         found = self._assign(owners)
-        if all(owners.get(q) == found.owners.get(q) for q in self._view.queues):
+        known = set(self._view.queues)
+        if found.owners == {s: o for s, o in owners.items() if base_of(s) in known}:
             return
         self._plan(owners)
         self._handoff = Handoff(planned_at_s=self._round_started_s)
@@ -541,7 +543,7 @@ class DynamoCoordinator:
             held=holdings.leases,
             unreleased=holdings.unreleased,
             wanted=self._target,
-            known=self._queues,
+            known=self._known_slots(),
             members=set(self._view.members),
             is_dead=self._liveness.is_dead,
         )
@@ -560,7 +562,7 @@ class DynamoCoordinator:
             held=self._holdings.leases,
             unreleased=self._holdings.unreleased,
             wanted=self._target,
-            known=self._queues,
+            known=self._known_slots(),
             members=set(self._view.members),
             is_dead=self._liveness.is_dead,
         )
@@ -590,7 +592,7 @@ class DynamoCoordinator:
     def _rewrite_row(self, queue: str) -> bool:
         """A row of ours deleted or damaged by hand: write it again (before anyone may take
         it: an acquirer waits `_vanished_wait_s` for a row it saw vanish), or stop."""
-        info = self._queues.get(queue)
+        info = self._queues.get(base_of(queue))
         if info is None:
             return False
         previous = self._rows().get(queue)  # None, or ours with a damaged lease
@@ -607,7 +609,9 @@ class DynamoCoordinator:
     def _follow_handoff(self) -> None:
         if self._is_draining or self._fence.is_fenced:
             return
-        wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
+        wanted = {
+            q for q in self._target - set(self._holdings.leases) if base_of(q) in self._queues
+        }
         if wanted and not self._peers.older_alive:
             rows = self._rows()
             for queue in sorted(wanted):
@@ -621,16 +625,21 @@ class DynamoCoordinator:
     def _check_handoff(self, handoff: Handoff, owners: dict[str, str]) -> None:
         if handoff.planned_at_s == self._round_started_s:
             return  # planned from these very rows this round
-        queues = self._view.queues
-        current = {queue: owners.get(queue) for queue in queues}
+        queues = set(self._view.queues)
+        fixed = self._assign(owners).owners
+        # Every slot the plan has (a shared queue has several), and every queue: a queue
+        # without any owner is not settled even if no plan is possible (no members).
+        slots = queues | set(fixed) if self._view.is_agreed else queues
+        current = {slot: owners.get(slot) for slot in sorted(slots)}
         settled = is_settled(
             current,
             members=self._view.members,
             is_agreed=self._view.is_agreed,
-            fixed=lambda: self._assign(owners).owners,
+            fixed=lambda: fixed,
         )
+        draining = {s for s in self._holdings.releasing if base_of(s) in queues}
         # A queue we are still draining frees its row later: keep following until it has.
-        if settled and not self._holdings.releasing & set(queues):
+        if settled and not draining:
             # What the rows say is what everyone keeps now; a plan of ours made from other
             # rows or another view must not release anything later.
             self._target = frozenset(q for q, owner in current.items() if owner == self.instance_id)
@@ -685,13 +694,13 @@ class DynamoCoordinator:
                 "taking over a queue from a dead instance",
                 extra={"queue": queue, "instance": row.owner},
             )
-        self._leases.acquire(queue, self._queues[queue].url, row)
+        self._leases.acquire(queue, self._queues[base_of(queue)].url, row)
 
     def reconcile_released(self) -> None:
         """Release what the engine drained, and announce it now: the planned owner reads
         the shard at its next round instead of one round after our next."""
         with self._lock:
-            if not self._holdings.drained:
+            if not (self._holdings.drained or self._holdings.unused):
                 return
             self._leases.settle_drained(self._url_of)
             try:
@@ -704,12 +713,24 @@ class DynamoCoordinator:
 
     def _url_of(self, queue: str) -> str | None:
         """A known queue's URL; None for one that is gone (its row is deleted, not freed)."""
-        info = self._queues.get(queue)
+        info = self._queues.get(base_of(queue))
         return info.url if info is not None else None
 
     def _push_owned(self) -> None:
-        consuming = self._holdings.consuming
+        """The engine consumes a queue while we hold any of its slots (replicas.py)."""
+        holdings = self._holdings
+        consuming = {base_of(slot) for slot in holdings.consuming}
+        # A slot given up while we consume its queue through another has nothing to drain
+        # (the engine goes on): release it now, or it would wait for ever.
+        holdings.unused |= {s for s in holdings.releasing if base_of(s) in consuming}
         self._set_owned([self._queues[q] for q in sorted(consuming) if q in self._queues])
+
+    def _known_slots(self) -> set[str]:
+        """Rows the sweep keeps: known queues, the slots of our last plan, ours. A free
+        replica row nobody plans (a queue shared no more) is stale: deleted."""
+        planned = set(self._assigned[1].owners) if self._assigned is not None else set()
+        slots = planned | set(self._holdings.leases) | set(self._holdings.unreleased)
+        return set(self._queues) | {s for s in slots if base_of(s) in self._queues}
 
     # -- fencing --------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqsbalancerd.coordination import loadsummary
 from sqsbalancerd.coordination.loadplan import (
@@ -40,6 +40,7 @@ from sqsbalancerd.coordination.loadplan import (
     QueueLoad,
     plan,
 )
+from sqsbalancerd.coordination.replicas import base_of, holders, place
 from sqsbalancerd.coordination.table import MemberRecord, OwnershipRecord
 
 
@@ -102,8 +103,9 @@ def complete_context(
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    owners: dict[str, str]
+    owners: dict[str, str]  # slot (replicas.py) -> owner
     moves: tuple[Move, ...]
+    replicas: Mapping[str, int] = field(default_factory=dict)  # queues with k > 1 owners
 
 
 def assign(
@@ -115,13 +117,19 @@ def assign(
     owners: Mapping[str, str],
     settings: PlanSettings,
 ) -> Assignment:
-    """Each queue's one owner by load (replicas are not planned: max_replicas is 1).
+    """Each queue's owners by load, as slot -> owner (a hot queue has several slots).
 
-    ``owners``: the current owner of each queue (the rows, with what we hold).
-    ``rows``: for each queue's last move."""
+    ``owners``: each slot's current owner (the rows, with what we hold).
+    ``rows``: for each queue's last move (the latest of its slots')."""
     loads = {m: _member(context, m) for m in members}
-    current: dict[str, Owners] = {q: (owners[q],) for q in queues if q in owners}
-    moved_at = {q: _moved_at(rows[q]) for q in queues if q in rows and rows[q].owner}
+    known = set(queues)
+    ours = {s: o for s, o in owners.items() if base_of(s) in known}
+    current: dict[str, Owners] = {q: tuple(sorted(h)) for q, h in holders(ours).items()}
+    moved_at: dict[str, float] = {}
+    for slot, row in rows.items():
+        queue = base_of(slot)
+        if row.owner and queue in known:
+            moved_at[queue] = max(moved_at.get(queue, -math.inf), _moved_at(row))
     result = plan(
         queues,
         context.loads,
@@ -131,7 +139,8 @@ def assign(
         now_s=context.epoch.now_s,
         settings=settings,
     )
-    return Assignment({q: o[0] for q, o in result.owners.items() if o}, result.moves)
+    shared = {q: len(o) for q, o in result.owners.items() if len(o) > 1}
+    return Assignment(place(result.owners, ours), result.moves, shared)
 
 
 def _moved_at(row: OwnershipRecord) -> float:

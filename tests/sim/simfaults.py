@@ -16,6 +16,7 @@ from simdb import Faults, Meter
 from simworld import DAY_S, TABLE, Node, Settings, Violation, World, is_load_move_pending
 
 from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination.replicas import split
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS
 
 INTERVAL_S = 10.0  # the defaults: heartbeat_interval, heartbeat_timeout, rebalance_delay
@@ -56,6 +57,7 @@ class Result:
     meters: dict[str, Meter]
     faults: list[str] = field(default_factory=list)
     longest_overlap_s: dict[str, float] = field(default_factory=dict)  # queue -> s
+    most_replicas: dict[str, int] = field(default_factory=dict)  # shared queues -> most k
 
     @property
     def kinds(self) -> set[str]:
@@ -286,7 +288,7 @@ def check_quiet_table(world: World, writes_before_hold: int) -> None:
     stale = sorted(
         sk.removeprefix("queue#")
         for _, sk in world.db.items[TABLE]
-        if sk.startswith("queue#") and sk.removeprefix("queue#") not in world.queues
+        if sk.startswith("queue#") and split(sk.removeprefix("queue#"))[0] not in world.queues
     )
     if stale:
         world.violate("stale_rows", f"ownership rows of deleted queues: {stale[:4]}")
@@ -329,4 +331,5 @@ def run(
         meters=world.meters(),
         faults=schedule.faults,
         longest_overlap_s=world.longest_overlap_s,
+        most_replicas={q: k for q, k in world.most_replicas.items() if k > 1},
     )

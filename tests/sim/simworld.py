@@ -35,6 +35,7 @@ from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
 from sqsbalancerd.coordination.loadbalance import Epoch, assign
 from sqsbalancerd.coordination.loadsummary import LoadSummary, QueueSample
+from sqsbalancerd.coordination.replicas import split
 from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
 from sqsbalancerd.errors import SqsBalancerError
@@ -74,9 +75,17 @@ class SimEngine:
     is_paused: bool = False
     polls_end_s: float = 0.0
     budget: Callable[[], float | None] = lambda: None
+    # The slots (coordination/replicas.py) the coordinator holds, and for each queue the
+    # one we receive under: the exclusivity check is per (queue, replica).
+    slots: Callable[[], set[str]] = set
+    slot_of: dict[str, str] = field(default_factory=dict)
 
     def set_owned(self, queues: Iterable[QueueInfo]) -> None:
         self.wanted = {q.name for q in queues}
+        held: dict[str, str] = {}
+        for slot in sorted(self.slots(), key=lambda s: split(s)[1], reverse=True):
+            held[split(slot)[0]] = slot  # the lowest index wins
+        self.slot_of.update({q: held[q] for q in self.wanted if q in held})
         for name in sorted(self.owned - self.wanted):
             self.owned.discard(name)
             # An in-flight long poll may run up to its wait before the queue is drained.
@@ -138,6 +147,10 @@ class SimEngine:
         if self.is_paused and self.world.now >= self.polls_end_s:
             return polling
         return self.owned | polling
+
+    def occupied(self) -> set[str]:
+        """The slots we may receive under now: one per receivable queue."""
+        return {self.slot_of.get(q, q) for q in self.allowed()}
 
     def consuming(self) -> set[str]:
         budget = self.budget()
@@ -210,11 +223,17 @@ def is_load_move_pending(node: Node, world: World, rows_changed_s: float) -> boo
     return bool(found.moves)
 
 
-def served_load(engine: SimEngine, settings: Settings) -> LoadSummary:
-    """What a node measures: its queues' demand, capped together at its workers (a
-    saturated instance serves no more than it can, and under-reports)."""
+def served_load(engine: SimEngine, world: World) -> LoadSummary:
+    """What a node measures: its share of its queues' demand (split evenly over a queue's
+    consumers), capped together at its workers (a saturated instance serves no more than
+    it can, and under-reports)."""
+    settings = world.settings
     assert settings.demand is not None
-    wanted = {q: settings.demand(q) for q in sorted(engine.consuming())}
+    consumers = world.consumers()
+    wanted = {
+        q: settings.demand(q) / max(1, len(consumers.get(q, ())))
+        for q in sorted(engine.consuming())
+    }
     total = sum(wanted.values())
     scale = min(1.0, settings.workers / total) if total > 0 else 1.0
     samples = tuple(
@@ -254,6 +273,7 @@ class World:
         # How long two instances may have received from one queue at once, per queue.
         self._overlap_since: dict[str, float] = {}
         self.longest_overlap_s: dict[str, float] = {}
+        self.most_replicas: dict[str, int] = {}  # queue -> the most replicas any plan gave
 
     # -- building ---------------------------------------------------------------------------
 
@@ -276,7 +296,7 @@ class World:
         engine = SimEngine(self, random.Random(self.rng.random()))
         exits: list[str] = []
         sim = self.settings
-        load = None if sim.demand is None else (lambda: served_load(engine, sim))
+        load = None if sim.demand is None else (lambda: served_load(engine, self))
         coordinator = DynamoCoordinator(
             table=CoordinationTable(client, table_name=TABLE, application="sim", clock=clock),  # type: ignore[arg-type]
             settings=settings,
@@ -290,6 +310,7 @@ class World:
             load_source=load,
             workers=sim.workers,
         )
+        engine.slots = lambda: coordinator._holdings.consuming
         every = self.settings.discovery_interval_s
         node = Node(
             instance_id, clock, client, engine, coordinator, every, self.now + every, exits=exits
@@ -398,18 +419,35 @@ class World:
     def check(self) -> None:
         self._checked_at_s = self.now
         holders: dict[str, list[str]] = {}
+        sharing: dict[str, list[str]] = {}
         for node in self.nodes.values():
             if node.is_alive:
-                for queue in node.engine.allowed():
-                    holders.setdefault(queue, []).append(node.instance_id)
+                for slot in node.engine.occupied():
+                    holders.setdefault(slot, []).append(node.instance_id)
+                    sharing.setdefault(split(slot)[0], []).append(slot)
         self._time_overlaps({q for q, ids in holders.items() if len(ids) > 1})
         for queue, ids in sorted(holders.items()):
             if len(ids) > 1:
                 detail = f"{queue} receivable by {sorted(ids)}"
                 if not any(v.kind == "exclusive" and v.detail == detail for v in self.violations):
                     self.violate("exclusive", detail)
+        self._check_replicas(sharing)
         if self.is_checking_settled:
             self._check_settled()
+
+    def _check_replicas(self, sharing: dict[str, list[str]]) -> None:
+        """No queue receivable under more slots than any plan gave it replicas (two
+        instances under one slot are the exclusivity check's)."""
+        for node in self.nodes.values():
+            assigned = node.coordinator._assigned
+            for queue, k in assigned[1].replicas.items() if assigned else ():
+                self.most_replicas[queue] = max(self.most_replicas.get(queue, 1), k)
+        for queue, slots in sorted(sharing.items()):
+            most = self.most_replicas.get(queue, 1)
+            if len(set(slots)) > most:
+                detail = f"{queue} receivable under {sorted(set(slots))}, at most {most} planned"
+                if not any(v.kind == "replicas" and v.detail == detail for v in self.violations):
+                    self.violate("replicas", detail)
 
     def _time_overlaps(self, shared: set[str]) -> None:
         for queue in shared:
@@ -428,7 +466,10 @@ class World:
         return out
 
     def is_settled(self) -> bool:
-        return all(len(ids) == 1 for ids in self.consumers().values())
+        """Every queue has a consumer, and no more than its replicas (one unless shared)."""
+        return all(
+            1 <= len(ids) <= self.most_replicas.get(q, 1) for q, ids in self.consumers().items()
+        )
 
     def _check_settled(self) -> None:
         if self.is_settled():

@@ -17,7 +17,7 @@ from simworld import Settings, World, served_load
 
 SEEDS = int(os.environ.get("SQSB_SIM_LOAD_SEEDS", "300"))
 CI_KINDS = tuple(kind for kind in KINDS if kind != "delete_ownership_row")  # as test_simulation
-SAFETY = {"exclusive", "exit"}
+SAFETY = {"exclusive", "exit", "replicas"}
 QUEUES = [f"tenant-{index:02d}" for index in range(40)]
 HOT = {"tenant-03": 3.0, "tenant-11": 2.5, "tenant-17": 2.0, "tenant-29": 2.0}
 
@@ -27,6 +27,12 @@ def demand(queue: str) -> float:
     if queue in HOT:
         return HOT[queue]
     return 0.3 if zlib.crc32(queue.encode()) % 3 == 0 else 0.01
+
+
+def fault_demand(queue: str) -> float:
+    """For the fault schedules' queues (q-00...): one in five hot enough to be shared."""
+    crc = zlib.crc32(queue.encode())
+    return 2.5 if crc % 5 == 0 else demand(queue)
 
 
 def _world(balance: str) -> World:
@@ -44,7 +50,7 @@ def _world(balance: str) -> World:
 def _spread(world: World) -> float:
     """Most loaded node over the mean, by what each serves."""
     loads = [
-        sum(s.handler_s_per_s for s in served_load(n.engine, world.settings).queues)
+        sum(s.handler_s_per_s for s in served_load(n.engine, world).queues)
         for n in world.nodes.values()
     ]
     return max(loads) / (sum(loads) / len(loads))
@@ -73,16 +79,18 @@ def test_a_steady_load_moves_nothing() -> None:
 @pytest.mark.timeout(max(300, SEEDS))  # ~0.1 s of CPU a schedule
 def test_seeded_schedules_hold_every_invariant_when_planning_by_load() -> None:
     settings = Settings(
-        coordination=coordination(load_interval=30.0, load_min_dwell=60.0), demand=demand
+        coordination=coordination(load_interval=30.0, load_min_dwell=60.0), demand=fault_demand
     )
-    unsafe, unsettled = [], []
+    unsafe, unsettled, shared = [], [], 0
     for seed in range(SEEDS):
         result = run(seed, kinds=CI_KINDS, settings=settings)
+        shared += bool(result.most_replicas)
         if not result.violations:
             continue
         line = f"seed {seed}: {result.violations[0]} (faults: {result.faults})"
         (unsafe if result.kinds & SAFETY else unsettled).append(line)
     assert not unsafe, f"{len(unsafe)} of {SEEDS} schedules broke safety:\n" + "\n".join(unsafe)
+    assert shared >= SEEDS // 2  # most schedules share a queue: replicas are exercised
     # Liveness: as the count-based runs allow, plus balance moves the ramp or a dwell holds
     # back until past the settle bound (worlds of 3-10 queues where one queue is several
     # fair shares): 7 of 300 at the time of writing, 2 of them failing by count as well.
