@@ -332,7 +332,10 @@ class Application:
 
     def _load_source(self, engine: Engine) -> Callable[[], LoadSummary]:
         """The coordinator's once-an-epoch summary: the engine's rates, as loadsummary has it."""
-        meter = LoadMeter(workers=self.settings.workers.pool_size)
+        meter = LoadMeter(
+            workers=self.settings.workers.pool_size,
+            tau_s=self.settings.coordination.load_interval / 2,
+        )
 
         def summary() -> LoadSummary:
             signals = meter.sample(

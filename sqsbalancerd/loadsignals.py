@@ -2,8 +2,11 @@
 
 Read once a heartbeat from the cumulative figures `Stats` keeps anyway (handler-duration
 histograms, received counters, receive fullness), so the hot path pays nothing extra beyond
-one counter per receive call. Rates are exponentially decayed (time constant `tau_s`): a
-burst is not a trend, and a queue that stopped decays to zero instead of vanishing.
+one counter per receive call. Rates are exponentially decayed (time constant `tau_s`, half
+a planning epoch: the summary weighs the epoch's second half most): a burst is not a trend,
+and a queue that stopped decays to zero instead of vanishing. A queue's first interval is
+taken as it is, undamped: a queue just taken over must not read as idle for an epoch (its
+new owner has no history of it, and the planner would place it by count).
 
 - handler-s/s: handler time spent on a queue per second (what the planner balances);
 - messages/s: messages received per second;
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sqsbalancerd.stats import LoadTotals
 
-TAU_S = 30.0  # three heartbeats at the default interval
+TAU_S = 30.0  # half the default planning epoch (app.py passes half of load_interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,8 @@ class LoadMeter:
         messages = _delta(now.received, before.received)
         receives = _delta(now.receives, before.receives)
         full = _delta(now.full_receives, before.full_receives)
+        if queue not in self._rates:
+            alpha = 1.0  # no history: the first interval as it is
         rate = self._rates.setdefault(queue, _Rate())
         rate.handler += alpha * (handler / dt - rate.handler)
         rate.messages += alpha * (messages / dt - rate.messages)

@@ -81,3 +81,12 @@ def test_stats_keep_what_the_meter_reads() -> None:
     }
     stats.forget_queue("orders")
     assert stats.load_totals() == {}
+
+
+def test_a_queue_just_taken_over_reads_its_first_interval_undamped() -> None:
+    meter = LoadMeter(workers=4, tau_s=30.0)
+    meter.sample(0.0, {})
+    signals = meter.sample(2.0, {"hot": LoadTotals(handler_s=8.0)})  # 4 handler-s/s
+    assert signals.queues[0].handler_s_per_s == pytest.approx(4.0)
+    later = meter.sample(4.0, {"hot": LoadTotals(handler_s=8.0)})  # stopped: decays slowly
+    assert 3.5 < later.queues[0].handler_s_per_s < 4.0
