@@ -108,6 +108,11 @@ class CoordinationStats:
     heartbeat_age_s: float | None
     rebalances: int
     is_fenced: bool
+    # Load-aware planning: our utilisation and per-queue handler-s/s as last published,
+    # and the owner count of each queue shared among several (None: nothing published).
+    utilisation: float | None = None
+    queue_loads: dict[str, float] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.table import Table
 
 from sqsbalancerd.clock import Clock
+from sqsbalancerd.coordination import loadsummary
 from sqsbalancerd.coordination.membership import LivenessTracker
 from sqsbalancerd.coordination.ring import capacity
 from sqsbalancerd.coordination.table import CoordinationTable, OwnershipRecord
@@ -62,13 +63,15 @@ class InstanceView:
     queues: tuple[str, ...]
     started_at: float
     protocol: int
+    utilisation: float | None = None  # as its last load summary says (None: none)
 
 
 @dataclass(frozen=True, slots=True)
 class QueueView:
-    queue: str
+    queue: str  # a shared queue's replica rows are listed as <queue>#r<i> (replicas.py)
     queue_url: str
     owner: str | None
+    load: float | None = None  # handler-s/s over its owners' summaries (busy queues only)
     # --details only: as GetQueueAttributes answered
     messages: int | None = None
     messages_in_flight: int | None = None
@@ -245,6 +248,12 @@ class StatusReader:
             queues = _queue_views(rows, list(snapshot.discovered))
         else:
             queues = _listed_views(rows, snapshot)
+        summaries = {m.instance_id: loadsummary.decode(m.load) for m in members.values() if m.load}
+        loads = loadsummary.queue_loads(summaries.values())
+        queues = tuple(
+            replace(v, load=loads[v.queue].handler_s_per_s) if v.queue in loads else v
+            for v in queues
+        )
         owned: dict[str, list[str]] = {}
         for view in queues:
             if view.owner:
@@ -259,6 +268,9 @@ class StatusReader:
                 queues=tuple(sorted(owned.get(m.instance_id, []))),
                 started_at=m.started_at,
                 protocol=m.protocol,
+                utilisation=(
+                    summaries[m.instance_id].utilisation if m.instance_id in summaries else None
+                ),
             )
             for m in sorted(members.values(), key=lambda m: m.instance_id)
         )
@@ -377,7 +389,17 @@ def render_status(
 ) -> None:
     console = console or Console()
     instances = Table(title=f"{report.application}: instances (table {report.table})")
-    for column in ("instance", "host", "status", "alive", "heartbeat age s", "queues", "started"):
+    columns = (
+        "instance",
+        "host",
+        "status",
+        "alive",
+        "heartbeat age s",
+        "queues",
+        "busy",
+        "started",
+    )
+    for column in columns:
         instances.add_column(column)
     for i in report.instances:
         started = datetime.fromtimestamp(i.started_at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -388,6 +410,7 @@ def render_status(
             "[green]yes[/]" if i.alive else "[red]no[/]",
             f"{i.heartbeat_age_seconds:.1f}",
             str(len(i.queues)),
+            "" if i.utilisation is None else f"{i.utilisation:.0%}",
             started,
         )
     console.print(instances)
@@ -404,12 +427,14 @@ def _queue_table(views: tuple[QueueView, ...], *, is_detailed: bool) -> Table:
     table = Table(title="queues")
     table.add_column("queue")
     table.add_column("owner")
+    table.add_column("load", justify="right")
     if is_detailed:
         for column in ("messages", "in flight"):
             table.add_column(column, justify="right")
         table.add_column("redrive")
     for q in views:
-        cells = [q.queue, q.owner or "[red]none[/]"]
+        load = "" if q.load is None else f"{q.load:.2f}"
+        cells = [q.queue, q.owner or "[red]none[/]", load]
         if is_detailed:
             cells += [_cell(q.messages), _cell(q.messages_in_flight), _yes_no(q.has_redrive_policy)]
         table.add_row(*cells)

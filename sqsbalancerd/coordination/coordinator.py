@@ -32,6 +32,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqsbalancerd.aws import describe_error, is_transient
 from sqsbalancerd.clock import Clock
@@ -177,6 +178,7 @@ class DynamoCoordinator:
         self._workers = workers
         self._published_epoch = ""
         self._joined_epoch_s: float | None = None
+        self._published: loadsummary.LoadSummary | None = None  # for snapshot()
         self._load: LoadContext | None = None  # the latest complete epoch
         # The epoch plans and handoff checks weigh by: the latest one between handoffs,
         # pinned during one, so that a handoff is judged by the plan it follows (a newer
@@ -423,7 +425,9 @@ class DynamoCoordinator:
             self._published_epoch = epoch.token
             if self._joined_epoch_s is None:
                 self._joined_epoch_s = epoch.now_s
-            summary = loadsummary.encode(self._load_source())
+            measured = self._load_source()
+            self._published = measured
+            summary = loadsummary.encode(measured)
             self._membership.pending_load = (
                 epoch.token,
                 summary,
@@ -770,7 +774,23 @@ class DynamoCoordinator:
             heartbeat_age_s=None if renewed is None else self._clock.monotonic() - renewed,
             rebalances=self._rebalances,
             is_fenced=self._fence.is_fenced,
+            **self._load_stats(),
         )
+
+    def _load_stats(self) -> dict[str, Any]:
+        published = self._published
+        if published is None:
+            return {}
+        assigned = self._assigned[1].replicas if self._assigned is not None else {}
+        return {
+            "utilisation": published.utilisation,
+            "queue_loads": {
+                s.queue: s.handler_s_per_s
+                for s in published.queues
+                if s.handler_s_per_s > loadsummary.MIN_LOAD
+            },
+            "replicas": dict(assigned),
+        }
 
 
 def _history(row: OwnershipRecord | None) -> tuple[float, float]:
