@@ -79,7 +79,8 @@ def test_a_steady_load_moves_nothing() -> None:
 @pytest.mark.timeout(max(300, SEEDS))  # ~0.1 s of CPU a schedule
 def test_seeded_schedules_hold_every_invariant_when_planning_by_load() -> None:
     settings = Settings(
-        coordination=coordination(load_interval=30.0, load_min_dwell=60.0), demand=fault_demand
+        coordination=coordination(balance="load", load_interval=30.0, load_min_dwell=60.0),
+        demand=fault_demand,
     )
     unsafe, unsettled, shared = [], [], 0
     for seed in range(SEEDS):
