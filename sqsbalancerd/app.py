@@ -26,6 +26,7 @@ from sqsbalancerd.aws import (
 from sqsbalancerd.clock import Clock, SystemClock
 from sqsbalancerd.config import Settings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
+from sqsbalancerd.coordination.loadsummary import LoadSummary, QueueSample
 from sqsbalancerd.coordination.standalone import StandaloneCoordinator
 from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.dataplane import lean_or_plain
@@ -34,6 +35,7 @@ from sqsbalancerd.engine.consumer import Engine, HandlerSet
 from sqsbalancerd.engine.workers import Tracing
 from sqsbalancerd.errors import AwsUnavailableError, ConfigError, SqsBalancerError
 from sqsbalancerd.handler import resolve_handler, resolve_hook
+from sqsbalancerd.loadsignals import LoadMeter
 from sqsbalancerd.observability.backlog import BacklogSampler
 from sqsbalancerd.observability.health import HealthReport, liveness, readiness
 from sqsbalancerd.observability.http import HttpServer
@@ -324,7 +326,28 @@ class Application:
             ),
             spawn=spawner.spawn,
             fail=fail,
+            load_source=self._load_source(engine),
+            workers=settings.workers.pool_size,
         )
+
+    def _load_source(self, engine: Engine) -> Callable[[], LoadSummary]:
+        """The coordinator's once-an-epoch summary: the engine's rates, as loadsummary has it."""
+        meter = LoadMeter(
+            workers=self.settings.workers.pool_size,
+            tau_s=self.settings.coordination.load_interval / 2,
+        )
+
+        def summary() -> LoadSummary:
+            signals = meter.sample(
+                self.clock.monotonic(), self.stats.load_totals(), owned=frozenset(engine.owned())
+            )
+            samples = tuple(
+                QueueSample(q.queue, q.handler_s_per_s, q.messages_per_s, q.backlog)
+                for q in signals.queues
+            )
+            return LoadSummary(signals.utilisation, samples)
+
+        return summary
 
     def _first_discovery(self, loop: DiscoveryLoop) -> None:
         try:

@@ -81,6 +81,16 @@ class CoordinationSettings(_Section):
     virtual_nodes: int = Field(default=150, ge=1, le=10_000)
     load_factor: float = Field(default=1.10, ge=1.0, le=10.0)
     fence_margin: PositiveSeconds | None = None
+    # "load": place queues by measured handler time and share hot ones (README "How
+    # balancing works"); "count": by queue count only. Opt-in while the end-to-end figures
+    # fall short (docs/load-planning.md). Every instance should run the same.
+    balance: Literal["load", "count"] = "count"
+    # Length of a planning epoch: load summaries are measured and published once per epoch.
+    load_interval: LoopSeconds = 60.0
+    # A queue moved for balance stays put at least this long (no flapping on noise).
+    load_min_dwell: Seconds = 300.0
+    # Most owners one hot queue may have (each with a row of its own); 1: never shared.
+    max_replicas: int = Field(default=128, ge=1, le=1_000)
 
     @model_validator(mode="after")
     def _check_timings(self) -> CoordinationSettings:

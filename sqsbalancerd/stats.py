@@ -91,6 +91,16 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadTotals:
+    """Cumulative since the queue's counters were created (they reset on `forget_queue`)."""
+
+    handler_s: float = 0.0  # handler time spent on the queue's messages
+    received: int = 0  # messages
+    receives: int = 0
+    full_receives: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CoordinationStats:
     mode: str
     is_registered: bool
@@ -98,6 +108,11 @@ class CoordinationStats:
     heartbeat_age_s: float | None
     rebalances: int
     is_fenced: bool
+    # Load-aware planning: our utilisation and per-queue handler-s/s as last published,
+    # and the owner count of each queue shared among several (None: nothing published).
+    utilisation: float | None = None
+    queue_loads: dict[str, float] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +161,8 @@ class Stats:
         self._ages: dict[str, Histogram] = defaultdict(Histogram)
         self._failure_streaks: dict[str, int] = defaultdict(int)
         self._retired: dict[str, int] = dict.fromkeys(QUEUE_COUNTERS, 0)
+        # Per queue: [receive calls, receives that came back full] (load signals).
+        self._receives: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
     def forget_queue(self, queue: str) -> None:
         """The queue went away: drop its per-queue counters and histograms (and so its
@@ -157,6 +174,7 @@ class Stats:
                 self._retired[name] += value
             self._durations.pop(queue, None)
             self._ages.pop(queue, None)
+            self._receives.pop(queue, None)
 
     def retired_counters(self) -> dict[str, int]:
         with self._lock:
@@ -181,6 +199,28 @@ class Stats:
     def observe_age(self, queue: str, age_s: float) -> None:
         with self._lock:
             self._ages[queue].observe(age_s)
+
+    def note_receive(self, queue: str, *, is_full: bool) -> None:
+        """One receive call answered (load signals: how often receives come back full)."""
+        with self._lock:
+            counts = self._receives[queue]
+            counts[0] += 1
+            counts[1] += is_full
+
+    def load_totals(self) -> dict[str, LoadTotals]:
+        """Cumulative per-queue figures the load meter turns into rates (loadsignals.py):
+        read from what the hot path records anyway, so measuring load costs it nothing."""
+        with self._lock:
+            names = set(self._durations) | set(self._receives)
+            return {
+                q: LoadTotals(
+                    handler_s=self._durations[q].total if q in self._durations else 0.0,
+                    received=self._queues[q]["received"] if q in self._queues else 0,
+                    receives=self._receives[q][0] if q in self._receives else 0,
+                    full_receives=self._receives[q][1] if q in self._receives else 0,
+                )
+                for q in names
+            }
 
     def queue_counters(self) -> dict[str, dict[str, int]]:
         with self._lock:

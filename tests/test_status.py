@@ -3,6 +3,7 @@ when watching (moto)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
+from rich.console import Console
 from support import FakeClock
 
 from sqsbalancerd.config import DiscoverySettings
@@ -25,6 +27,7 @@ from sqsbalancerd.status import (
     StatusReader,
     StatusReport,
     read_report,
+    render_status,
     warnings_for,
     watch,
 )
@@ -300,3 +303,23 @@ def test_one_read_calls_an_instance_one_renewal_late_alive_and_a_stale_one_dead(
     alive = reader.read_once(clock.advance)  # neither counter moves in the 6.25 s
 
     assert alive == {"late": True, "stale": False}
+
+
+def test_status_shows_each_instances_utilisation_and_each_busy_queues_load(aws):
+    sqs, table, clock = aws
+    urls = create_queues(sqs, ["st-hot", "st-cold"])
+    cluster_of_one(table, clock, urls)
+    table.heartbeat(
+        "n1",
+        epoch="e",
+        status="active",
+        now_wall=clock.wall(),
+        load=("n1:1", "1|750|st-hot:2.5:40:0", 8, 0.0),
+    )
+    reader = reader_for(table, clock)
+
+    report = read_report(reader, source_for(sqs, clock, is_detailed=False), reader.read_watching())
+
+    assert report.instances[0].utilisation == 0.75
+    assert {q.queue: q.load for q in report.queues} == {"st-hot": 2.5, "st-cold": None}
+    render_status(report, Console(file=io.StringIO(), width=200))  # the new columns render

@@ -32,10 +32,12 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqsbalancerd.aws import describe_error, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination import loadsummary
 from sqsbalancerd.coordination.fence import Fence, ReceiveControl
 from sqsbalancerd.coordination.handoff import (
     ORPHAN_ROUNDS,
@@ -45,10 +47,18 @@ from sqsbalancerd.coordination.handoff import (
     is_settled,
 )
 from sqsbalancerd.coordination.leases import Leases
+from sqsbalancerd.coordination.loadbalance import (
+    Assignment,
+    LoadContext,
+    assign,
+    complete_context,
+    epoch_of,
+)
+from sqsbalancerd.coordination.loadplan import PlanSettings
 from sqsbalancerd.coordination.membership import LivenessTracker, Membership
-from sqsbalancerd.coordination.ownership import plan
 from sqsbalancerd.coordination.peers import Peers
-from sqsbalancerd.coordination.ring import capacity
+from sqsbalancerd.coordination.replicas import base_of
+from sqsbalancerd.coordination.ring import capacity, rebalance
 from sqsbalancerd.coordination.rows import OwnershipView
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS, SweepFindings, check_held, inspect
 from sqsbalancerd.coordination.table import (
@@ -106,6 +116,8 @@ class DynamoCoordinator:
         control: ReceiveControl,
         spawn: Callable[[str, Callable[[threading.Event], None], threading.Event], object],
         fail: Callable[[str], None],
+        load_source: Callable[[], loadsummary.LoadSummary] | None = None,
+        workers: int = 0,
     ) -> None:
         self._table = table
         self._settings = settings
@@ -161,6 +173,25 @@ class DynamoCoordinator:
         # Views are stamped with the start of the round that saw them, so the delay is
         # counted in whole rounds (which start `interval` apart), not skewed by call latency.
         self._round_started_s = clock.monotonic()
+        # Load-aware planning (loadbalance.py): None measures nothing and plans by count.
+        self._load_source = load_source if settings.balance == "load" else None
+        self._workers = workers
+        self._published_epoch = ""
+        self._joined_epoch_s: float | None = None
+        self._published: loadsummary.LoadSummary | None = None  # for snapshot()
+        self._load: LoadContext | None = None  # the latest complete epoch
+        # The epoch plans and handoff checks weigh by: the latest one between handoffs,
+        # pinned during one, so that a handoff is judged by the plan it follows (a newer
+        # epoch completing halfway must not end it with the giver's release still to come).
+        self._planning: LoadContext | None = None
+        self._load_planned = ""  # the epoch we last planned by
+        self._plan_settings = PlanSettings(
+            load_factor=settings.load_factor,
+            virtual_nodes=settings.virtual_nodes,
+            min_dwell_s=settings.load_min_dwell,
+            max_replicas=settings.max_replicas,
+        )
+        self._assigned: tuple[object, Assignment] | None = None  # the last plan, by inputs
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -255,6 +286,7 @@ class DynamoCoordinator:
                 self._renew()
                 self._observe_members()
                 self._remove_dead_rows()
+                self._note_load()
                 self.reconcile_released()
                 self._retry_releases()
                 self._rows_changed = self._ownership.refresh(self._round_started_s)
@@ -334,8 +366,13 @@ class DynamoCoordinator:
         self._note_view()
         view = self._view.key
         settled = self._round_started_s - self._view.changed_at_s >= self._settings.rebalance_delay
+        if settled and view == self._applied:
+            self._plan_for_epoch()
         if not settled or view == self._applied:
             return
+        self._planning = self._load
+        if self._load is not None:
+            self._load_planned = self._load.epoch.token  # this plan weighs its loads
         if self._is_draining:
             self._target = frozenset()
             self._release_at_s = self._round_started_s
@@ -349,21 +386,15 @@ class DynamoCoordinator:
         self._applied = view
 
     def _plan(self, owners: dict[str, str]) -> None:
-        diff = plan(
-            queues=self._view.queues,
-            members=self._view.members,
-            me=self.instance_id,
-            currently_owned=self._holdings.leases,
-            owners=owners,
-            virtual_nodes=self._settings.virtual_nodes,
-            load_factor=self._settings.load_factor,
-        )
-        self._target = diff.owned_after
+        found = self._assign(owners)
+        self._target = frozenset(q for q, o in found.owners.items() if o == self.instance_id)
+        before = frozenset(self._holdings.leases)
+        self._log_moves(found)
         if not self._view.is_agreed:
             # Members see different queue sets (discovery is not synchronised): moving a
             # queue for balance now would move it back once they agree. Keep what we hold
             # and take only free rows; the balance moves wait for agreement.
-            held = {q for q in self._holdings.leases if q in self._queues}
+            held = {q for q in self._holdings.leases if base_of(q) in self._queues}
             self._target |= frozenset(held) | self._free_known(owners)
         interval = self._settings.heartbeat_interval
         self._release_at_s = self._round_started_s + RELEASE_DELAY_ROUNDS * interval
@@ -373,10 +404,107 @@ class DynamoCoordinator:
                 "members": len(self._view.members),
                 "queues": len(self._view.queues),
                 "mine": len(self._target),
-                "to_take": len(diff.to_acquire),
-                "to_give": len(diff.to_release),
+                "to_take": len(self._target - before),
+                "to_give": len(before - self._target),
+                "by": "count"
+                if self._planning is None
+                else f"load, epoch {self._planning.epoch.token}",
             },
         )
+
+    # -- load-aware planning (loadbalance.py) ---------------------------------------------
+
+    def _note_load(self) -> None:
+        """Publish our summary once per epoch; keep the latest epoch everyone published."""
+        if self._load_source is None:
+            return
+        epoch = epoch_of(self._view.members, self._peers.records, self._settings.load_interval)
+        if epoch is None:
+            return
+        if epoch.token != self._published_epoch:
+            self._published_epoch = epoch.token
+            if self._joined_epoch_s is None:
+                self._joined_epoch_s = epoch.now_s
+            measured = self._load_source()
+            self._published = measured
+            summary = loadsummary.encode(measured)
+            self._membership.pending_load = (
+                epoch.token,
+                summary,
+                self._workers,
+                self._joined_epoch_s,
+            )
+        self._leases.moved_at_s = epoch.now_s
+        context = complete_context(epoch, self._view.members, self._peers.records)
+        if context is not None:
+            self._load = context
+        if self._handoff is None:
+            self._planning = self._load
+
+    def _plan_for_epoch(self) -> None:
+        """A newly complete epoch: plan by its loads once; steady state moves nothing."""
+        context = self._load
+        if (
+            context is None
+            or context.epoch.token == self._load_planned
+            or self._handoff is not None
+            or self._is_draining
+            or not self._view.is_agreed
+        ):
+            return
+        self._load_planned = context.epoch.token
+        self._planning = context
+        owners = self._owners()
+        found = self._assign(owners)
+        known = set(self._view.queues)
+        if found.owners == {s: o for s, o in owners.items() if base_of(s) in known}:
+            return
+        self._plan(owners)
+        self._handoff = Handoff(planned_at_s=self._round_started_s)
+        self._rebalances += 1
+
+    def _assign(self, owners: dict[str, str]) -> Assignment:
+        """Every queue's owner: by load from the latest complete epoch, else by count."""
+        queues, members = self._view.queues, self._view.members
+        context = self._planning
+        if context is None or not members:
+            found = rebalance(
+                queues,
+                members,
+                owners,
+                virtual_nodes=self._settings.virtual_nodes,
+                load_factor=self._settings.load_factor,
+            )
+            return Assignment(found, ())
+        rows = self._rows()
+        moved = tuple(sorted((q, o, *_history(rows.get(q))) for q, o in owners.items()))
+        key = (context.epoch.token, members, queues, moved)
+        if self._assigned is not None and self._assigned[0] == key:
+            return self._assigned[1]
+        found_load = assign(
+            context,
+            queues=queues,
+            members=members,
+            rows=rows,
+            owners=owners,
+            settings=self._plan_settings,
+        )
+        self._assigned = (key, found_load)
+        return found_load
+
+    def _log_moves(self, found: Assignment) -> None:
+        """Why the planner moved each queue that leaves or joins us."""
+        for move in found.moves:
+            if self.instance_id in (*move.before, *move.after):
+                logger.info(
+                    "planner moves a queue",
+                    extra={
+                        "queue": move.queue,
+                        "from": list(move.before),
+                        "to": list(move.after),
+                        "reason": move.reason,
+                    },
+                )
 
     def _free_known(self, owners: dict[str, str]) -> frozenset[str]:
         """Queues we know whose rows name no live member, up to our share."""
@@ -419,7 +547,7 @@ class DynamoCoordinator:
             held=holdings.leases,
             unreleased=holdings.unreleased,
             wanted=self._target,
-            known=self._queues,
+            known=self._known_slots(),
             members=set(self._view.members),
             is_dead=self._liveness.is_dead,
         )
@@ -461,7 +589,7 @@ class DynamoCoordinator:
     def _rewrite_row(self, queue: str) -> bool:
         """A row of ours deleted or damaged by hand: write it again (before anyone may take
         it: an acquirer waits `_vanished_wait_s` for a row it saw vanish), or stop."""
-        info = self._queues.get(queue)
+        info = self._queues.get(base_of(queue))
         if info is None:
             return False
         previous = self._rows().get(queue)  # None, or ours with a damaged lease
@@ -478,7 +606,9 @@ class DynamoCoordinator:
     def _follow_handoff(self) -> None:
         if self._is_draining or self._fence.is_fenced:
             return
-        wanted = {q for q in self._target - set(self._holdings.leases) if q in self._queues}
+        wanted = {
+            q for q in self._target - set(self._holdings.leases) if base_of(q) in self._queues
+        }
         if wanted and not self._peers.older_alive:
             rows = self._rows()
             for queue in sorted(wanted):
@@ -492,19 +622,21 @@ class DynamoCoordinator:
     def _check_handoff(self, handoff: Handoff, owners: dict[str, str]) -> None:
         if handoff.planned_at_s == self._round_started_s:
             return  # planned from these very rows this round
-        queues = self._view.queues
-        current = {queue: owners.get(queue) for queue in queues}
+        queues = set(self._view.queues)
+        fixed = self._assign(owners).owners
+        # Every slot the plan has (a shared queue has several), and every queue: a queue
+        # without any owner is not settled even if no plan is possible (no members).
+        slots = queues | set(fixed) if self._view.is_agreed else queues
+        current = {slot: owners.get(slot) for slot in sorted(slots)}
         settled = is_settled(
             current,
             members=self._view.members,
-            queues=queues,
-            owners=owners,
             is_agreed=self._view.is_agreed,
-            virtual_nodes=self._settings.virtual_nodes,
-            load_factor=self._settings.load_factor,
+            fixed=lambda: fixed,
         )
+        draining = {s for s in self._holdings.releasing if base_of(s) in queues}
         # A queue we are still draining frees its row later: keep following until it has.
-        if settled and not self._holdings.releasing & set(queues):
+        if settled and not draining:
             # What the rows say is what everyone keeps now; a plan of ours made from other
             # rows or another view must not release anything later.
             self._target = frozenset(q for q, owner in current.items() if owner == self.instance_id)
@@ -520,6 +652,7 @@ class DynamoCoordinator:
             and self._round_started_s >= self._release_at_s
         ):
             logger.warning("handoff stalled; planning again from the ownership rows")
+            self._planning = self._load  # the latest figures: the pinned ones did not settle
             self._plan(owners)
             handoff.unchanged_since_s = self._round_started_s
 
@@ -558,13 +691,13 @@ class DynamoCoordinator:
                 "taking over a queue from a dead instance",
                 extra={"queue": queue, "instance": row.owner},
             )
-        self._leases.acquire(queue, self._queues[queue].url, row)
+        self._leases.acquire(queue, self._queues[base_of(queue)].url, row)
 
     def reconcile_released(self) -> None:
         """Release what the engine drained, and announce it now: the planned owner reads
         the shard at its next round instead of one round after our next."""
         with self._lock:
-            if not self._holdings.drained:
+            if not (self._holdings.drained or self._holdings.unused):
                 return
             self._leases.settle_drained(self._url_of)
             try:
@@ -577,12 +710,24 @@ class DynamoCoordinator:
 
     def _url_of(self, queue: str) -> str | None:
         """A known queue's URL; None for one that is gone (its row is deleted, not freed)."""
-        info = self._queues.get(queue)
+        info = self._queues.get(base_of(queue))
         return info.url if info is not None else None
 
     def _push_owned(self) -> None:
-        consuming = self._holdings.consuming
+        """The engine consumes a queue while we hold any of its slots (replicas.py)."""
+        holdings = self._holdings
+        consuming = {base_of(slot) for slot in holdings.consuming}
+        # A slot given up while we consume its queue through another has nothing to drain
+        # (the engine goes on): release it now, or it would wait for ever.
+        holdings.unused |= {s for s in holdings.releasing if base_of(s) in consuming}
         self._set_owned([self._queues[q] for q in sorted(consuming) if q in self._queues])
+
+    def _known_slots(self) -> set[str]:
+        """Rows the sweep keeps: known queues, the slots of our last plan, ours. A free
+        replica row nobody plans (a queue shared no more) is stale: deleted."""
+        planned = set(self._assigned[1].owners) if self._assigned is not None else set()
+        slots = planned | set(self._holdings.leases) | set(self._holdings.unreleased)
+        return set(self._queues) | {s for s in slots if base_of(s) in self._queues}
 
     # -- fencing --------------------------------------------------------------------------
 
@@ -622,7 +767,30 @@ class DynamoCoordinator:
             heartbeat_age_s=None if renewed is None else self._clock.monotonic() - renewed,
             rebalances=self._rebalances,
             is_fenced=self._fence.is_fenced,
+            **self._load_stats(),
         )
+
+    def _load_stats(self) -> dict[str, Any]:
+        published = self._published
+        if published is None:
+            return {}
+        assigned = self._assigned[1].replicas if self._assigned is not None else {}
+        return {
+            "utilisation": published.utilisation,
+            "queue_loads": {
+                s.queue: s.handler_s_per_s
+                for s in published.queues
+                if s.handler_s_per_s > loadsummary.MIN_LOAD
+            },
+            "replicas": dict(assigned),
+        }
+
+
+def _history(row: OwnershipRecord | None) -> tuple[float, float]:
+    """What of a row the load planner reads besides its owner (the dwell), for caching."""
+    if row is None:
+        return 0.0, -1.0
+    return row.updated_at, -1.0 if row.moved_at is None else row.moved_at
 
 
 def _unavailable(table_name: str, exc: Exception) -> AwsUnavailableError:

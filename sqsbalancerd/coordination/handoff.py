@@ -11,10 +11,8 @@ coordinator acts on them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-from sqsbalancerd.coordination.ring import rebalance
 
 # Rounds between planning and our first release: the others plan within one round of us.
 RELEASE_DELAY_ROUNDS = 2
@@ -52,19 +50,13 @@ def is_settled(
     current: Mapping[str, str | None],
     *,
     members: tuple[str, ...],
-    queues: tuple[str, ...],
-    owners: Mapping[str, str],
     is_agreed: bool,
-    virtual_nodes: int,
-    load_factor: float,
+    fixed: Callable[[], Mapping[str, str]],
 ) -> bool:
     """Every queue has a live owner and — when all members see the same queues — the rows
-    are the fixed point of the assignment (rebalancing them would move nothing)."""
+    are the fixed point of the assignment (`fixed`: planning from them would move nothing)."""
     if not all(owner in members for owner in current.values()):
         return False
     if not is_agreed:
         return True
-    fixed = rebalance(
-        queues, members, dict(owners), virtual_nodes=virtual_nodes, load_factor=load_factor
-    )
-    return dict(current) == fixed
+    return dict(current) == dict(fixed())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sqsbalancerd.aws import describe_error
 from sqsbalancerd.clock import Clock
+from sqsbalancerd.coordination.replicas import base_of
 from sqsbalancerd.coordination.rows import OwnershipView
 from sqsbalancerd.coordination.table import (
     ConditionFailed,
@@ -36,6 +37,8 @@ class Holdings:
     unreleased: dict[str, int] = field(default_factory=dict)
     # Appended from the engine's thread without our lock (a slow DynamoDB call holds it).
     drained: deque[str] = field(default_factory=deque)
+    # Slots given up while we consume their queue through another slot: nothing to drain.
+    unused: set[str] = field(default_factory=set)
 
     @property
     def consuming(self) -> set[str]:
@@ -56,12 +59,19 @@ class Leases:
         self._clock = clock
         self._me = instance_id
         self.holdings = Holdings()
+        # Written into rows we take: the planning epoch's time, for the dwell (None: none).
+        self.moved_at_s: float | None = None
 
     def acquire(self, queue: str, url: str, previous: OwnershipRecord | None) -> bool:
         """Write the row naming us, conditional on `previous`; False if it had changed."""
         try:
             lease = self._table.acquire(
-                queue, url, owner=self._me, previous=previous, now_wall=self._clock.wall()
+                queue,
+                url,
+                owner=self._me,
+                previous=previous,
+                now_wall=self._clock.wall(),
+                moved_at=self.moved_at_s,
             )
         except ConditionFailed:
             self._ownership.distrust(queue)  # changed since we read it: read it again
@@ -110,14 +120,30 @@ class Leases:
         logger.info("removed the row of a queue that no longer exists", extra={"queue": queue})
 
     def settle_drained(self, url_of: Callable[[str], str | None]) -> None:
-        """Release the rows of queues the engine finished draining."""
+        """Release the rows of queues the engine finished draining, and unused slots.
+
+        A queue drained: the slots of it we were giving up (replicas.py); if we were giving
+        none up, the engine stopped on its own (the queue is gone) and every slot of it
+        goes. Never a slot we still consume by: one taken while the queue drained keeps it
+        consumed (the engine starts it again instead of reporting it drained)."""
         holdings = self.holdings
+        unused, holdings.unused = holdings.unused, set()
+        for slot in sorted(unused):
+            if slot in holdings.releasing:
+                self._release_slot(slot, url_of)
         while holdings.drained:
-            queue = holdings.drained.popleft()
-            holdings.releasing.discard(queue)
-            lease = holdings.leases.pop(queue, None)
-            if lease is not None and not self.release(queue, lease, url=url_of(queue)):
-                holdings.unreleased[queue] = lease
+            name = holdings.drained.popleft()
+            held = {s for s in holdings.leases if base_of(s) == name} | {name}
+            giving_up = held & holdings.releasing
+            for slot in sorted(giving_up or held):
+                self._release_slot(slot, url_of)
+
+    def _release_slot(self, slot: str, url_of: Callable[[str], str | None]) -> None:
+        holdings = self.holdings
+        holdings.releasing.discard(slot)
+        lease = holdings.leases.pop(slot, None)
+        if lease is not None and not self.release(slot, lease, url=url_of(slot)):
+            holdings.unreleased[slot] = lease
 
     def retry_releases(
         self, url_of: Callable[[str], str | None], has_time: Callable[[], bool]
@@ -157,5 +183,7 @@ class Leases:
         return True
 
     def _note(self, queue: str, url: str, lease: int) -> None:
-        record = OwnershipRecord(queue, url, self._me, lease, self._clock.wall())
+        record = OwnershipRecord(
+            queue, url, self._me, lease, self._clock.wall(), moved_at=self.moved_at_s
+        )
         self._ownership.note_write(record, queue)

@@ -30,6 +30,9 @@ class MemberLoad:
     workers: int
     utilisation: float  # busy worker fraction over the last interval, 0..1
     joined_at_s: float
+    # The load of the queues its own summary listed (None: what it holds of ``current``).
+    # Given, its background stays right when a queue moved since it measured.
+    listed: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,10 @@ def _new_board(
     for queue in loaded:
         for member in kept[queue]:
             carried[member] += _load(loads, queue) / len(kept[queue])
+    for member in live:
+        listed = members[member].listed
+        if listed is not None:
+            carried[member] = listed
     background = {
         m: max(0.0, members[m].utilisation * members[m].workers - carried[m]) for m in live
     }
@@ -335,16 +342,20 @@ def _best_move(
             pairs = [(focus, t) for t in live if t != focus]
         else:
             pairs = [(s, focus) for s in live if s != focus]
-        best = min(_candidates(board, pairs, frozen), default=None)
+        best = min(_candidates(board, pairs, frozen, settings.tolerance), default=None)
         if best is not None:
             return best[1], best[2], best[3]
     return None
 
 
 def _candidates(
-    board: _Board, pairs: list[tuple[str, str]], frozen: set[str]
+    board: _Board, pairs: list[tuple[str, str]], frozen: set[str], tolerance: float
 ) -> Iterable[tuple[float, str, str, str]]:
-    """(deviation after, queue, source, target) for each move that improves its pair."""
+    """(deviation after, queue, source, target) for each move that improves its pair.
+
+    By at least half the share it moves (or the tolerance): a queue that only carries the
+    excess over to the other member, leaving it about as far off, would go back and forth
+    every dwell (seen in the simulation with one hot queue among idle members)."""
     for source, target in pairs:
         if board.count[target] >= board.count_limit:
             continue
@@ -357,7 +368,8 @@ def _candidates(
                 abs((board.load[source] - share) / board.fair[source] - 1),
                 abs((board.load[target] + share) / board.fair[target] - 1),
             )
-            if after < before - 0.01:
+            moved = share / min(board.fair[source], board.fair[target])
+            if after < before - max(0.01, min(tolerance, moved / 2)):
                 yield after, queue, source, target
 
 

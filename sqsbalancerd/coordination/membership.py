@@ -139,6 +139,8 @@ class Membership:
         self.is_registered = False
         self.ring = ring  # published: peers refuse to plan with different ring parameters
         self.queues_hash = ""  # published: balance moves wait until every member agrees
+        # (planning epoch, load summary, workers, joined): published at the next heartbeat.
+        self.pending_load: tuple[str, str, int, float] | None = None
 
     def _record(self, counter: int) -> MemberRecord:
         now = self._clock.wall()
@@ -195,6 +197,7 @@ class Membership:
         members (`ttl_floor_wall`), not ours alone: a clock a day behind must not let
         DynamoDB expire a live member."""
         now = self._clock.wall()
+        load = self.pending_load
         self.counter = self._table.heartbeat(
             self.instance_id,
             epoch=self.epoch,
@@ -202,7 +205,10 @@ class Membership:
             now_wall=now,
             ttl_wall=max(now, ttl_floor_wall),
             queues_hash=self.queues_hash,
+            load=load,
         )
+        if self.pending_load is load:
+            self.pending_load = None  # landed (a failure raised above: sent again)
 
     def rejoin(self) -> None:
         """Our row is gone (judged dead and removed, TTL, a hand): register again as a new

@@ -41,6 +41,7 @@ class Peers:
         self.older_alive: tuple[str, ...] = ()
         self.latest_wall_s = 0.0
         self._has_confirmed = False  # the latest observation was a consistent read
+        self.records: dict[str, MemberRecord] = {}  # as last read (load summaries)
 
     def observe(self, *, is_draining: bool, consistent: bool = False) -> tuple[str, ...]:
         """Read the member rows; the members in the ring (us too, unless draining).
@@ -53,6 +54,7 @@ class Peers:
         """
         records = self._table.members(consistent=consistent)
         self._has_confirmed = consistent
+        self.records = {r.instance_id: r for r in records}
         self.liveness.observe(records)
         self.latest_wall_s = max([self.latest_wall_s, *(r.heartbeat_at for r in records)])
         in_ring = [r for r in records if self._counts_in_ring(r, is_draining=is_draining)]

@@ -72,6 +72,12 @@ class MemberRecord:
     # from another queue set, must not act on each other's plans.
     ring: str = ""  # "<virtual_nodes>/<load_factor>"; "" from versions before it
     queues_hash: str = ""
+    # Load-aware planning (loadsummary.py): the summary measured for the planning epoch
+    # `load_epoch` names, and the worker count it weighs with. "" / 0: none published.
+    load_epoch: str = ""
+    load: str = ""
+    workers: int = 0
+    load_joined: float = 0.0  # the epoch time of its first summary (the newcomer ramp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,8 @@ class OwnershipRecord:
     # The lease as stored when it is not a number (edited by hand): ("", "") when absent,
     # else its type and value. Such a row is acquired conditional on exactly that.
     damaged_lease: tuple[str, str] | None = None
+    # When the owner took it, in planning-epoch time (loadbalance.py); None: not written.
+    moved_at: float | None = None
 
 
 def _s(value: str) -> dict[str, str]:
@@ -106,7 +114,18 @@ def _member_from_item(item: dict[str, Any]) -> MemberRecord:
         started_at=float(item.get("started_at", {}).get("N", "0")),
         ring=item.get("ring", {}).get("S", ""),
         queues_hash=item.get("queues_hash", {}).get("S", ""),
+        load_epoch=item.get("load_epoch", {}).get("S", ""),
+        load=item.get("load", {}).get("S", ""),
+        workers=_int_or_zero(item.get("workers", {}).get("N", "0")),
+        load_joined=_float_or_none(item.get("load_joined", {}).get("N")) or 0.0,
     )
+
+
+def _int_or_zero(raw: str) -> int:
+    try:
+        return max(0, int(raw))
+    except ValueError:  # edited by hand: plans as an instance that published nothing
+        return 0
 
 
 def _ownership_from_item(item: dict[str, Any]) -> OwnershipRecord:
@@ -119,7 +138,15 @@ def _ownership_from_item(item: dict[str, Any]) -> OwnershipRecord:
         lease=lease,
         updated_at=float(item.get("updated_at", {}).get("N", "0")),
         damaged_lease=damaged,
+        moved_at=_float_or_none(item.get("moved_at", {}).get("N")),
     )
+
+
+def _float_or_none(raw: str | None) -> float | None:
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None
 
 
 def _lease_of(value: dict[str, Any] | None) -> tuple[int, tuple[str, str] | None]:
@@ -249,26 +276,46 @@ class CoordinationTable:
         now_wall: float,
         ttl_wall: float | None = None,
         queues_hash: str = "",
+        load: tuple[str, str, int, float] | None = None,
     ) -> int:
-        """Advance our counter; ConditionFailed if our identity was taken over."""
+        """Advance our counter; ConditionFailed if our identity was taken over.
+
+        ``load``: (epoch, summary, workers, joined) to publish, only when it changed (the summary
+        is up to 2 KB: written once a planning epoch, not every heartbeat)."""
         ttl_from = now_wall if ttl_wall is None else ttl_wall
+        expression = (
+            "SET #c = #c + :one, heartbeat_at = :now, #s = :status, #t = :ttl, queues_hash = :qh"
+        )
+        values = {
+            ":one": _n(1),
+            ":now": _n(now_wall),
+            ":status": _s(status),
+            ":epoch": _s(epoch),
+            ":ttl": _n(int(ttl_from) + MEMBER_TTL_S),
+            ":qh": _s(queues_hash),
+        }
+        if load is not None:
+            expression += ", load_epoch = :le, #l = :load, workers = :w, load_joined = :lj"
+            values.update(
+                {
+                    ":le": _s(load[0]),
+                    ":load": _s(load[1]),
+                    ":w": _n(load[2]),
+                    ":lj": _n(load[3]),
+                }
+            )
         response = self._write(
             "update_item",
             Key=self._member_key(instance_id),
-            UpdateExpression=(
-                "SET #c = #c + :one, heartbeat_at = :now, #s = :status, #t = :ttl,"
-                " queues_hash = :qh"
-            ),
+            UpdateExpression=expression,
             ConditionExpression="epoch = :epoch",
-            ExpressionAttributeNames={"#c": "counter", "#s": "status", "#t": "ttl"},
-            ExpressionAttributeValues={
-                ":one": _n(1),
-                ":now": _n(now_wall),
-                ":status": _s(status),
-                ":epoch": _s(epoch),
-                ":ttl": _n(int(ttl_from) + MEMBER_TTL_S),
-                ":qh": _s(queues_hash),
+            ExpressionAttributeNames={
+                "#c": "counter",
+                "#s": "status",
+                "#t": "ttl",
+                **({"#l": "load"} if load is not None else {}),
             },
+            ExpressionAttributeValues=values,
             ReturnValues="UPDATED_NEW",
         )
         return int(response["Attributes"]["counter"]["N"])
@@ -361,8 +408,11 @@ class CoordinationTable:
         owner: str,
         previous: OwnershipRecord | None,
         now_wall: float,
+        moved_at: float | None = None,
     ) -> int:
-        """Take a free queue, or one whose owner we judged dead; returns the new lease."""
+        """Take a free queue, or one whose owner we judged dead; returns the new lease.
+
+        ``moved_at``: the taker's planning-epoch time, for the dwell (loadbalance.py)."""
         lease = (previous.lease if previous else 0) + 1
         values: dict[str, Any] = {}
         if previous is None:
@@ -381,6 +431,8 @@ class CoordinationTable:
             "queue_url": _s(queue_url),
             "updated_at": _n(now_wall),
         }
+        if moved_at is not None:
+            item["moved_at"] = _n(float(moved_at))
         kwargs: dict[str, Any] = {"Item": item, "ConditionExpression": condition}
         if values:
             kwargs["ExpressionAttributeValues"] = values

@@ -233,6 +233,7 @@ class Poller:
         self._failures = 0
         self._is_idle = not raw
         self.was_full = len(raw) >= self.queue.policy.max_messages
+        self._stats.note_receive(self.queue.name, is_full=self.was_full)
         if raw:
             self._hand_over_safely(raw, started_s)
         # After the hand-over: the room stays claimed until the messages count as held.

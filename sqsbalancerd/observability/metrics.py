@@ -20,7 +20,9 @@ Metric families (all prefixed `sqsbalancerd_`):
 and, only when the snapshot has coordination stats:
 
     heartbeat_age_seconds (omitted while unknown), rebalances_total, members_alive,
-    registered (0/1), fenced (0/1)
+    registered (0/1), fenced (0/1), and with load-aware planning (as last published):
+    utilisation (busy worker fraction), queue_load{queue} (handler-s/s, busy queues only),
+    queue_owners{queue} (owners of each queue shared among several)
 """
 
 from __future__ import annotations
@@ -148,6 +150,22 @@ def _coordination_families(coordination: CoordinationStats) -> Iterator[Metric]:
     yield _gauge("members_alive", "Live members seen in the table.", coordination.members_alive)
     yield _gauge("registered", "1 when registered as a member.", int(coordination.is_registered))
     yield _gauge("fenced", "1 when fenced off by the table.", int(coordination.is_fenced))
+    if coordination.utilisation is not None:
+        yield _gauge(
+            "utilisation", "Busy worker fraction, as last published.", coordination.utilisation
+        )
+        yield _labelled_gauge(
+            "queue_load",
+            "Handler-seconds per second spent on a queue, as last published.",
+            "queue",
+            dict(coordination.queue_loads),
+        )
+        yield _labelled_gauge(
+            "queue_owners",
+            "Owners of a queue shared among several (replica rows).",
+            "queue",
+            {q: float(k) for q, k in coordination.replicas.items()},
+        )
 
 
 class SnapshotCollector:

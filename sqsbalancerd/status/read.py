@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import replace
 
 from sqsbalancerd.clock import Clock
+from sqsbalancerd.coordination import loadsummary
 from sqsbalancerd.coordination.membership import LivenessTracker
 from sqsbalancerd.coordination.table import CoordinationTable, OwnershipRecord
 from sqsbalancerd.discovery import Discovery, queue_name_from_url
@@ -140,6 +142,12 @@ class StatusReader:
             queues = queue_views(rows, list(snapshot.discovered))
         else:
             queues = listed_views(rows, snapshot)
+        summaries = {m.instance_id: loadsummary.decode(m.load) for m in members.values() if m.load}
+        loads = loadsummary.queue_loads(summaries.values())
+        queues = tuple(
+            replace(v, load=loads[v.queue].handler_s_per_s) if v.queue in loads else v
+            for v in queues
+        )
         owned: dict[str, list[str]] = {}
         for view in queues:
             if view.owner:
@@ -154,6 +162,9 @@ class StatusReader:
                 queues=tuple(sorted(owned.get(m.instance_id, []))),
                 started_at=m.started_at,
                 protocol=m.protocol,
+                utilisation=(
+                    summaries[m.instance_id].utilisation if m.instance_id in summaries else None
+                ),
             )
             for m in sorted(members.values(), key=lambda m: m.instance_id)
         )

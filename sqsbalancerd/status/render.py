@@ -37,7 +37,9 @@ def render_status(
 ) -> None:
     console = console or Console()
     instances = Table(title=f"{report.application}: instances (table {report.table})")
-    for column in ("instance", "host", "status", "alive", "heartbeat age s", "queues", "started"):
+    columns = ("instance", "host", "status", "alive", "heartbeat age s", "queues", "busy")
+    columns += ("started",)
+    for column in columns:
         instances.add_column(column)
     for i in report.instances:
         started = datetime.fromtimestamp(i.started_at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -48,6 +50,7 @@ def render_status(
             "[green]yes[/]" if i.alive else "[red]no[/]",
             f"{i.heartbeat_age_seconds:.1f}",
             str(len(i.queues)),
+            "" if i.utilisation is None else f"{i.utilisation:.0%}",
             started,
         )
     console.print(instances)
@@ -64,12 +67,14 @@ def _queue_table(views: tuple[QueueView, ...], *, is_detailed: bool) -> Table:
     table = Table(title="queues")
     table.add_column("queue")
     table.add_column("owner")
+    table.add_column("load", justify="right")
     if is_detailed:
         for column in ("messages", "in flight"):
             table.add_column(column, justify="right")
         table.add_column("redrive")
     for q in views:
-        cells = [q.queue, q.owner or "[red]none[/]"]
+        load = "" if q.load is None else f"{q.load:.2f}"
+        cells = [q.queue, q.owner or "[red]none[/]", load]
         if is_detailed:
             cells += [_cell(q.messages), _cell(q.messages_in_flight), _yes_no(q.has_redrive_policy)]
         table.add_row(*cells)

@@ -23,13 +23,15 @@ class InstanceView:
     queues: tuple[str, ...]
     started_at: float
     protocol: int
+    utilisation: float | None = None  # as its last load summary says (None: none)
 
 
 @dataclass(frozen=True, slots=True)
 class QueueView:
-    queue: str
+    queue: str  # a shared queue's replica rows are listed as <queue>#r<i> (replicas.py)
     queue_url: str
     owner: str | None
+    load: float | None = None  # handler-s/s over its owners' summaries (busy queues only)
     # --details only: as GetQueueAttributes answered
     messages: int | None = None
     messages_in_flight: int | None = None

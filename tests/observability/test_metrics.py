@@ -187,3 +187,15 @@ def test_render_is_parseable_text_with_bounded_labels() -> None:
     assert {f.name for f in families} >= {P + "messages", P + "queue_backlog_messages"}
     label_names = {name for f in families for sample in f.samples for name in sample.labels}
     assert label_names <= {"queue", "outcome", "service", "action", "loop", "state", "le"}
+
+
+def test_load_gauges_only_once_a_load_summary_was_published() -> None:
+    counting = CoordinationStats("dynamodb", True, 3, 1.0, 0, False)
+    loaded = replace(
+        counting, utilisation=0.75, queue_loads={"orders": 2.5}, replicas={"orders": 3}
+    )
+    assert value(registry_for(make_snapshot(coordination=counting)), "utilisation") is None
+    registry = registry_for(make_snapshot(coordination=loaded))
+    assert value(registry, "utilisation") == 0.75
+    assert value(registry, "queue_load", queue="orders") == 2.5
+    assert value(registry, "queue_owners", queue="orders") == 3

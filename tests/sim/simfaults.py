@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simdb import Faults, Meter
-from simworld import DAY_S, TABLE, Node, Settings, Violation, World
+from simworld import DAY_S, TABLE, Node, Settings, Violation, World, is_load_move_pending
 
 from sqsbalancerd.config import CoordinationSettings
+from sqsbalancerd.coordination.replicas import split
 from sqsbalancerd.coordination.sweep import SWEEP_ROUNDS
 
 INTERVAL_S = 10.0  # the defaults: heartbeat_interval, heartbeat_timeout, rebalance_delay
@@ -57,6 +58,7 @@ class Result:
     meters: dict[str, Meter]
     faults: list[str] = field(default_factory=list)
     longest_overlap_s: dict[str, float] = field(default_factory=dict)  # queue -> s
+    most_replicas: dict[str, int] = field(default_factory=dict)  # shared queues -> most k
 
     @property
     def kinds(self) -> set[str]:
@@ -250,8 +252,11 @@ def settle_until(world: World, end_s: float) -> None:
     """Run until the cluster is settled for good (or the bound passes): every instance has
     refreshed discovery since the faults ended, none follows a handoff, and every queue
     has had one consumer for a few rounds."""
+    writes, written_s = world.db.queue_writes, world.now
     while world.now < end_s + SETTLE_BOUND_S:
         world.run_until(min(world.now + INTERVAL_S, end_s + SETTLE_BOUND_S))
+        if world.db.queue_writes != writes:
+            writes, written_s = world.db.queue_writes, world.now
         since = world.settled_since_s
         nodes = [n for n in world.nodes.values() if n.is_alive]
         if (
@@ -262,6 +267,8 @@ def settle_until(world: World, end_s: float) -> None:
             and not any(n.coordinator.is_following_handoff for n in nodes)
             # No plan pending (a view change still inside its rebalance_delay).
             and all(n.coordinator._applied == n.coordinator._view.key for n in nodes)
+            # Planning by load: no balance move left to make (none once dwells end).
+            and not any(is_load_move_pending(n, world, written_s) for n in nodes)
         ):
             return
 
@@ -282,7 +289,7 @@ def check_quiet_table(world: World, writes_before_hold: int) -> None:
     stale = sorted(
         sk.removeprefix("queue#")
         for _, sk in world.db.items[TABLE]
-        if sk.startswith("queue#") and sk.removeprefix("queue#") not in world.queues
+        if sk.startswith("queue#") and split(sk.removeprefix("queue#"))[0] not in world.queues
     )
     if stale:
         world.violate("stale_rows", f"ownership rows of deleted queues: {stale[:4]}")
@@ -351,4 +358,5 @@ def run(
         meters=world.meters(),
         faults=schedule.faults,
         longest_overlap_s=world.longest_overlap_s,
+        most_replicas={q: k for q, k in world.most_replicas.items() if k > 1},
     )

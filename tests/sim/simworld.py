@@ -26,13 +26,16 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from simdb import Faults, Meter, SimClient, SimDynamoDB, SimTable
 
 from sqsbalancerd.config import CoordinationSettings
 from sqsbalancerd.coordination.coordinator import DynamoCoordinator, ReceiveControl
+from sqsbalancerd.coordination.loadbalance import Epoch, assign
+from sqsbalancerd.coordination.loadsummary import LoadSummary, QueueSample
+from sqsbalancerd.coordination.replicas import split
 from sqsbalancerd.coordination.table import CoordinationTable
 from sqsbalancerd.discovery import DiscoveryResult, QueueInfo
 from sqsbalancerd.errors import SqsBalancerError
@@ -72,9 +75,17 @@ class SimEngine:
     is_paused: bool = False
     polls_end_s: float = 0.0
     budget: Callable[[], float | None] = lambda: None
+    # The slots (coordination/replicas.py) the coordinator holds, and for each queue the
+    # one we receive under: the exclusivity check is per (queue, replica).
+    slots: Callable[[], set[str]] = set
+    slot_of: dict[str, str] = field(default_factory=dict)
 
     def set_owned(self, queues: Iterable[QueueInfo]) -> None:
         self.wanted = {q.name for q in queues}
+        held: dict[str, str] = {}
+        for slot in sorted(self.slots(), key=lambda s: split(s)[1], reverse=True):
+            held[split(slot)[0]] = slot  # the lowest index wins
+        self.slot_of.update({q: held[q] for q in self.wanted if q in held})
         for name in sorted(self.owned - self.wanted):
             self.owned.discard(name)
             # An in-flight long poll may run up to its wait before the queue is drained.
@@ -137,6 +148,10 @@ class SimEngine:
             return polling
         return self.owned | polling
 
+    def occupied(self) -> set[str]:
+        """The slots we may receive under now: one per receivable queue."""
+        return {self.slot_of.get(q, q) for q in self.allowed()}
+
     def consuming(self) -> set[str]:
         budget = self.budget()
         if self.is_paused or (budget is not None and budget <= 0):
@@ -176,6 +191,55 @@ class Settings:
     coordination: CoordinationSettings
     discovery_interval_s: float = 60.0
     skewed: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> setting changes
+    # Load-aware runs: each queue's demand in handler-s/s (None: nodes publish no load and
+    # the cluster plans by count, as before).
+    demand: Callable[[str], float] | None = None
+    workers: int = 8
+
+
+def is_load_move_pending(node: Node, world: World, rows_changed_s: float) -> bool:
+    """Load-aware planning has not settled yet: the node's latest complete epoch was
+    measured before the ownership rows last changed (world time `rows_changed_s`), or
+    planning from it once every dwell and ramp is over would still move a queue."""
+    coordinator = node.coordinator
+    context = coordinator._load
+    if coordinator._load_source is None:
+        return False
+    clock = world.nodes.get(context.epoch.token.split(":")[0]) if context else None
+    if context is None or clock is None:
+        return True
+    started_s = context.epoch.now_s - WALL_EPOCH_S - clock.clock.wall_skew_s
+    if started_s <= rows_changed_s:
+        return True
+    later = replace(context, epoch=Epoch(context.epoch.token, context.epoch.now_s + DAY_S))
+    found = assign(
+        later,
+        queues=coordinator._view.queues,
+        members=coordinator._view.members,
+        rows=coordinator._rows(),
+        owners=coordinator._owners(),
+        settings=coordinator._plan_settings,
+    )
+    return bool(found.moves)
+
+
+def served_load(engine: SimEngine, world: World) -> LoadSummary:
+    """What a node measures: its share of its queues' demand (split evenly over a queue's
+    consumers), capped together at its workers (a saturated instance serves no more than
+    it can, and under-reports)."""
+    settings = world.settings
+    assert settings.demand is not None
+    consumers = world.consumers()
+    wanted = {
+        q: settings.demand(q) / max(1, len(consumers.get(q, ())))
+        for q in sorted(engine.consuming())
+    }
+    total = sum(wanted.values())
+    scale = min(1.0, settings.workers / total) if total > 0 else 1.0
+    samples = tuple(
+        QueueSample(q, d * scale, 10 * d * scale, 0) for q, d in wanted.items() if d > 0
+    )
+    return LoadSummary(min(1.0, total / settings.workers), samples)
 
 
 class World:
@@ -211,6 +275,7 @@ class World:
         # How long two instances may have received from one queue at once, per queue.
         self._overlap_since: dict[str, float] = {}
         self.longest_overlap_s: dict[str, float] = {}
+        self.most_replicas: dict[str, int] = {}  # queue -> the most replicas any plan gave
 
     # -- building ---------------------------------------------------------------------------
 
@@ -232,6 +297,8 @@ class World:
         client = SimClient(self.db, faults=Faults(), sleep=self.sleep)
         engine = SimEngine(self, random.Random(self.rng.random()))
         exits: list[str] = []
+        sim = self.settings
+        load = None if sim.demand is None else (lambda: served_load(engine, self))
         coordinator = DynamoCoordinator(
             table=CoordinationTable(client, table_name=TABLE, application="sim", clock=clock),  # type: ignore[arg-type]
             settings=settings,
@@ -242,7 +309,10 @@ class World:
             control=engine.control(),
             spawn=lambda name, run, stop: None,
             fail=exits.append,
+            load_source=load,
+            workers=sim.workers,
         )
+        engine.slots = lambda: coordinator._holdings.consuming
         every = self.settings.discovery_interval_s
         node = Node(
             instance_id, clock, client, engine, coordinator, every, self.now + every, exits=exits
@@ -365,18 +435,35 @@ class World:
     def check(self) -> None:
         self._checked_at_s = self.now
         holders: dict[str, list[str]] = {}
+        sharing: dict[str, list[str]] = {}
         for node in self.nodes.values():
             if node.is_alive:
-                for queue in node.engine.allowed():
-                    holders.setdefault(queue, []).append(node.instance_id)
+                for slot in node.engine.occupied():
+                    holders.setdefault(slot, []).append(node.instance_id)
+                    sharing.setdefault(split(slot)[0], []).append(slot)
         self._time_overlaps({q for q, ids in holders.items() if len(ids) > 1})
         for queue, ids in sorted(holders.items()):
             if len(ids) > 1:
                 detail = f"{queue} receivable by {sorted(ids)}"
                 if not any(v.kind == "exclusive" and v.detail == detail for v in self.violations):
                     self.violate("exclusive", detail)
+        self._check_replicas(sharing)
         if self.is_checking_settled:
             self._check_settled()
+
+    def _check_replicas(self, sharing: dict[str, list[str]]) -> None:
+        """No queue receivable under more slots than any plan gave it replicas (two
+        instances under one slot are the exclusivity check's)."""
+        for node in self.nodes.values():
+            assigned = node.coordinator._assigned
+            for queue, k in assigned[1].replicas.items() if assigned else ():
+                self.most_replicas[queue] = max(self.most_replicas.get(queue, 1), k)
+        for queue, slots in sorted(sharing.items()):
+            most = self.most_replicas.get(queue, 1)
+            if len(set(slots)) > most:
+                detail = f"{queue} receivable under {sorted(set(slots))}, at most {most} planned"
+                if not any(v.kind == "replicas" and v.detail == detail for v in self.violations):
+                    self.violate("replicas", detail)
 
     def _time_overlaps(self, shared: set[str]) -> None:
         for queue in shared:
@@ -395,7 +482,10 @@ class World:
         return out
 
     def is_settled(self) -> bool:
-        return all(len(ids) == 1 for ids in self.consumers().values())
+        """Every queue has a consumer, and no more than its replicas (one unless shared)."""
+        return all(
+            1 <= len(ids) <= self.most_replicas.get(q, 1) for q, ids in self.consumers().items()
+        )
 
     def _check_settled(self) -> None:
         if self.is_settled():

@@ -22,7 +22,7 @@ FIRST_SEED = int(os.environ.get("SQSB_SIM_FIRST_SEED", "0"))
 # coming before the acquirer's wait ends, which a long handoff can defeat (pinned by the
 # regression seeds instead; see docs/coordination-cost.md for what is open).
 CI_KINDS = tuple(kind for kind in KINDS if kind != "delete_ownership_row")
-SAFETY = {"exclusive", "exit"}
+SAFETY = {"exclusive", "exit", "replicas"}
 # Liveness (settled within the bound, quiet table after) is still missed by a few
 # schedules in a thousand (a handoff finishing just past the bound, a stale row left for
 # the next sweep): allowed up to this share, every one printed; safety never.
