@@ -37,8 +37,8 @@ def render_status(
 ) -> None:
     console = console or Console()
     instances = Table(title=f"{report.application}: instances (table {report.table})")
-    columns = ("instance", "host", "status", "alive", "heartbeat age s", "queues", "busy")
-    columns += ("started",)
+    columns = ["instance", "host", "status", "alive", "heartbeat age s", "queues", "busy"]
+    columns.append("started")
     for column in columns:
         instances.add_column(column)
     for i in report.instances:
