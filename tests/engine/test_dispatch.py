@@ -589,3 +589,20 @@ def test_a_waiter_that_went_away_does_not_hold_freed_room_from_the_line():
     for _ in range(10):
         dispatcher.finish(take_now(dispatcher))
     assert dispatcher.reserve(other, 10, timeout_s=0) == 10
+
+
+def test_counts_by_queue_reads_running_and_queued_messages_of_every_queue_at_once():
+    dispatcher = new_dispatcher(capacity=100)
+    a, b, idle = make_queue("a"), make_queue("b"), make_queue("idle")
+    for queue in (a, b, idle):
+        dispatcher.add_queue(queue)
+    fill(dispatcher, a, [make_item(a) for _ in range(3)])
+    fill(dispatcher, b, [make_item(b) for _ in range(2)])
+    started = [take_now(dispatcher) for _ in range(4)]  # a's turn: its three, then one of b
+
+    assert [item.queue.name for item in started] == ["a", "a", "a", "b"]
+    assert dispatcher.counts_by_queue([a, b, idle]) == {
+        "a": (3, 0),
+        "b": (1, 1),
+        "idle": (0, 0),
+    }
