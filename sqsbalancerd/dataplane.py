@@ -59,14 +59,20 @@ def lean_or_plain(
 ) -> SQSClient:
     """The lean client, or the boto3 client itself (one warning) when this botocore does not
     have what the lean path reads: a botocore upgrade must slow the daemon, not stop it."""
+    global _has_warned
     try:
         return cast("SQSClient", LeanSqs(client, stats, resend_errors=resend_errors))
     except LeanUnavailable as exc:
-        logger.warning(
-            "sqs.lean_requests: falling back to plain boto3 calls",
-            extra={"error": str(exc), "botocore": botocore.__version__},
-        )
+        if not _has_warned:  # the daemon builds two SQS clients: one upgrade, one warning
+            _has_warned = True
+            logger.warning(
+                "sqs.lean_requests: falling back to plain boto3 calls",
+                extra={"error": str(exc), "botocore": botocore.__version__},
+            )
         return client
+
+
+_has_warned = False
 
 
 class LeanSqs:
@@ -91,6 +97,9 @@ class LeanSqs:
             raise LeanUnavailable(f"botocore internals missing: {exc}") from None
         if not callable(getattr(self._http, "send", None)):
             raise LeanUnavailable("botocore's HTTP session has no send()")
+        readable = callable(getattr(self._credentials, "get_frozen_credentials", None))
+        if self._credentials is not None and not readable:
+            raise LeanUnavailable("botocore's credentials have no get_frozen_credentials()")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)

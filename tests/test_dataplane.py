@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+from sqsbalancerd import dataplane
 from sqsbalancerd.aws import AwsOptions, error_code, is_transient, sqs_client
 from sqsbalancerd.dataplane import LeanSqs, lean_or_plain
 from sqsbalancerd.local import free_port
@@ -206,3 +207,15 @@ def test_a_botocore_without_the_internals_falls_back_to_plain_boto3_with_one_war
     assert lean_or_plain(client) is client
     [line] = [r for r in caplog.records if "falling back to plain boto3" in r.getMessage()]
     assert "http_session" in line.error
+
+
+def test_the_fallback_warns_once_per_process_not_once_per_client(endpoint, caplog, monkeypatch):
+    """The daemon builds a receive client and an acks client: one botocore upgrade, one
+    warning (and a credentials object without get_frozen_credentials counts as missing)."""
+    monkeypatch.setattr(dataplane, "_has_warned", False)
+    clients = [sqs_client(AwsOptions(region="us-east-1", endpoint_url=endpoint)) for _ in range(2)]
+    del clients[0]._endpoint.http_session
+    clients[1]._request_signer._credentials = object()  # a credentials type we cannot read
+    assert [lean_or_plain(client) for client in clients] == clients
+    lines = [r for r in caplog.records if "falling back to plain boto3" in r.getMessage()]
+    assert len(lines) == 1, [r.error for r in lines]

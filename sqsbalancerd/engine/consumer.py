@@ -525,7 +525,11 @@ class Engine:
             }
             pollers = [p for o in self._owned.values() for p in o.receivers.pollers]
         names = sorted(set(counters) | set(runtimes))
-        queues = tuple(self._queue_stats(name, counters, runtimes) for name in names)
+        counts = self.dispatcher.counts_by_queue(runtimes.values())
+        queues = tuple(
+            QueueStats(queue=name, **counters.get(name, {}), **_counts(counts.get(name)))
+            for name in names
+        )
         durations, ages = self._stats.histograms()
         running = self.dispatcher.running_items()
         return StatsSnapshot(
@@ -546,13 +550,6 @@ class Engine:
             retired=self._stats.retired_counters(),
         )
 
-    def _queue_stats(
-        self, name: str, counters: dict[str, dict[str, int]], runtimes: dict[str, QueueRuntime]
-    ) -> QueueStats:
-        runtime = runtimes.get(name)
-        running, queued = self.dispatcher.counts(runtime) if runtime else (0, 0)
-        return QueueStats(queue=name, running=running, queued=queued, **counters.get(name, {}))
-
     def _tick_ages(self, pollers: list[Poller]) -> dict[str, float]:
         now = self._clock.monotonic()
         ages = {"acks": now - self.acks.last_tick_s}
@@ -565,3 +562,8 @@ class Engine:
         if idle:
             ages["workers"] = max(idle)
         return ages
+
+
+def _counts(counts: tuple[int, int] | None) -> dict[str, int]:
+    running, queued = counts or (0, 0)
+    return {"running": running, "queued": queued}

@@ -2,8 +2,8 @@
 
 It decides three things under one lock: how many messages a poller may receive (so
 nothing is received that cannot be started while this process still holds it), which
-queued item a free worker runs next (round-robin across queues for fairness, honouring
-`max_concurrency`, `max_rate` and FIFO groups), and what is released on drain.
+queued item a free worker runs next (round-robin across queues, a receive's worth a turn,
+honouring `max_concurrency`, `max_rate` and FIFO groups), and what is released on drain.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class Dispatcher:
         self._queues: dict[str, QueueRuntime] = {}
         self._is_receiving_stopped = False
         self._running: set[WorkItem] = set()
+        # The queue whose turn it is in `_pick`, and how many messages it started in it.
+        self._turn_queue: str | None = None
+        self._turn_started = 0
         # Pollers waiting for total room, in arrival order (see _is_next_in_line).
         self._waiting: dict[str, _Waiter] = {}
 
@@ -338,17 +341,37 @@ class Dispatcher:
                 self._cond.wait(min(remaining, wait_s, _RECHECK_S))
 
     def _pick(self) -> tuple[WorkItem | None, float]:
+        """Round-robin across queues, a turn of up to `TURN_MESSAGES` each: a receive's
+        messages start together, so they finish together and their deletes share a batch
+        (one message per queue in turn, 4 queues of 50 ms handlers averaged 1.8 deletes per
+        DeleteMessageBatch). A queue waits at most one turn of each other queue."""
         wait_s = _RECHECK_S
         for _ in range(len(self._ready)):
             name, queue = self._ready.popitem(last=False)
             item, queue_wait_s = self._pick_from(queue)
-            if queue.queued:
-                self._ready[name] = queue  # to the back: the next take starts elsewhere
             if item is not None:
                 self._start(item)
+                if queue.queued:
+                    self._ready[name] = queue
+                    if self._takes_turn(name, len(item.deliveries)):
+                        self._ready.move_to_end(name, last=False)  # its turn goes on
+                elif name == self._turn_queue:
+                    self._turn_queue = None  # emptied: its next items start a new turn
                 return item, 0.0
+            if queue.queued:
+                self._ready[name] = queue  # to the back: the next take starts elsewhere
             wait_s = min(wait_s, queue_wait_s)
         return None, wait_s
+
+    def _takes_turn(self, name: str, started: int) -> bool:
+        """Count `started` messages to `name`'s turn; True while its turn lasts."""
+        if name != self._turn_queue:
+            self._turn_queue, self._turn_started = name, 0
+        self._turn_started += started
+        if self._turn_started < TURN_MESSAGES:
+            return True
+        self._turn_queue = None
+        return False
 
     def _pick_from(self, queue: QueueRuntime) -> tuple[WorkItem | None, float]:
         policy = queue.policy
@@ -553,16 +576,29 @@ class Dispatcher:
         with self._cond:
             return sum(len(i.deliveries) for q in self._queues.values() for i in q.queued)
 
-    def counts(self, queue: QueueRuntime) -> tuple[int, int]:
-        """(running messages, queued messages) of one queue."""
+    def counts_by_queue(self, queues: Iterable[QueueRuntime]) -> dict[str, tuple[int, int]]:
+        """(running messages, queued messages) by queue name, in one pass under the lock: a
+        scrape asking queue by queue scanned every running item once per owned queue, while
+        the pollers and workers waited for the lock."""
+        listed = list(queues)
         with self._cond:
-            queued = sum(len(item.deliveries) for item in queue.queued)
-            running = sum(len(i.deliveries) for i in self._running if i.queue is queue)
-            return running, queued
+            running: dict[int, int] = {}
+            for item in self._running:
+                key = id(item.queue)
+                running[key] = running.get(key, 0) + len(item.deliveries)
+            return {
+                queue.name: (
+                    running.get(id(queue), 0),
+                    sum(len(item.deliveries) for item in queue.queued),
+                )
+                for queue in listed
+            }
 
 
 # A receive's worth: how far a burst may exceed the bound on messages not started.
 BATCH_SLACK = 10
+# Messages a queue starts in one turn of the round-robin: one receive's, one delete batch's.
+TURN_MESSAGES = 10
 _HELD_STATES = frozenset({DeliveryState.QUEUED, DeliveryState.RUNNING})
 
 

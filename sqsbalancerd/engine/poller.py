@@ -213,7 +213,12 @@ class Poller:
         if granted == 0:
             self.was_full = False  # no room: another receiver would not help
             return 0.0
-        wait_s = self._gate.wait_time_s(self.queue.policy.wait_time_s, is_idle=is_idle)
+        # A receive that claims room from the total must return at once: one that long-
+        # polled a queue just run dry held its ten for WaitTimeSeconds (20 s), and a Zipf
+        # spread's small queues, running dry together, held the whole bound (30 msgs/s).
+        # If it comes back empty the queue is idle, and its next poll waits as usual.
+        wanted_s = self.queue.policy.wait_time_s if is_idle else 0
+        wait_s = self._gate.wait_time_s(wanted_s, is_idle=is_idle)
         # The gate may have waited for a renewal, or paused while we waited for room.
         if wait_s is None or self._is_stopping() or self._gate.is_paused:
             self._dispatcher.end_poll(self.queue, granted, received=0, claims_total=claims)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from enginekit import CallLog, Faults, Rig, Throttle, standalone_settings
+from enginekit import CallLog, Faults, Rig, Throttle, make_item, make_queue, standalone_settings
 from support import FakeClock, wait_until
 
 from sqsbalancerd.app import ack_options
@@ -481,3 +481,59 @@ def test_a_held_back_poller_returns_at_once_when_receiving_stops(moto_sqs):
     rig.acks.wake_held_back()
     assert returned.wait(5)
     waiter.join(5)
+
+
+class CountingSqs:
+    """Answers every batch call at once, successfully; counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def delete_message_batch(self, *, QueueUrl: str, Entries: list[Any]) -> dict[str, Any]:
+        with self._lock:
+            self.calls += 1
+        return {"Successful": [{"Id": e["Id"]} for e in Entries], "Failed": []}
+
+
+def test_a_linger_running_out_wakes_one_sender_not_all_of_them():
+    """Four senders waiting for the same linger deadline all woke at it, and three found
+    nothing to send: ~18 sender rounds per batch at 600 messages/s. One keeps time; the
+    others sleep until it leaves to send."""
+    sqs = CountingSqs()
+    acks = Acknowledger(sqs, stats=Stats(), clock=SystemClock())  # type: ignore[arg-type]
+    rounds = []
+    flush_due = acks._flush_due
+
+    def counted_flush(**kwargs: Any) -> int:
+        rounds.append(threading.current_thread().name)
+        return flush_due(**kwargs)
+
+    acks._flush_due = counted_flush  # type: ignore[method-assign]
+    stop = threading.Event()
+    senders = [threading.Thread(target=acks.run, args=(stop,), name="sqsb-test-acks-0")]
+    senders += [
+        threading.Thread(target=acks.run_sender, args=(stop,), name=f"sqsb-test-acks-{n}")
+        for n in range(1, acks_module.SENDER_THREADS)
+    ]
+    queues = [make_queue(f"q{n}") for n in range(5)]
+    for sender in senders:
+        sender.start()
+    try:
+        # Let every sender reach its wait, then one delete per queue every 20 ms: each
+        # starts a linger of its own.
+        wait_until(lambda: len(rounds) >= len(senders), timeout_s=5, every_s=0.001)
+        rounds.clear()
+        for n in range(25):
+            acks.delete(make_item(queues[n % len(queues)]).deliveries)
+            stop.wait(0.02)
+        wait_until(lambda: acks.pending_total() == 0, timeout_s=5, what="every delete sent")
+        sent = sqs.calls
+        wasted = len(rounds) - sent
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(5)
+    # Before, each linger running out woke all four: 93 rounds found nothing for 25 calls.
+    # Now only the spares' 1 s rechecks and a rare race do.
+    assert wasted <= 10, (wasted, sent, rounds)

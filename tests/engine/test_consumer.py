@@ -561,3 +561,48 @@ def test_a_released_queue_leaves_no_per_queue_stats_or_metric_labels(moto_sqs, t
     text = render(build_registry(lambda: snapshot, None)).decode()
     assert 'queue="work-a"' not in text and 'queue="work-b"' in text
     assert snapshot.totals()["deleted"] == 1 and snapshot.totals()["received"] == 1
+
+
+def test_deletes_of_concurrent_finishes_share_batches_and_still_go_out_within_the_linger(
+    moto_sqs,
+):
+    """Ten workers, four queues, 50 ms handlers: the ten messages of a receive run side by
+    side and finish together, so their deletes fill one DeleteMessageBatch (one message per
+    queue in turn averaged 1.8 deletes per batch), each still sent within the 0.1 s linger."""
+    settings = standalone_settings(
+        sqs={"wait_time_seconds": 1}, workers={"pool_size": 10, "queue_size": 100}
+    )
+    returned: dict[str, float] = {}
+
+    def handler(message: Message) -> None:
+        time.sleep(0.05)  # the handler's work, not a synchronisation
+        returned[message.receipt_handle] = time.monotonic()
+
+    sent_at: dict[str, float] = {}
+    batches: list[int] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        batches.append(len(params["Entries"]))
+        for entry in params["Entries"]:
+            sent_at[entry["ReceiptHandle"]] = time.monotonic()
+
+    moto_sqs.meta.events.register("before-parameter-build.sqs.DeleteMessageBatch", record)
+    infos = [make_queue_info(moto_sqs, f"work-{n}") for n in range(4)]
+    for info in infos:
+        entries = [{"Id": str(i), "MessageBody": "{}"} for i in range(10)]
+        for _ in range(2):
+            moto_sqs.send_message_batch(QueueUrl=info.url, Entries=entries)
+    supervisor = ThreadSupervisor()
+    engine = build_engine(moto_sqs, settings, handler, clock=SystemClock(), spawner=supervisor)
+    engine.start()
+    try:
+        engine.set_owned(infos)
+        wait_until(lambda: sum(batches) == 80, timeout_s=30, what="80 messages deleted")
+    finally:
+        engine.stop_receiving()
+        engine.stop(timeout_s=5)
+        assert supervisor.stop_all(timeout_s=5) == []
+    assert sum(batches) / len(batches) >= 8, batches
+    assert set(sent_at) == set(returned)
+    delays = sorted(sent_at[receipt] - returned[receipt] for receipt in returned)
+    assert delays[-1] < 0.5, delays[-5:]  # the linger is 0.1 s: this is its loaded-machine bound

@@ -55,6 +55,23 @@ def test_receive_parameters(moto_sqs):
     assert "ReceiveRequestAttemptId" not in params
 
 
+def test_a_receive_after_one_that_had_messages_does_not_long_poll(moto_sqs):
+    """It claims room from the global bound until it returns (see Dispatcher.reserve): a
+    long poll of a queue just run dry held that room for 20 s, and a hundred small queues
+    running dry together held all of it while the big ones waited (Zipf: 30 msgs/s)."""
+    rig = Rig(moto_sqs, clock=SystemClock(), wait_time_s=5)
+    log = CallLog(moto_sqs)
+    rig.send("a", "b", "c")
+    assert rig.receive() == 3  # idle until now: a long poll
+    rig.work_all()
+
+    started = time.monotonic()
+    assert rig.receive() == 0  # the queue ran dry: this one comes back at once
+    assert time.monotonic() - started < 3
+    assert [c["WaitTimeSeconds"] for c in log.of("ReceiveMessage")] == [5, 0]
+    assert rig.dispatcher.reserve(rig.queue, 100, timeout_s=0) == 20  # its room came back
+
+
 def test_a_lowered_queue_timeout_does_not_let_held_messages_reappear(moto_sqs):
     """Discovery saw 30 s; someone lowers the queue's default to 1 s: receives still hide
     messages for the 30 s the engine counts with."""
@@ -255,7 +272,8 @@ def test_a_busy_queue_does_not_wait_for_a_renewal_an_idle_one_does(moto_sqs):
     assert renewal_waits == [3.0]
     assert rig.receive() == 1  # the last one returned a message: no wait
     assert renewal_waits == [3.0]
-    assert [c["WaitTimeSeconds"] for c in log.of("ReceiveMessage")] == [2, 2]
+    # The first cut to the budget; the busy one does not long-poll at all.
+    assert [c["WaitTimeSeconds"] for c in log.of("ReceiveMessage")] == [2, 0]
     assert rig.receive() == 0  # busy still (the last receive had a message): no wait
     assert renewal_waits == [3.0]
     assert rig.receive() == 0  # that one came back empty: idle again, it waits
