@@ -684,14 +684,19 @@ class DynamoCoordinator:
         vanished_s = None if missing_since is None else self._round_started_s - missing_since
         if row is None and vanished_s is not None and vanished_s < self._vanished_wait_s:
             return  # a row we saw vanish: its holder may still consume (see _sweep)
-        if row is not None and row.owner and row.owner != self.instance_id:
-            if not self._liveness.is_dead(row.owner) or not self._peers.confirm_dead(row.owner):
-                return  # its owner is alive: it drains the queue and releases the row
+        previous_owner = row.owner if row is not None and row.owner != self.instance_id else None
+        if previous_owner and not (
+            self._liveness.is_dead(previous_owner) and self._peers.confirm_dead(previous_owner)
+        ):
+            return  # its owner is alive: it drains the queue and releases the row
+        took = self._leases.acquire(queue, self._queues[base_of(queue)].url, row)
+        # Said only once it landed: a stale copy of a row its owner released before leaving
+        # looks the same, and then the conditional acquire fails.
+        if took and previous_owner:
             logger.warning(
-                "taking over a queue from a dead instance",
-                extra={"queue": queue, "instance": row.owner},
+                "took over a queue from a dead instance",
+                extra={"queue": queue, "instance": previous_owner},
             )
-        self._leases.acquire(queue, self._queues[base_of(queue)].url, row)
 
     def reconcile_released(self) -> None:
         """Release what the engine drained, and announce it now: the planned owner reads

@@ -443,9 +443,10 @@ def test_discovered_queues_are_shared_after_the_delay(cluster):
 # -- stop and crash -------------------------------------------------------------------------
 
 
-def test_a_crashed_instance_is_taken_over_after_the_timeout_not_before(cluster):
+def test_a_crashed_instance_is_taken_over_after_the_timeout_not_before(cluster, caplog):
     a, b = cluster.add("a"), cluster.add("b")
     settle(cluster)
+    caplog.set_level(logging.WARNING)
     b_queues = {q for q, o in cluster.owners().items() if o == "b"}
     b_last_renewal = cluster.clock.monotonic()
     b.is_running = False  # SIGKILL: no more heartbeats, no release
@@ -460,6 +461,8 @@ def test_a_crashed_instance_is_taken_over_after_the_timeout_not_before(cluster):
     assert TIMEOUT_S <= took_s <= TIMEOUT_S + DELAY_S + 2 * INTERVAL_S
     assert cluster.reader.get_member("b") is None  # dead rows are removed by survivors
     assert cluster.owned_counts() == {"a": len(QUEUES)}
+    took = [r.queue for r in caplog.records if r.getMessage().startswith("took over a queue")]
+    assert sorted(took) == sorted(b_queues)  # once each, naming the queue
 
 
 def test_a_draining_instance_hands_over_after_it_releases(cluster):
@@ -703,3 +706,25 @@ def test_leave_stops_the_coordinator_loop_and_frees_everything(aws, clock):
     assert not thread.is_alive()
     assert table.members() == []
     assert {r.owner for r in table.ownership().values()} == {None}
+
+
+def test_a_graceful_leave_seen_late_is_not_logged_as_a_takeover(cluster, caplog):
+    """A row released by an owner that then left looks, from a stale copy, like a dead
+    owner's: the acquire fails its condition, and no takeover may be claimed in the log."""
+    ghost = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
+    ghost.create_member(member_record("ghost", status="draining"))
+    for queue in QUEUES[:4]:
+        ghost.acquire(queue, f"http://sqs/{queue}", owner="ghost", previous=None, now_wall=1.0)
+    a = cluster.add("a")
+    for _ in range(int(TIMEOUT_S * 3)):
+        ghost.heartbeat("ghost", epoch="ghost", status="draining", now_wall=1.0)
+        cluster.step()
+    assert a.engine.owned == set(QUEUES[4:])
+
+    for queue in QUEUES[:4]:  # released and gone, but no shard advanced: a's copy is stale
+        ghost.release(queue, owner="ghost", lease=ghost.ownership()[queue].lease, now_wall=2.0)
+    ghost.delete_member("ghost", epoch="ghost")
+    caplog.set_level(logging.WARNING)
+    cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=DELAY_S + 3 * INTERVAL_S)
+
+    assert not [r for r in caplog.records if "took over" in r.getMessage()]

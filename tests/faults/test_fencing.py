@@ -341,7 +341,7 @@ def test_instance_fenced_by_throttling_resumes_when_dynamodb_returns_in_time(
     assert later, "n1 never received again"
     assert after == before  # same owners, same leases: nobody took anything over
     assert not receives(p2, mine), "n2 received from n1's queues"
-    assert log_line(n2, "taking over") is None and log_line(n2, "removed a dead") is None
+    assert log_line(n2, "took over") is None and log_line(n2, "removed a dead") is None
     assert not overlaps, overlaps
     assert not tally.lost and not tally.unknown and tally.handled == tally.sent
     assert not tally.duplicated, tally.duplicated
