@@ -33,7 +33,8 @@ from typing import Any
 
 import boto3
 
-from sqsbalancerd.local import LOOPBACK, emulator_env, free_port
+from bench.measure import EmulatorProcess
+from sqsbalancerd.local import emulator_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUES = 60
@@ -69,26 +70,14 @@ class ModeResult:
 
 
 class Emulator:
-    """moto's server in a child process (the daemons and the producer share it)."""
+    """The bench emulator (bench/emulator.py: moto patched for speed, empty long polls
+    quiet) in a child process; the daemons and the producer share it. Stock moto wakes
+    every waiting long poll each second: with 180 of them it, not the balancing, set the
+    drain time at 20 ms handlers."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        command = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
-        env = {**os.environ, **emulator_env(self.url)}
-        self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        sqs = self.client("sqs")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                sqs.list_queues()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                threading.Event().wait(0.2)
+    def __init__(self, log_path: Path) -> None:
+        self.process = EmulatorProcess(patch=True, log_path=log_path, scale=True).start()
+        self.url = self.process.endpoint
 
     def client(self, service: str) -> Any:
         return boto3.client(
@@ -100,8 +89,7 @@ class Emulator:
         )
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        self.process.stop()
 
 
 def _daemon(
@@ -200,7 +188,7 @@ def run_mode(mode: str, *, messages: int, workers: int, handler_ms: float, out: 
     result = ModeResult(
         mode, messages, total_workers, handler_ms, messages * handler_ms / 1000 / total_workers
     )
-    emulator = Emulator()
+    emulator = Emulator(out / f"{mode}-emulator.log")
     daemons: list[subprocess.Popen[bytes]] = []
     try:
         sqs = emulator.client("sqs")
