@@ -488,18 +488,24 @@ def test_a_draining_instance_hands_over_after_it_releases(cluster):
     assert a.failures == b.failures == []
 
 
-def test_a_queue_whose_owner_is_alive_is_not_taken(cluster):
-    """Rows held by a live member are left alone until released, even if the ring moved them."""
+def a_draining_ghost_holds_four(cluster: Cluster) -> tuple[CoordinationTable, Node]:
+    """A live, draining member ("ghost", written by hand) holding the first four queues, and
+    "a" that has lived beside it long enough to own every other queue and none of its."""
     ghost = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
     ghost.create_member(member_record("ghost", status="draining"))
     for queue in QUEUES[:4]:
         ghost.acquire(queue, f"http://sqs/{queue}", owner="ghost", previous=None, now_wall=1.0)
     a = cluster.add("a")
-
     for _ in range(int(TIMEOUT_S * 3)):
         ghost.heartbeat("ghost", epoch="ghost", status="draining", now_wall=1.0)
         cluster.step()
     assert a.engine.owned == set(QUEUES[4:])
+    return ghost, a
+
+
+def test_a_queue_whose_owner_is_alive_is_not_taken(cluster):
+    """Rows held by a live member are left alone until released, even if the ring moved them."""
+    ghost, a = a_draining_ghost_holds_four(cluster)
 
     row = ghost.ownership()[QUEUES[0]]
     ghost.release(QUEUES[0], owner="ghost", lease=row.lease, now_wall=2.0)
@@ -711,15 +717,7 @@ def test_leave_stops_the_coordinator_loop_and_frees_everything(aws, clock):
 def test_a_graceful_leave_seen_late_is_not_logged_as_a_takeover(cluster, caplog):
     """A row released by an owner that then left looks, from a stale copy, like a dead
     owner's: the acquire fails its condition, and no takeover may be claimed in the log."""
-    ghost = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
-    ghost.create_member(member_record("ghost", status="draining"))
-    for queue in QUEUES[:4]:
-        ghost.acquire(queue, f"http://sqs/{queue}", owner="ghost", previous=None, now_wall=1.0)
-    a = cluster.add("a")
-    for _ in range(int(TIMEOUT_S * 3)):
-        ghost.heartbeat("ghost", epoch="ghost", status="draining", now_wall=1.0)
-        cluster.step()
-    assert a.engine.owned == set(QUEUES[4:])
+    ghost, a = a_draining_ghost_holds_four(cluster)
 
     for queue in QUEUES[:4]:  # released and gone, but no shard advanced: a's copy is stale
         ghost.release(queue, owner="ghost", lease=ghost.ownership()[queue].lease, now_wall=2.0)
