@@ -20,13 +20,8 @@ moto 5.2.x makes deep queues slow, so that a benchmark would measure moto, not c
    first match (receipt handles are unique per receive) and rebuilds the list with a slice;
    like the original it rebinds the list, so concurrent scans keep a consistent copy.
 
-And one correctness fix, `atomic_receives` (applied with the rest): moto's ReceiveMessage
-checks a message is visible and marks it received in two steps, without a lock, so two
-receives of one queue on two server threads can both take the same message (both answers
-carry it, each with its own first-receive time). Real SQS never hands a message to two
-receivers at once; with several owners of one shared hot queue the bench counted it as
-"handled twice at once" (6 of 24,000 under load). The patch makes each receive of a queue
-exclusive, released while it waits for messages, so long polls still wait side by side.
+And one correctness fix, applied with the rest (and by the embedded emulator, which the
+tests use): `sqsbalancerd.moto_fixes.atomic_receives`, one receive of a queue at a time.
 
 `verify()` runs one scripted scenario (sends,
 receives, deletes, visibility changes, delayed, expired and FIFO de-duplicated messages)
@@ -41,6 +36,12 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from sqsbalancerd.moto_fixes import (
+    atomic_receives,
+    concurrent_receive_duplicates,
+    releasing_claim,
+)
 
 _ORIGINAL: dict[str, Any] = {}
 _in_send = threading.local()
@@ -127,6 +128,7 @@ def apply() -> None:
 
 
 def revert() -> None:
+    """Undo the speed patches (the atomic receives stay: a fix, not a speed-up)."""
     from moto.sqs.models import Message, Queue, SQSBackend
 
     if not is_applied():
@@ -139,7 +141,6 @@ def revert() -> None:
     Message.delayed = _ORIGINAL["delayed"]
     for name in _COUNT_PROPERTIES:
         setattr(Queue, name, _ORIGINAL[name])
-    _revert_atomic_receives()
 
 
 def is_applied() -> bool:
@@ -216,105 +217,6 @@ def _scenario() -> list[Any]:
     return out
 
 
-# -- atomic receives ----------------------------------------------------------------------
-
-_claim = threading.local()  # the queue lock this thread's receive holds, if any
-_queue_locks: dict[tuple[int, str], threading.Lock] = {}
-_queue_locks_guard = threading.Lock()
-
-
-def _queue_lock(backend: Any, queue_name: str) -> threading.Lock:
-    key = (id(backend), queue_name)
-    with _queue_locks_guard:
-        return _queue_locks.setdefault(key, threading.Lock())
-
-
-def _exclusive_receive(original: Callable[..., Any]) -> Callable[..., Any]:
-    def receive_message(self: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
-        lock = _queue_lock(self, queue_name)
-        with lock:
-            _claim.lock = lock
-            try:
-                return original(self, queue_name, *args, **kwargs)
-            finally:
-                _claim.lock = None
-
-    receive_message.__wrapped__ = original  # type: ignore[attr-defined]
-    return receive_message
-
-
-def _releasing_claim(wait: Callable[[Any, float], None]) -> Callable[[Any, float], None]:
-    """A receive's wait for messages, with its queue's lock let go meanwhile."""
-
-    def wait_for_messages(self: Any, timeout: float) -> None:
-        lock = getattr(_claim, "lock", None)
-        if lock is None:
-            wait(self, timeout)
-            return
-        lock.release()
-        try:
-            wait(self, timeout)
-        finally:
-            lock.acquire()
-
-    wait_for_messages.__wrapped__ = wait  # type: ignore[attr-defined]
-    return wait_for_messages
-
-
-def atomic_receives() -> None:
-    """See the module docstring: one receive at a time takes messages from a queue."""
-    from moto.sqs.models import Queue, SQSBackend
-
-    if "atomic_receive" in _ORIGINAL:
-        return
-    _ORIGINAL["atomic_receive"] = SQSBackend.receive_message
-    _ORIGINAL["atomic_wait"] = Queue.wait_for_messages
-    SQSBackend.receive_message = _exclusive_receive(SQSBackend.receive_message)
-    Queue.wait_for_messages = _releasing_claim(Queue.wait_for_messages)
-
-
-def _revert_atomic_receives() -> None:
-    from moto.sqs.models import Queue, SQSBackend
-
-    if "atomic_receive" not in _ORIGINAL:
-        return
-    SQSBackend.receive_message = _ORIGINAL.pop("atomic_receive")
-    Queue.wait_for_messages = _ORIGINAL.pop("atomic_wait")
-
-
-def concurrent_receive_duplicates(threads: int = 8, messages: int = 400) -> int:
-    """Messages two concurrent receivers both got, on a fresh in-process backend: the
-    GIL switched every microsecond so that a race in a receive shows within one run.
-    (Stock moto 5.2.5, measured here: 2 to 3 of 400 in each of three runs, ~70 s a run.)"""
-    import sys
-
-    from moto.sqs.models import SQSBackend
-
-    backend = SQSBackend("us-east-1", "123456789012")
-    backend.create_queue("v-race")
-    for n in range(messages):
-        backend.send_message("v-race", f"b{n}")
-    got: list[str] = []
-    start = threading.Barrier(threads)
-
-    def drain() -> None:
-        start.wait()
-        while batch := backend.receive_message("v-race", 10, 0, 300):
-            got.extend(m.id for m in batch)
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        workers = [threading.Thread(target=drain) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=60)
-    finally:
-        sys.setswitchinterval(interval)
-    return len(got) - len(set(got))
-
-
 # -- quiet long polls (bench.emulator --scale) ---------------------------------------------
 
 _poll = threading.local()
@@ -359,7 +261,7 @@ def quiet_long_polls() -> None:
     _ORIGINAL["receive_message"] = SQSBackend.receive_message
     _ORIGINAL["wait_for_messages"] = Queue.wait_for_messages
     SQSBackend.receive_message = _noting_deadline(SQSBackend.receive_message)
-    Queue.wait_for_messages = _releasing_claim(_quiet_wait)
+    Queue.wait_for_messages = releasing_claim(_quiet_wait)
 
 
 def verify_quiet_long_polls() -> None:
