@@ -9,6 +9,12 @@ bills them, and the busiest partition's units per second.
     python -m bench.sim_cost 10 30         # markdown table on stdout
     python -m bench.sim_cost 500 --steady-only          # the steady window alone
     python -m bench.sim_cost 500 --deploy-minutes=3     # the deploy's first 3 minutes
+    python -m bench.sim_cost 10 30 --balance=load       # load-aware: Zipf demand, summaries
+
+With ``--balance=load`` every instance plans by load (``coordination.balance = "load"``) and
+publishes its load summary in its member row each epoch; the queues carry a Zipf demand
+(exponent 1.1) worth half of the cluster's workers, so that the member rows hold summaries
+of realistic size (the busiest queues listed, up to the 2 KB bound).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from sqsbalancerd.config import CoordinationSettings  # noqa: E402
 from sqsbalancerd.coordination import table as table_module  # noqa: E402
 
 QUEUES_PER_INSTANCE = 20
+WORKERS = 8  # per simulated instance (simworld's default)
+ZIPF_EXPONENT = 1.1
+DEMAND_SHARE = 0.5  # the Zipf demand sums to this share of every worker in the cluster
 WINDOW_S = 300.0
 # On-demand prices, us-east-1 (since November 2024): per million request units.
 WRITE_PRICE_PER_MILLION = 0.625
@@ -141,17 +150,36 @@ def _read_once() -> None:
     table_class.members = members  # type: ignore[method-assign]
 
 
-def measure(instances: int, *, steady_only: bool = False, deploy_minutes: int = 10) -> list[Cost]:
+def zipf_demand(queues: list[str], total: float) -> Callable[[str], float]:
+    """Handler-s/s per queue: the i-th busiest carries 1/i^s of the whole, ``total`` in sum."""
+    weights = [1.0 / (rank + 1) ** ZIPF_EXPONENT for rank in range(len(queues))]
+    scale = total / sum(weights)
+    demand = {queue: weight * scale for queue, weight in zip(queues, weights, strict=True)}
+    return lambda queue: demand.get(queue, 0.0)
+
+
+def _settings(instances: int, queues: list[str], balance: str) -> Settings:
+    coordination = CoordinationSettings(table_name=TABLE, balance=balance)  # type: ignore[arg-type]
+    if balance == "count":
+        return Settings(coordination=coordination)
+    total = DEMAND_SHARE * WORKERS * instances
+    return Settings(coordination=coordination, demand=zipf_demand(queues, total), workers=WORKERS)
+
+
+def measure(
+    instances: int, *, steady_only: bool = False, deploy_minutes: int = 10, balance: str = "count"
+) -> list[Cost]:
     _parse_once()
     _read_once()
+    queues = [f"q-{i:05d}" for i in range(QUEUES_PER_INSTANCE * instances)]
     world = World(
         1,
-        Settings(coordination=CoordinationSettings(table_name=TABLE)),
+        _settings(instances, queues, balance),
         page_items=None,
         check_every_s=1.0,  # hundreds of instances: invariants once a simulated second
     )
     world.db.copy_reads = False
-    world.queues = {f"q-{i:05d}" for i in range(QUEUES_PER_INSTANCE * instances)}
+    world.queues = set(queues)
     rng = random.Random(instances)
     ids = [f"i{i:04d}" for i in range(instances)]
     for instance_id in ids:
@@ -182,11 +210,12 @@ def measure(instances: int, *, steady_only: bool = False, deploy_minutes: int = 
     return costs
 
 
-def _settled_cluster(seed: int, instances: int = 3, queues: int = 12) -> World:
-    world = World(
-        seed, Settings(coordination=CoordinationSettings(table_name=TABLE)), page_items=None
-    )
-    world.queues = {f"q-{i:02d}" for i in range(queues)}
+def _settled_cluster(
+    seed: int, instances: int = 3, queues: int = 12, balance: str = "count"
+) -> World:
+    names = [f"q-{i:02d}" for i in range(queues)]
+    world = World(seed, _settings(instances, names, balance), page_items=None)
+    world.queues = set(names)
     rng = random.Random(seed)
     for index in range(instances):
         world.at(rng.uniform(0, 10), "start", lambda i=index: world.add_node(f"i{i}"))
@@ -206,18 +235,18 @@ def _has_share(world: World) -> bool:
     return world.is_settled() and len(world.nodes["new"].engine.consuming()) >= 12 // 4
 
 
-def bounds(seeds: int = 30) -> dict[str, float]:
+def bounds(seeds: int = 30, balance: str = "count") -> dict[str, float]:
     """Worst case over seeds, at the default timings: a join until the newcomer consumes its
     share, a SIGKILL until every queue is consumed again, a graceful leave likewise."""
     worst = {"join": 0.0, "kill": 0.0, "leave": 0.0}
     for seed in range(seeds):
-        world = _settled_cluster(seed)
+        world = _settled_cluster(seed, balance=balance)
         world.add_node("new")
         worst["join"] = max(worst["join"], _time_until(world, partial(_has_share, world)))
-        world = _settled_cluster(seed)
+        world = _settled_cluster(seed, balance=balance)
         world.kill("i0")
         worst["kill"] = max(worst["kill"], _time_until(world, world.is_settled))
-        world = _settled_cluster(seed)
+        world = _settled_cluster(seed, balance=balance)
         world.leave("i0")
         worst["leave"] = max(worst["leave"], _time_until(world, world.is_settled))
     return worst
@@ -238,21 +267,30 @@ def render(costs: list[Cost]) -> str:
     return "\n".join(lines)
 
 
+def _option(argv: list[str], name: str, default: str) -> str:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")), default)
+
+
 def main(argv: list[str]) -> None:
     quiet(None)
-    if argv == ["bounds"]:
-        for name, seconds in bounds().items():
-            print(f"{name}: {seconds:.1f} s (worst of 30 seeds)")
+    balance = _option(argv, "--balance", "count")
+    if balance not in ("count", "load"):
+        raise SystemExit(f"--balance must be count or load, not {balance!r}")
+    if "bounds" in argv:
+        for name, seconds in bounds(balance=balance).items():
+            print(f"{name}: {seconds:.1f} s (worst of 30 seeds, balance={balance})")
         return
     costs: list[Cost] = []
     steady_only = "--steady-only" in argv
     # --deploy-minutes N: measure the first N minutes of the rolling deploy (a tenth of the
     # instances replaced each minute) instead of all ten; the rate per minute is the figure.
-    minutes = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--deploy-minutes=")), 10)
+    minutes = int(_option(argv, "--deploy-minutes", "10"))
     argv = [a for a in argv if not a.startswith("--")]
     for count in [int(a) for a in argv] or [10, 30]:
         started = time.monotonic()
-        costs.extend(measure(count, steady_only=steady_only, deploy_minutes=minutes))
+        costs.extend(
+            measure(count, steady_only=steady_only, deploy_minutes=minutes, balance=balance)
+        )
         print(f"{count} instances simulated in {time.monotonic() - started:.0f} s", file=sys.stderr)
     print(render(costs))
 
