@@ -17,13 +17,18 @@ stalls, so they are not blamed on a consumer.
 a long poll of an empty queue sleeps until a send or its end (bench.moto_patch
 `quiet_long_polls`; moto wakes each one every second, and with 2,000 of them an ownership
 read of 2,000 rows took 255 s instead of 11: bench.status_long_polls --quiet),
-and DynamoDB pages are cut at 16 KB (~160 rows) instead of 1 MB (moto spends ~0.5 ms per
-item serialising a page: a 1 MB page of ownership rows took 4-5 s, past the daemons' table
-read timeout of at most 5 s, where AWS answers in tens of milliseconds). `--switch-interval S`
-sets the interpreter's GIL hand-off (CPython's 5 ms by default; 100 ms helped stock moto's
-waking polls, but with quiet ones it only delays every answer: member rows 0.05 s at 5 ms,
-4.0 s at 100 ms). These change the emulator's speed, not its answers: the daemons page with
-LastEvaluatedKey either way (more Query calls than on AWS, which the DynamoDB counts show).
+a table Query visits only its partition (bench.moto_patch `partition_queries`: moto sorts
+every item of the table on every Query page, so with 2,000 ownership rows each small read of
+the member rows or shard versions sorted 2,000 items), DynamoDB items are written to the
+answer as stored (`plain_item_serialisation`: moto walks each attribute value through the
+service model), and DynamoDB pages are cut at 16 KB (~160 rows) instead of 1 MB (moto
+spent ~0.5 ms per item serialising a page: a 1 MB page of ownership rows took 4-5 s, past
+the daemons' table read timeout of at most 5 s, where AWS answers in tens of ms).
+`--switch-interval S` sets the interpreter's GIL hand-off (CPython's 5 ms by default;
+100 ms helped stock moto's waking polls, but with quiet ones it only delays every answer:
+member rows 0.05 s at 5 ms, 4.0 s at 100 ms). These change the emulator's speed, not its
+answers: the daemons page with LastEvaluatedKey either way (more Query calls than on AWS,
+which the DynamoDB counts show).
 
     GET  /__bench/counts   the counters as JSON
     POST /__bench/reset    the counters as JSON, then zeroed
@@ -161,6 +166,10 @@ def host_for_scale() -> None:
 
     moto_patch.quiet_long_polls()
     moto_patch.verify_quiet_long_polls()
+    moto_patch.partition_queries()
+    moto_patch.verify_partition_queries()
+    moto_patch.plain_item_serialisation()
+    moto_patch.verify_plain_item_serialisation()
     dynamodb_table.RESULT_SIZE_LIMIT = SCALE_DYNAMODB_PAGE_BYTES  # type: ignore[attr-defined]
 
 
