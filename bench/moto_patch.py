@@ -490,3 +490,45 @@ def verify_plain_item_serialisation() -> None:
             _revert_plain_item_serialisation()
     for step, (expected, actual) in enumerate(zip(stock, patched, strict=True)):
         assert expected == actual, f"serialiser patch changes step {step}: {expected} != {actual}"
+
+
+# -- per-request dispatch (bench.emulator --scale) -----------------------------------------
+
+
+def cached_dispatch() -> None:
+    """What moto's server recomputes on every request, computed once: the list of its
+    service modules (`os.listdir` and a `stat` per entry of its package, ~150, to route a
+    request) and a response class's method names (`inspect.getmembers`). Both are fixed for
+    the process's life; with 2,000 long polls ending every 20 s they were paid 100 times a
+    second. Answers are unchanged (verify_cached_dispatch)."""
+    import moto.backends as backends
+    import moto.core.responses as responses
+
+    if "list_of_moto_modules" in _ORIGINAL:
+        return
+    _ORIGINAL["list_of_moto_modules"] = backends.list_of_moto_modules
+    _ORIGINAL["method_names_from_class"] = responses.method_names_from_class
+    modules = tuple(backends.list_of_moto_modules())
+    backends.list_of_moto_modules = lambda: modules  # type: ignore[assignment]
+    names: dict[object, list[str]] = {}
+    original = _ORIGINAL["method_names_from_class"]
+
+    def method_names_from_class(clazz: object) -> list[str]:
+        if clazz not in names:
+            names[clazz] = original(clazz)
+        return list(names[clazz])
+
+    responses.method_names_from_class = method_names_from_class  # type: ignore[assignment]
+
+
+def verify_cached_dispatch() -> None:
+    """Raise AssertionError unless the cached answers are the computed ones."""
+    import moto.backends as backends
+    import moto.core.responses as responses
+    from moto.dynamodb.responses import DynamoHandler
+    from moto.sqs.responses import SQSResponse
+
+    assert tuple(backends.list_of_moto_modules()) == tuple(_ORIGINAL["list_of_moto_modules"]())
+    for clazz in (SQSResponse, DynamoHandler, SQSResponse):
+        expected = _ORIGINAL["method_names_from_class"](clazz)
+        assert responses.method_names_from_class(clazz) == expected, clazz
