@@ -57,6 +57,9 @@ INTERVAL_S = 5.0
 # (3 calls) and one ListDeadLetterSourceQueues per dead-letter queue (50), with slack for a
 # loaded box. Reading 2,050 queues' attributes took 26 s here.
 STATUS_BOUND_S = INTERVAL_S * 1.25 + 15
+# How long the two may take to settle: on a loaded shared box the figure is the emulator's
+# (docs/benchmarks.md, fourth pass), so a run there may allow more.
+SETTLE_BOUND_S = float(os.environ.get("SQSB_SCALE_SETTLE_S", "300"))
 
 
 def config(instance_id: str) -> str:
@@ -151,7 +154,7 @@ def owners(dynamodb: Any) -> dict[str, str | None]:
     return {q: row.owner for q, row in ownership_rows(dynamodb, TABLE).items()}
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(SETTLE_BOUND_S + 180)
 def test_two_thousand_queues_over_two_processes(dynamodb, daemons, tmp_path, endpoint):
     started = time.monotonic()
     create_queues(endpoint)
@@ -164,7 +167,7 @@ def test_two_thousand_queues_over_two_processes(dynamodb, daemons, tmp_path, end
     try:
         wait_until(
             lambda: is_fixed_point(owners(dynamodb), QUEUES, ["m1", "m2"]),
-            timeout_s=300,
+            timeout_s=SETTLE_BOUND_S,
             every_s=5.0,  # each look is a 2,000-row read: not every second
             what="2,000 queues settled over m1 and m2",
         )
