@@ -17,19 +17,29 @@ stalls, so they are not blamed on a consumer.
 a long poll of an empty queue sleeps until a send or its end (bench.moto_patch
 `quiet_long_polls`; moto wakes each one every second, and with 2,000 of them an ownership
 read of 2,000 rows took 255 s instead of 11: bench.status_long_polls --quiet),
-and DynamoDB pages are cut at 16 KB (~160 rows) instead of 1 MB (moto spends ~0.5 ms per
-item serialising a page: a 1 MB page of ownership rows took 4-5 s, past the daemons' table
-read timeout of at most 5 s, where AWS answers in tens of milliseconds). `--switch-interval S`
-sets the interpreter's GIL hand-off (CPython's 5 ms by default; 100 ms helped stock moto's
-waking polls, but with quiet ones it only delays every answer: member rows 0.05 s at 5 ms,
-4.0 s at 100 ms). These change the emulator's speed, not its answers: the daemons page with
-LastEvaluatedKey either way (more Query calls than on AWS, which the DynamoDB counts show).
+a table Query visits only its partition (bench.moto_patch `partition_queries`: moto sorts
+every item of the table on every Query page, so with 2,000 ownership rows each small read of
+the member rows or shard versions sorted 2,000 items), DynamoDB items are written to the
+answer as stored (`plain_item_serialisation`: moto walks each attribute value through the
+service model), moto's per-request routing is computed once (`cached_dispatch`: it
+listed its package's ~150 folders and a class's methods on every request), and DynamoDB
+pages are cut at 16 KB (~160 rows) instead of 1 MB (moto
+spent ~0.5 ms per item serialising a page: a 1 MB page of ownership rows took 4-5 s, past
+the daemons' table read timeout of at most 5 s, where AWS answers in tens of ms).
+`--switch-interval S` sets the interpreter's GIL hand-off (CPython's 5 ms by default;
+100 ms helped stock moto's waking polls, but with quiet ones it only delays every answer:
+member rows 0.05 s at 5 ms, 4.0 s at 100 ms). These change the emulator's speed, not its
+answers: the daemons page with LastEvaluatedKey either way (more Query calls than on AWS,
+which the DynamoDB counts show).
 
     GET  /__bench/counts   the counters as JSON
     POST /__bench/reset    the counters as JSON, then zeroed
     POST /__bench/fill     {"queue": name, "count": n, "body": text}: send n messages
                            in process (no HTTP per batch: preloading deep queues fast);
                            answers {"ids": [...], "sent_at": unix time}
+    POST /__bench/create   {"queues": {name: {attribute: value}}}: create the queues in
+                           process, as CreateQueue would (thousands in seconds, not minutes
+                           of HTTP on a loaded emulator); answers {"arns": {name: arn}}
 """
 
 from __future__ import annotations
@@ -128,6 +138,9 @@ class CountingMiddleware:
         if path == "/__bench/fill" and is_post:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             payload = json.dumps(fill(**json.loads(environ["wsgi.input"].read(length)))).encode()
+        elif path == "/__bench/create" and is_post:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            payload = json.dumps(create(**json.loads(environ["wsgi.input"].read(length)))).encode()
         elif path in ("/__bench/counts", "/__bench/reset"):
             payload = json.dumps(self.snapshot(reset=is_post and path.endswith("reset"))).encode()
         else:
@@ -150,6 +163,19 @@ def fill(queue: str, count: int, body: str = "{}") -> dict[str, Any]:
     return {"ids": ids, "sent_at": sent_at}
 
 
+def create(queues: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Create each queue with its attributes through moto's backend, as CreateQueue would."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sqs.models import sqs_backends
+
+    backend = sqs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
+    arns = {
+        name: backend.create_queue(name, None, **attributes).queue_arn
+        for name, attributes in queues.items()
+    }
+    return {"arns": arns}
+
+
 SCALE_DYNAMODB_PAGE_BYTES = 16 * 1024
 
 
@@ -161,6 +187,12 @@ def host_for_scale() -> None:
 
     moto_patch.quiet_long_polls()
     moto_patch.verify_quiet_long_polls()
+    moto_patch.partition_queries()
+    moto_patch.verify_partition_queries()
+    moto_patch.plain_item_serialisation()
+    moto_patch.verify_plain_item_serialisation()
+    moto_patch.cached_dispatch()
+    moto_patch.verify_cached_dispatch()
     dynamodb_table.RESULT_SIZE_LIMIT = SCALE_DYNAMODB_PAGE_BYTES  # type: ignore[attr-defined]
 
 

@@ -282,3 +282,270 @@ def verify_quiet_long_polls() -> None:
     started = time.monotonic()
     assert backend.receive_message("v-quiet", 10, 1, 30) == []
     assert 1.0 <= time.monotonic() - started < 2.0
+
+
+# -- partition queries (bench.emulator --scale) --------------------------------------------
+
+_partition = threading.local()
+
+
+def _partition_query(original: Callable[..., Any]) -> Callable[..., Any]:
+    def query(self: Any, hash_key: Any, *args: Any, **kwargs: Any) -> Any:
+        is_plain = kwargs.get("index_name") is None and self.range_key_attr is not None
+        _partition.hash_key = hash_key if is_plain else None
+        try:
+            return original(self, hash_key, *args, **kwargs)
+        finally:
+            _partition.hash_key = None
+
+    query.__wrapped__ = original  # type: ignore[attr-defined]
+    return query
+
+
+def _partition_items(original: Callable[..., Any]) -> Callable[..., Any]:
+    def all_items(self: Any) -> list[Any]:
+        hash_key = getattr(_partition, "hash_key", None)
+        if hash_key is None:
+            return list(original(self))
+        # What the table query keeps of all_items() (the items of this hash key, sorted by
+        # range key), without sorting every item of the table first.
+        return sorted(self.items.get(hash_key, {}).values(), key=lambda item: item.range_key)
+
+    all_items.__wrapped__ = original  # type: ignore[attr-defined]
+    return all_items
+
+
+def partition_queries() -> None:
+    """A table Query visits only its partition. moto's sorts every item of the table (all
+    partitions) on every Query page: with 2,000 ownership rows each page of the member, shard
+    version or shard rows cost a 2,000-item sort, and two daemons following a handoff
+    read 16 shards a round each. Answers are unchanged (verify_partition_queries)."""
+    from moto.dynamodb.models.table import Table
+
+    if "table_query" in _ORIGINAL:
+        return
+    _ORIGINAL["table_query"] = Table.query
+    _ORIGINAL["table_all_items"] = Table.all_items
+    Table.query = _partition_query(Table.query)
+    Table.all_items = _partition_items(Table.all_items)
+
+
+def _revert_partition_queries() -> None:
+    from moto.dynamodb.models.table import Table
+
+    if "table_query" in _ORIGINAL:
+        Table.query = _ORIGINAL.pop("table_query")
+        Table.all_items = _ORIGINAL.pop("table_all_items")
+
+
+def _query_scenario() -> list[Any]:
+    """Pages of table queries over several partitions: forward, backward, by prefix, paged."""
+    from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    backend = DynamoDBBackend("us-east-1", "123456789012")
+    table = backend.create_table(
+        "v-query",
+        schema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        throughput=None,
+        attr=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        global_indexes=None,
+        indexes=None,
+        streams=None,
+        billing_mode="PAY_PER_REQUEST",
+        sse_specification=None,
+        tags=[],
+        deletion_protection_enabled=None,
+        warm_throughput=None,
+    )
+    for n in range(60):  # inserted out of order, over three partitions and two prefixes
+        pk, prefix = f"p{n % 3}", ("queue#", "member#")[n % 4 == 0]
+        table.put_item({"pk": {"S": pk}, "sk": {"S": f"{prefix}{(n * 37) % 60:03d}"}})
+    out: list[Any] = []
+    for pk in ("p0", "p2", "absent"):
+        for forward in (True, False):
+            for comparison, values in ((None, []), ("BEGINS_WITH", [{"S": "queue#"}])):
+                start: dict[str, Any] | None = None
+                while True:
+                    items, scanned, last = table.query(
+                        DynamoType({"S": pk}),
+                        comparison,
+                        [DynamoType(v) for v in values],
+                        7,
+                        start,
+                        forward,
+                        None,
+                    )
+                    out.append(([i.to_json() for i in items], scanned, last))
+                    if not last:
+                        break
+                    start = last
+    out.append(len(table.all_items()))  # outside a query: every item, as before
+    return out
+
+
+def verify_partition_queries() -> None:
+    """Raise AssertionError unless stock and patched table queries answer alike."""
+    was_applied = "table_query" in _ORIGINAL
+    try:
+        _revert_partition_queries()
+        stock = _query_scenario()
+        partition_queries()
+        patched = _query_scenario()
+    finally:
+        if not was_applied:
+            _revert_partition_queries()
+    for step, (expected, actual) in enumerate(zip(stock, patched, strict=True)):
+        assert expected == actual, f"query patch changes step {step}: {expected!r} != {actual!r}"
+
+
+# -- item serialisation (bench.emulator --scale) -------------------------------------------
+
+# AttributeValue types whose wire form is the model's own (binary ones are base64-encoded).
+_PLAIN_SCALARS = frozenset({"S", "N", "BOOL", "NULL"})
+_PLAIN_SETS = frozenset({"SS", "NS"})
+
+
+def _is_plain_value(value: Any) -> bool:
+    if not isinstance(value, dict) or len(value) != 1:
+        return False
+    ((kind, inner),) = value.items()
+    if kind in _PLAIN_SCALARS:
+        return isinstance(inner, (str, bool)) and inner != ""
+    if kind in _PLAIN_SETS:
+        return isinstance(inner, list) and all(isinstance(v, str) and v for v in inner)
+    if kind == "M":
+        return isinstance(inner, dict) and all(_is_plain_value(v) for v in inner.values())
+    if kind == "L":
+        return isinstance(inner, list) and all(_is_plain_value(v) for v in inner)
+    return False
+
+
+def _plain_attribute_maps(original: Callable[..., Any]) -> Callable[..., Any]:
+    def serialize_map(self: Any, serialized: Any, value: Any, shape: Any, key: str) -> None:
+        if (
+            shape.name == "AttributeMap"
+            and isinstance(value, dict)
+            and all(isinstance(k, str) for k in value)
+            and all(_is_plain_value(v) for v in value.values())
+        ):
+            # The generic walk of each AttributeValue's ten members gives back these very
+            # dicts; it cost ~0.5 ms an item, most of a page of ownership rows.
+            self._default_serialize(serialized, dict(value), shape, key)
+            return
+        original(self, serialized, value, shape, key)
+
+    serialize_map.__wrapped__ = original  # type: ignore[attr-defined]
+    return serialize_map
+
+
+def plain_item_serialisation() -> None:
+    """DynamoDB items made of strings, numbers, booleans, nulls and their sets, lists and
+    maps are written as they are stored, not walked member by member through the model.
+    Answers are unchanged (verify_plain_item_serialisation)."""
+    from moto.core.serialize import BaseJSONSerializer
+
+    if "serialize_map" in _ORIGINAL:
+        return
+    _ORIGINAL["serialize_map"] = BaseJSONSerializer._serialize_type_map
+    BaseJSONSerializer._serialize_type_map = _plain_attribute_maps(  # type: ignore[method-assign]
+        BaseJSONSerializer._serialize_type_map
+    )
+
+
+def _revert_plain_item_serialisation() -> None:
+    from moto.core.serialize import BaseJSONSerializer
+
+    if "serialize_map" in _ORIGINAL:
+        BaseJSONSerializer._serialize_type_map = _ORIGINAL.pop("serialize_map")  # type: ignore[method-assign]
+
+
+def _serialisation_scenario() -> list[Any]:
+    from moto.core.serialize import XFormedAttributePicker, get_serializer_class
+    from moto.core.utils import get_service_model
+
+    model = get_service_model("dynamodb")
+    items = [
+        {"pk": {"S": "app#a#01"}, "sk": {"S": "queue#q1"}, "lease": {"N": "3"}},
+        {"pk": {"S": "p"}, "flag": {"BOOL": False}, "none": {"NULL": True}, "e": {"S": ""}},
+        {"pk": {"S": "p"}, "ss": {"SS": ["a", "b"]}, "ns": {"NS": ["1", "2.5"]}},
+        {"pk": {"S": "p"}, "m": {"M": {"a": {"N": "1"}, "l": {"L": [{"S": "x"}, {"BOOL": True}]}}}},
+        {"pk": {"S": "p"}, "b": {"B": b"\x00\x01"}, "bs": {"BS": [b"\x02"]}},
+    ]
+    out: list[Any] = []
+    for operation, result in (
+        ("Query", {"Items": items, "Count": 5, "ScannedCount": 5, "LastEvaluatedKey": items[0]}),
+        ("GetItem", {"Item": items[3]}),
+        ("UpdateItem", {"Attributes": {"version": {"N": "7"}}}),
+        ("BatchGetItem", {"Responses": {"t": items[:3]}, "UnprocessedKeys": {}}),
+    ):
+        serializer_class = get_serializer_class("dynamodb", model.protocol)
+        serializer = serializer_class(
+            operation_model=model.operation_model(operation),
+            value_picker=XFormedAttributePicker(response_transformers=None),
+        )
+        out.append(serializer.serialize(result)["body"])
+    return out
+
+
+def verify_plain_item_serialisation() -> None:
+    """Raise AssertionError unless stock and patched serialisation write the same bodies."""
+    was_applied = "serialize_map" in _ORIGINAL
+    try:
+        _revert_plain_item_serialisation()
+        stock = _serialisation_scenario()
+        plain_item_serialisation()
+        patched = _serialisation_scenario()
+    finally:
+        if not was_applied:
+            _revert_plain_item_serialisation()
+    for step, (expected, actual) in enumerate(zip(stock, patched, strict=True)):
+        assert expected == actual, f"serialiser patch changes step {step}: {expected} != {actual}"
+
+
+# -- per-request dispatch (bench.emulator --scale) -----------------------------------------
+
+
+def cached_dispatch() -> None:
+    """What moto's server recomputes on every request, computed once: the list of its
+    service modules (`os.listdir` and a `stat` per entry of its package, ~150, to route a
+    request) and a response class's method names (`inspect.getmembers`). Both are fixed for
+    the process's life; with 2,000 long polls ending every 20 s they were paid 100 times a
+    second. Answers are unchanged (verify_cached_dispatch)."""
+    import moto.backends as backends
+    import moto.core.responses as responses
+
+    if "list_of_moto_modules" in _ORIGINAL:
+        return
+    _ORIGINAL["list_of_moto_modules"] = backends.list_of_moto_modules
+    _ORIGINAL["method_names_from_class"] = responses.method_names_from_class
+    modules = tuple(backends.list_of_moto_modules())
+    backends.list_of_moto_modules = lambda: modules  # type: ignore[assignment]
+    names: dict[object, list[str]] = {}
+    original = _ORIGINAL["method_names_from_class"]
+
+    def method_names_from_class(clazz: object) -> list[str]:
+        if clazz not in names:
+            names[clazz] = original(clazz)
+        return list(names[clazz])
+
+    responses.method_names_from_class = method_names_from_class  # type: ignore[assignment]
+
+
+def verify_cached_dispatch() -> None:
+    """Raise AssertionError unless the cached answers are the computed ones."""
+    import moto.backends as backends
+    import moto.core.responses as responses
+    from moto.dynamodb.responses import DynamoHandler
+    from moto.sqs.responses import SQSResponse
+
+    assert tuple(backends.list_of_moto_modules()) == tuple(_ORIGINAL["list_of_moto_modules"]())
+    for clazz in (SQSResponse, DynamoHandler, SQSResponse):
+        expected = _ORIGINAL["method_names_from_class"](clazz)
+        assert responses.method_names_from_class(clazz) == expected, clazz

@@ -5,7 +5,8 @@
 `--baseline` is a checkout of the code to compare with (e.g. `git archive main | tar -x`);
 both variants run in the same emulator, on the same queues, one after the other, each with
 its own table; without it, this checkout alone. `--scale-emulator` hosts moto for thousands
-of long polls (bench/emulator.py `--scale`: quiet empty long polls, 16 KB DynamoDB pages):
+of long polls (bench/emulator.py `--scale`: quiet empty long polls, partition-only table
+queries, items serialised as stored, routing computed once, 16 KB DynamoDB pages):
 without it, the start-up figures past joining measure moto, not the daemon. Per variant
 and size, on a fresh fixed-timings cluster (heartbeat 5 s,
 timeout 20 s, rebalance delay 1 s, long polls of 20 s):

@@ -51,12 +51,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-MAX_POLL_CONNECTIONS = 1024
+# Connections the long-poll client keeps, beyond the workers': one per long poll in flight,
+# that is per owned queue, up to the scale the daemon is built for (10,000 queues on one
+# instance, with room). urllib3 opens them on demand and a cap costs a queue slot each, so a
+# cap below what an instance owns saves nothing: past it every extra poll reconnects and
+# urllib3 logs "Connection pool is full" (1,024 did at 10,000 queues). Discovery warns when
+# more queues match than this.
+MAX_POLL_CONNECTIONS = 16_384
 _NAMED_WARNINGS = 10
 ACK_READ_TIMEOUT_S = 5.0
 ACK_MAX_ATTEMPTS = 1  # the acknowledger retries (engine/acks.py), not botocore
 DISCOVERY_READ_TIMEOUT_S = 10.0
 DISCOVERY_MAX_ATTEMPTS = 3
+# A round's DynamoDB calls in flight at once when it makes many (a start-up, a takeover): the
+# acquisitions, each conditional on its own row, and the reads of the shards that moved.
+TABLE_CONCURRENCY = 8
+# The coordinator's other calls, and `begin_drain`'s heartbeat from the main thread.
+DYNAMODB_SPARE_CONNECTIONS = 4
 
 
 class Coordinator(Protocol):
@@ -92,6 +103,11 @@ def aws_options(settings: Settings, *, pool_connections: int) -> AwsOptions:
     )
 
 
+def long_poll_pool_size(settings: Settings) -> int:
+    """Connections kept by the client of the long polls and the workers' calls."""
+    return settings.workers.pool_size + MAX_POLL_CONNECTIONS
+
+
 def ack_options(settings: Settings) -> AwsOptions:
     """The acks thread's client: deletes and visibility changes answer at once, so a hung one
     must not hold every pending ack for a long poll's read timeout (messages would reappear
@@ -121,7 +137,7 @@ def dynamodb_options(settings: Settings) -> AwsOptions:
     return AwsOptions(
         region=settings.aws.region,
         endpoint_url=settings.aws.endpoint_url,
-        max_pool_connections=4,
+        max_pool_connections=TABLE_CONCURRENCY + DYNAMODB_SPARE_CONNECTIONS,
         max_attempts=2,
         connect_timeout_s=max(0.5, min(2.0, margin_s / 4)),
         read_timeout_s=max(0.5, min(5.0, margin_s / 4)),
@@ -145,9 +161,7 @@ class Application:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.stats = stats or Stats()
-        # One connection per long poll in flight (one per owned queue) plus the workers';
-        # urllib3 opens them on demand, so a high cap costs nothing while idle.
-        pool = settings.workers.pool_size + MAX_POLL_CONNECTIONS
+        pool = long_poll_pool_size(settings)
         self.sqs = sqs or self._sqs_client(aws_options(settings, pool_connections=pool))
         # The acks thread retries by itself: a failure must reach it at once, not be re-sent.
         self.ack_sqs = (
@@ -327,6 +341,7 @@ class Application:
             spawn=spawner.spawn,
             fail=fail,
             load_source=self._load_source(engine),
+            table_concurrency=TABLE_CONCURRENCY,
             workers=settings.workers.pool_size,
         )
 
@@ -361,6 +376,12 @@ class Application:
     def _warn_about(self, result: DiscoveryResult) -> None:
         if not result.matched:
             logger.warning("no queue matches yet; waiting for discovery to find one")
+        if len(result.matched) > MAX_POLL_CONNECTIONS:
+            logger.warning(
+                "more queues match than the long-poll connection pool keeps: an instance "
+                "owning more reconnects for every poll beyond it",
+                extra={"count": len(result.matched), "connections": MAX_POLL_CONNECTIONS},
+            )
         unprotected = [info.name for info in result.matched if not info.has_redrive_policy]
         if len(unprotected) > _NAMED_WARNINGS:  # one line, not one per queue, at 10,000 queues
             logger.warning(

@@ -38,3 +38,28 @@ def test_thousands_of_queues_without_redrive_policy_make_one_line(caplog):
     [record] = redrive_warnings(caplog)
     assert record.count == 9_950
     assert record.queues == [f"q{n:05d}" for n in range(50, 60)]
+
+
+def test_the_long_poll_pool_keeps_a_connection_for_each_of_ten_thousand_owned_queues():
+    """One long poll in flight per owned queue: at 10,000 queues on one instance the cap was
+    1,024 + workers, and every poll past it reconnected ("Connection pool is full")."""
+    from sqsbalancerd.app import aws_options, long_poll_pool_size
+    from sqsbalancerd.aws import sqs_client
+    from sqsbalancerd.config import load_settings
+
+    settings = load_settings(
+        overrides={"discovery": {"queue_pattern": "^q"}, "aws": {"region": "us-east-1"}}
+    )
+    pool = long_poll_pool_size(settings)
+    assert pool >= settings.workers.pool_size + 10_000
+    client = sqs_client(aws_options(settings, pool_connections=pool))
+    session = client._endpoint.http_session  # type: ignore[attr-defined]
+    assert session._max_pool_connections == pool  # what each urllib3 pool is given
+
+
+def test_more_queues_than_the_pool_keeps_are_said_once(caplog, monkeypatch):
+    monkeypatch.setattr("sqsbalancerd.app.MAX_POLL_CONNECTIONS", 100)
+    caplog.set_level(logging.WARNING, logger="sqsbalancerd")
+    Application._warn_about(None, result_of(150, with_redrive=150))  # type: ignore[arg-type]
+    [record] = [r for r in caplog.records if "connection pool" in r.getMessage()]
+    assert (record.count, record.connections) == (150, 100)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqsbalancerd.aws import describe_error
@@ -24,6 +24,7 @@ from sqsbalancerd.coordination.table import (
     OwnershipRecord,
     TableGone,
 )
+from sqsbalancerd.runtime import map_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -53,35 +54,76 @@ class Leases:
         *,
         clock: Clock,
         instance_id: str,
+        write_concurrency: int = 1,
     ) -> None:
         self._table = table
         self._ownership = ownership
         self._clock = clock
         self._me = instance_id
+        self._write_concurrency = write_concurrency
         self.holdings = Holdings()
         # Written into rows we take: the planning epoch's time, for the dwell (None: none).
         self.moved_at_s: float | None = None
 
     def acquire(self, queue: str, url: str, previous: OwnershipRecord | None) -> bool:
         """Write the row naming us, conditional on `previous`; False if it had changed."""
-        try:
-            lease = self._table.acquire(
-                queue,
-                url,
-                owner=self._me,
-                previous=previous,
-                now_wall=self._clock.wall(),
-                moved_at=self.moved_at_s,
+        return self.acquire_many([(queue, url, previous)])[0]
+
+    def acquire_many(self, takes: Sequence[tuple[str, str, OwnershipRecord | None]]) -> list[bool]:
+        """`acquire` for each (queue, url, previous), up to `write_concurrency` writes at
+        once: each is conditional on its own row, as alone, and what they return is applied
+        here in order, so our copy and holdings change as if they had been made one by one.
+        A lost answer is raised after every other result is applied (a write that landed
+        must be held: its row names us)."""
+        outcomes = self._write_all(takes)
+        took: list[bool] = []
+        lost: Exception | None = None
+        for (queue, url, _), outcome in zip(takes, outcomes, strict=False):
+            if isinstance(outcome, ConditionFailed):
+                self._ownership.distrust(queue)  # changed since we read it: read it again
+            elif isinstance(outcome, Exception):
+                self._ownership.distrust(queue, may_have_landed=True)
+                lost = lost or outcome
+            else:
+                self.holdings.leases[queue] = outcome
+                self._note(queue, url, outcome)
+            took.append(not isinstance(outcome, Exception))
+        if lost is not None:
+            raise lost
+        return took
+
+    def _write_all(
+        self, takes: Sequence[tuple[str, str, OwnershipRecord | None]]
+    ) -> list[int | Exception]:
+        """Each take's new lease, or what its write raised. One at a time, the first lost
+        answer ends the batch (as a round of single writes did); concurrently, all run."""
+
+        def write(take: tuple[str, str, OwnershipRecord | None]) -> int | Exception:
+            queue, url, previous = take
+            try:
+                return self._table.acquire(
+                    queue,
+                    url,
+                    owner=self._me,
+                    previous=previous,
+                    now_wall=self._clock.wall(),
+                    moved_at=self.moved_at_s,
+                )
+            except Exception as exc:  # applied in order by the caller's thread
+                return exc
+
+        if self._write_concurrency > 1:
+            return map_bounded(
+                write, takes, max_workers=self._write_concurrency, name="sqsb-acquire"
             )
-        except ConditionFailed:
-            self._ownership.distrust(queue)  # changed since we read it: read it again
-            return False
-        except Exception:
-            self._ownership.distrust(queue, may_have_landed=True)  # a lost answer
-            raise
-        self.holdings.leases[queue] = lease
-        self._note(queue, url, lease)
-        return True
+        outcomes: list[int | Exception] = []
+        for take in takes:
+            outcomes.append(write(take))
+            if isinstance(outcomes[-1], Exception) and not isinstance(
+                outcomes[-1], ConditionFailed
+            ):
+                break
+        return outcomes
 
     def release(self, queue: str, lease: int, *, url: str | None) -> bool:
         """Release our row (`url` None: the queue is gone, delete the row); False to try

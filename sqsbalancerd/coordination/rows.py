@@ -19,6 +19,7 @@ from sqsbalancerd.coordination.table import (
     OwnershipRecord,
     shard_of,
 )
+from sqsbalancerd.runtime import map_bounded
 
 
 @dataclass(slots=True)
@@ -28,8 +29,11 @@ class _Shard:
 
 
 class OwnershipView:
-    def __init__(self, table: CoordinationTable) -> None:
+    def __init__(self, table: CoordinationTable, *, read_concurrency: int = 1) -> None:
         self._table = table
+        # Shards read at once when several moved (a handoff moves them all): a round's reads
+        # take one shard's latency, not sixteen (on a slow table, longer than the fence).
+        self._read_concurrency = read_concurrency
         self._shards = [_Shard() for _ in range(SHARDS)]
         self._merged: dict[str, OwnershipRecord] | None = None
         self._unannounced: set[int] = set()  # shards we wrote and did not advance yet
@@ -51,12 +55,24 @@ class OwnershipView:
         """Read the shards whose version moved; True if any was read."""
         versions = self._table.shard_versions()
         changed = [s for s, shard in enumerate(self._shards) if shard.version != versions.get(s, 0)]
+        if self._read_concurrency > 1 and len(changed) > 1:
+            # All or none: a failed read leaves every shard to read again next round.
+            read = map_bounded(
+                self._table.shard_rows,
+                changed,
+                max_workers=self._read_concurrency,
+                name="sqsb-shards",
+            )
+            for shard, fresh in zip(changed, read, strict=True):
+                self._apply_shard(shard, fresh, versions.get(shard, 0), now_s)
+            return True
         for shard in changed:
-            self._read_shard(shard, versions.get(shard, 0), now_s)
+            self._apply_shard(shard, self._table.shard_rows(shard), versions.get(shard, 0), now_s)
         return bool(changed)
 
-    def _read_shard(self, shard: int, version: int, now_s: float) -> None:
-        fresh = self._table.shard_rows(shard)
+    def _apply_shard(
+        self, shard: int, fresh: dict[str, OwnershipRecord], version: int, now_s: float
+    ) -> None:
         self._track_vanished(self._shards[shard].rows, fresh, now_s)
         self._shards[shard] = _Shard(fresh, version)
         self._merged = None

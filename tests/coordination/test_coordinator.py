@@ -165,7 +165,7 @@ class Cluster:
             client, table_name=TABLE, application=application, clock=self.clock
         )
 
-    def add(self, instance_id: str, *, clock: Any = None) -> Node:
+    def add(self, instance_id: str, *, clock: Any = None, table_concurrency: int = 1) -> Node:
         client = FlakyClient(boto3.client("dynamodb", region_name=REGION))
         engine = FakeEngine()
         failures: list[str] = []
@@ -179,6 +179,7 @@ class Cluster:
             control=engine.control(),
             spawn=lambda name, run, stop: None,
             fail=failures.append,
+            table_concurrency=table_concurrency,
         )
         coordinator.start()
         coordinator.on_discovered(discovered(self.queues))
@@ -726,3 +727,118 @@ def test_a_graceful_leave_seen_late_is_not_logged_as_a_takeover(cluster, caplog)
     cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=DELAY_S + 3 * INTERVAL_S)
 
     assert not [r for r in caplog.records if "took over" in r.getMessage()]
+
+
+# -- many rows at once ----------------------------------------------------------------------
+
+
+class InFlight:
+    """Counts ownership PutItems in flight at once; each takes `latency_s` of real time."""
+
+    def __init__(self, client: FlakyClient, latency_s: float = 0.01) -> None:
+        self._put = client._client.put_item
+        self._lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.fail_once: set[str] = set()
+        self._latency_s = latency_s
+        client._client.put_item = self.put_item
+
+    def put_item(self, **kwargs: Any) -> Any:
+        queue = kwargs["Item"]["sk"]["S"].removeprefix("queue#")
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            fails = queue in self.fail_once
+            self.fail_once.discard(queue)
+        try:
+            threading.Event().wait(self._latency_s)  # a round trip, so that writes overlap
+            if fails:
+                raise EndpointConnectionError(endpoint_url="https://dynamodb.invalid")
+            return self._put(**kwargs)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def test_a_start_up_writes_its_rows_concurrently_and_takes_them_all(aws, clock):
+    queues = [f"work-{index:03d}" for index in range(120)]
+    cluster = Cluster(clock, queues)
+    node = cluster.add("a", table_concurrency=8)
+    writes = InFlight(node.client)
+
+    cluster.step_until(cluster.is_settled, limit_s=DELAY_S + 3 * INTERVAL_S)
+
+    assert 1 < writes.most <= 8
+    assert node.engine.owned == set(queues)
+    assert cluster.owned_counts() == {"a": len(queues)}
+
+
+def test_a_lost_answer_among_concurrent_writes_keeps_every_row_that_landed(aws, clock):
+    queues = [f"work-{index:03d}" for index in range(40)]
+    cluster = Cluster(clock, queues)
+    a = cluster.add("a", table_concurrency=8)
+    b = cluster.add("b", table_concurrency=8)
+    for node in (a, b):
+        InFlight(node.client).fail_once = {"work-005", "work-006", "work-033"}
+
+    cluster.step_until(cluster.is_settled, limit_s=8 * (DELAY_S + INTERVAL_S))
+
+    owners = cluster.owners()
+    assert set(owners) == set(queues) and None not in owners.values()
+    for node in (a, b):  # each consumes exactly the rows that name it (assert_exclusive too)
+        assert node.engine.owned == {q for q, o in owners.items() if o == node.instance_id}
+
+
+def test_concurrent_writes_lose_a_row_taken_meanwhile_and_keep_the_rest(aws, clock):
+    queues = [f"work-{index:03d}" for index in range(30)]
+    cluster = Cluster(clock, queues)
+    node = cluster.add("a", table_concurrency=8)
+    writes = InFlight(node.client)
+    taker = cluster.table_for(boto3.client("dynamodb", region_name=REGION))
+    original = writes.put_item
+
+    def put_item(**kwargs: Any) -> Any:
+        if kwargs["Item"]["sk"]["S"] == "queue#work-007":  # a ghost writes it first
+            taker.acquire(
+                "work-007", "http://sqs/work-007", owner="ghost", previous=None, now_wall=1.0
+            )
+        return original(**kwargs)
+
+    node.client._client.put_item = put_item
+    cluster.step_until(lambda: bool(node.engine.owned), limit_s=DELAY_S + 2 * INTERVAL_S)
+
+    owners = cluster.owners()
+    assert owners["work-007"] == "ghost"
+    assert node.engine.owned == set(queues) - {"work-007"}
+    assert {q for q, o in owners.items() if o == "a"} == set(queues) - {"work-007"}
+
+
+def test_shards_that_moved_are_read_at_once(aws, clock):
+    queues = [f"work-{index:03d}" for index in range(120)]
+    cluster = Cluster(clock, queues)
+    a = cluster.add("a", table_concurrency=8)
+    b = cluster.add("b", table_concurrency=8)
+    in_flight, most, lock = [0], [0], threading.Lock()
+    query = b.client._client.query
+
+    def counting_query(**kwargs: Any) -> Any:
+        is_shard = kwargs["ExpressionAttributeValues"][":prefix"]["S"] == "queue#"
+        with lock:
+            in_flight[0] += is_shard
+            most[0] = max(most[0], in_flight[0])
+        try:
+            threading.Event().wait(0.01 if is_shard else 0)  # a round trip: reads overlap
+            return query(**kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= is_shard
+
+    b.client._client.query = counting_query
+
+    cluster.step_until(cluster.is_settled, limit_s=8 * (DELAY_S + INTERVAL_S))
+
+    assert 1 < most[0] <= 8  # a's writes moved several shards: b read them together
+    owners = cluster.owners()
+    for node in (a, b):
+        assert node.engine.owned == {q for q, o in owners.items() if o == node.instance_id}
