@@ -1,0 +1,238 @@
+"""How the lean data plane (dataplane.py) puts a signed POST on the wire.
+
+`DirectTransport`: one persistent `http.client` connection per thread (a poller's long polls
+and the acks thread's batches each keep theirs), signed by `sigv4.Signer`. A reused
+connection that fails before any answer arrived — the server closed it while idle — is
+reopened and the request sent once more, as urllib3 does for a stale pooled connection;
+any other failure raises botocore's error for it (`EndpointConnectionError`,
+`ConnectTimeoutError`, `ReadTimeoutError`, `ConnectionClosedError`).
+
+`SessionTransport`: botocore's `SigV4Auth` and the client's own HTTP session (urllib3), for
+what the direct one does not do: proxies, client certificates, a CA directory.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.exceptions import (
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.httpsession import get_cert_path
+
+from sqsbalancerd.sigv4 import Keys, Signer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status_code: int
+    content: bytes
+    headers: dict[str, str]  # names lowercase
+
+
+class Transport(Protocol):
+    def send(self, credentials: Any, headers: dict[str, str], body: bytes) -> Answer: ...
+
+    def close(self) -> None: ...
+
+
+class SessionTransport:
+    """botocore's signer and HTTP session: its proxies, CA bundle, pool and timeouts."""
+
+    def __init__(self, url: str, region: str, http_session: Any) -> None:
+        self._url = url
+        self._region = region
+        self._http = http_session
+
+    def send(self, credentials: Any, headers: dict[str, str], body: bytes) -> Answer:
+        request = AWSRequest(method="POST", url=self._url, data=body, headers=headers)
+        SigV4Auth(credentials, "sqs", self._region).add_auth(request)
+        response = self._http.send(request.prepare())
+        lowered = {k.lower(): v for k, v in response.headers.items()}
+        return Answer(response.status_code, response.content or b"", lowered)
+
+    def close(self) -> None:
+        pass  # the session belongs to the boto3 client
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    connect_timeout_s: float
+    read_timeout_s: float
+    tcp_keepalive: bool = False
+    tls: ssl.SSLContext | None = None  # None: plain HTTP
+
+
+class _Held:
+    """A thread's connection; closed when the thread's locals go (no ResourceWarning)."""
+
+    __slots__ = ("connection", "uses")
+
+    def __init__(self, connection: http.client.HTTPConnection) -> None:
+        self.connection = connection
+        self.uses = 0
+
+    def __del__(self) -> None:
+        self.connection.close()
+
+
+class DirectTransport:
+    def __init__(self, url: str, region: str, options: Options) -> None:
+        parts = urlsplit(url)
+        self._url = url
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if options.tls else 80)
+        self._target = parts.path or "/"
+        self._options = options
+        self._signer = Signer(url, region, "sqs")
+        self._local = threading.local()
+        self.connects = 0  # connections opened (tests count them)
+
+    def send(self, credentials: Any, headers: dict[str, str], body: bytes) -> Answer:
+        keys = Keys(credentials.access_key, credentials.secret_key, credentials.token)
+        signed = self._signer.sign(keys, headers, body)
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None:  # kept only after an answer: a reused connection
+            try:
+                return self._exchange(held, signed, body, is_reused=True)
+            except _Stale:
+                self._drop()  # closed by the server while idle: once more, on a new one
+        return self._exchange(self._open(), signed, body, is_reused=False)
+
+    def close(self) -> None:
+        self._drop()
+
+    def _open(self) -> _Held:
+        options = self._options
+        connection: http.client.HTTPConnection
+        if options.tls is not None:
+            connection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=options.connect_timeout_s, context=options.tls
+            )
+        else:
+            connection = http.client.HTTPConnection(
+                self._host, self._port, timeout=options.connect_timeout_s
+            )
+        try:
+            connection.connect()
+        except TimeoutError as exc:
+            connection.close()
+            raise ConnectTimeoutError(endpoint_url=self._url, error=exc) from exc
+        except OSError as exc:  # refused, unreachable, TLS verification failed
+            connection.close()
+            raise EndpointConnectionError(endpoint_url=self._url, error=exc) from exc
+        sock = connection.sock
+        sock.settimeout(options.read_timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if options.tcp_keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.connects += 1
+        return _Held(connection)
+
+    def _drop(self) -> None:
+        held: _Held | None = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is not None:
+            held.connection.close()
+
+    def _exchange(
+        self, held: _Held, headers: dict[str, str], body: bytes, *, is_reused: bool
+    ) -> Answer:
+        connection = held.connection
+        try:
+            connection.request("POST", self._target, body, headers)
+            response = connection.getresponse()
+        except ConnectionError as exc:  # reset, broken pipe, closed before any answer
+            connection.close()
+            if is_reused:
+                raise _Stale from exc
+            raise ConnectionClosedError(endpoint_url=self._url, error=exc) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise _network_error(self._url, exc) from exc
+        try:
+            content = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise _network_error(self._url, exc) from exc
+        if response.will_close:
+            connection.close()
+            self._local.held = None
+        else:
+            held.uses += 1
+            self._local.held = held
+        return Answer(response.status, content, {k.lower(): v for k, v in response.getheaders()})
+
+
+class _Stale(Exception):
+    """A reused connection the server had closed: nothing was answered."""
+
+
+def _network_error(url: str, exc: BaseException) -> Exception:
+    if isinstance(exc, TimeoutError):
+        return ReadTimeoutError(endpoint_url=url, error=exc)
+    return ConnectionClosedError(endpoint_url=url, error=exc)
+
+
+def choose(client: Any, url: str, http_session: Any) -> tuple[Transport, str | None]:
+    """The direct transport when it can do what the client's session would, else the
+    session's, with why."""
+    region = client.meta.region_name
+    why = _why_not_direct(url, http_session)
+    if why is not None:
+        return SessionTransport(url, region, http_session), why
+    config = client.meta.config
+    verify = http_session._verify
+    tls = _tls_context(verify) if url.lower().startswith("https") else None
+    options = Options(
+        connect_timeout_s=float(config.connect_timeout),
+        read_timeout_s=float(config.read_timeout),
+        tcp_keepalive=bool(getattr(config, "tcp_keepalive", False)),
+        tls=tls,
+    )
+    return DirectTransport(url, region, options), None
+
+
+def _why_not_direct(url: str, http_session: Any) -> str | None:
+    try:
+        proxy = http_session._proxy_config.proxy_url_for(url)
+        verify = http_session._verify
+        client_cert = http_session._cert_file
+    except AttributeError as exc:
+        return f"botocore's HTTP session internals missing: {exc}"
+    if proxy:
+        return "a proxy is configured"
+    if client_cert:
+        return "a TLS client certificate is configured"
+    if isinstance(verify, str) and os.path.isdir(verify):
+        return "the CA bundle is a directory"
+    if urlsplit(url).scheme not in ("http", "https"):
+        return f"endpoint scheme {urlsplit(url).scheme!r}"
+    return None
+
+
+def _tls_context(verify: bool | str | None) -> ssl.SSLContext:
+    """As botocore verifies: its CA bundle (certifi's when installed) or the configured one;
+    verify=False turns checking off, as it does for botocore."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    cafile = verify if isinstance(verify, str) else str(get_cert_path(True))
+    return ssl.create_default_context(cafile=cafile)
