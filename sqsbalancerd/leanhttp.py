@@ -13,7 +13,6 @@ what the direct one does not do: proxies, client certificates, a CA directory.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import socket
@@ -79,25 +78,35 @@ class Options:
 
 
 class _Held:
-    """A thread's connection; closed when the thread's locals go (no ResourceWarning)."""
+    """A thread's connection: the socket and one buffered reader for all its answers
+    (closed when the thread's locals go, without a ResourceWarning)."""
 
-    __slots__ = ("connection", "uses")
+    __slots__ = ("reader", "sock", "uses")
 
-    def __init__(self, connection: http.client.HTTPConnection) -> None:
-        self.connection = connection
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
         self.uses = 0
 
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
     def __del__(self) -> None:
-        self.connection.close()
+        self.close()
 
 
 class DirectTransport:
+    """HTTP/1.1 by hand: one sendall per request, a status line, headers and a body read
+    from a buffered reader (http.client parses every answer's headers with the email
+    package and sends head and body in two writes: most of a call's CPU here)."""
+
     def __init__(self, url: str, region: str, options: Options) -> None:
         parts = urlsplit(url)
         self._url = url
         self._host = parts.hostname or ""
         self._port = parts.port or (443 if options.tls else 80)
-        self._target = parts.path or "/"
+        self._request_line = f"POST {parts.path or '/'} HTTP/1.1\r\n"
         self._options = options
         self._signer = Signer(url, region, "sqs")
         self._local = threading.local()
@@ -106,77 +115,128 @@ class DirectTransport:
     def send(self, credentials: Any, headers: dict[str, str], body: bytes) -> Answer:
         keys = Keys(credentials.access_key, credentials.secret_key, credentials.token)
         signed = self._signer.sign(keys, headers, body)
+        head = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
+        request = f"{self._request_line}{head}Content-Length: {len(body)}\r\n\r\n".encode()
+        request += body
         held: _Held | None = getattr(self._local, "held", None)
         if held is not None:  # kept only after an answer: a reused connection
             try:
-                return self._exchange(held, signed, body, is_reused=True)
+                return self._exchange(held, request, is_reused=True)
             except _Stale:
-                self._drop()  # closed by the server while idle: once more, on a new one
-        return self._exchange(self._open(), signed, body, is_reused=False)
+                pass  # closed by the server while idle: once more, on a new one
+        return self._exchange(self._open(), request, is_reused=False)
 
     def close(self) -> None:
-        self._drop()
+        held: _Held | None = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is not None:
+            held.close()
 
     def _open(self) -> _Held:
         options = self._options
-        connection: http.client.HTTPConnection
-        if options.tls is not None:
-            connection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=options.connect_timeout_s, context=options.tls
-            )
-        else:
-            connection = http.client.HTTPConnection(
-                self._host, self._port, timeout=options.connect_timeout_s
-            )
+        address = (self._host, self._port)
         try:
-            connection.connect()
+            sock = socket.create_connection(address, timeout=options.connect_timeout_s)
+            if options.tls is not None:
+                sock = options.tls.wrap_socket(sock, server_hostname=self._host)
         except TimeoutError as exc:
-            connection.close()
             raise ConnectTimeoutError(endpoint_url=self._url, error=exc) from exc
         except OSError as exc:  # refused, unreachable, TLS verification failed
-            connection.close()
             raise EndpointConnectionError(endpoint_url=self._url, error=exc) from exc
-        sock = connection.sock
         sock.settimeout(options.read_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if options.tcp_keepalive:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.connects += 1
-        return _Held(connection)
+        return _Held(sock)
 
-    def _drop(self) -> None:
-        held: _Held | None = getattr(self._local, "held", None)
-        self._local.held = None
-        if held is not None:
-            held.connection.close()
-
-    def _exchange(
-        self, held: _Held, headers: dict[str, str], body: bytes, *, is_reused: bool
-    ) -> Answer:
-        connection = held.connection
+    def _exchange(self, held: _Held, request: bytes, *, is_reused: bool) -> Answer:
+        self._local.held = None  # kept again only once a whole answer was read
         try:
-            connection.request("POST", self._target, body, headers)
-            response = connection.getresponse()
+            held.sock.sendall(request)
+            status_line = held.reader.readline(_MAX_LINE)
+            if not status_line:
+                raise ConnectionResetError("closed before an answer")
         except ConnectionError as exc:  # reset, broken pipe, closed before any answer
-            connection.close()
+            held.close()
             if is_reused:
                 raise _Stale from exc
             raise ConnectionClosedError(endpoint_url=self._url, error=exc) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
+        except OSError as exc:
+            held.close()
             raise _network_error(self._url, exc) from exc
         try:
-            content = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
+            status, headers, content, is_closing = _read_answer(held.reader, status_line)
+        except (OSError, ValueError) as exc:
+            held.close()
             raise _network_error(self._url, exc) from exc
-        if response.will_close:
-            connection.close()
-            self._local.held = None
+        if is_closing:
+            held.close()
         else:
             held.uses += 1
             self._local.held = held
-        return Answer(response.status, content, {k.lower(): v for k, v in response.getheaders()})
+        return Answer(status, content, headers)
+
+
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+
+
+def _read_answer(reader: Any, status_line: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers with lowercase names, body, whether the server closes): what a
+    response says after its status line. Skips 1xx answers."""
+    while True:
+        version, status = _parse_status(status_line)
+        headers = _read_headers(reader)
+        if status >= 200:
+            break
+        status_line = reader.readline(_MAX_LINE)
+    connection = headers.get("connection", "").lower()
+    is_closing = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return status, headers, _read_chunked(reader), is_closing
+    length = headers.get("content-length")
+    if length is None:  # the body runs to the end of the connection
+        return status, headers, reader.read(), True
+    content = reader.read(int(length))
+    if len(content) != int(length):
+        raise ConnectionResetError(f"answer cut short: {len(content)} of {length} bytes")
+    return status, headers, content, is_closing
+
+
+def _parse_status(line: bytes) -> tuple[str, int]:
+    parts = line.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ValueError(f"not an HTTP status line: {line[:80]!r}")
+    return parts[0], int(parts[1])
+
+
+def _read_headers(reader: Any) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for _ in range(_MAX_HEADERS):
+        line = reader.readline(_MAX_LINE)
+        if line in (b"\r\n", b"\n"):
+            return headers
+        if not line:
+            raise ConnectionResetError("closed inside the headers")
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    raise ValueError("too many header lines")
+
+
+def _read_chunked(reader: Any) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        size = int(reader.readline(_MAX_LINE).split(b";", 1)[0].strip(), 16)  # b"": ValueError
+        if size == 0:
+            while reader.readline(_MAX_LINE) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts)
+        chunk = reader.read(size)
+        if len(chunk) != size:
+            raise ConnectionResetError("chunk cut short")
+        parts.append(chunk)
+        reader.readline(_MAX_LINE)  # the CRLF after each chunk
 
 
 class _Stale(Exception):

@@ -233,6 +233,7 @@ class KeepAlive(BaseHTTPRequestHandler):
     connections: ClassVar[int] = 0
     seen: ClassVar[list[tuple[int, str]]] = []
     drop_after_answer: ClassVar[bool] = False
+    chunked: ClassVar[bool] = False
 
     def setup(self) -> None:
         super().setup()
@@ -246,9 +247,14 @@ class KeepAlive(BaseHTTPRequestHandler):
         type(self).seen.append((self.number, key))
         self.send_response(200)
         self.send_header("Content-Type", "application/x-amz-json-1.0")
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
+        if type(self).chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b'5\r\n{"a":\r\n3;ext=1\r\n"b"\r\n1\r\n}\r\n0\r\n\r\n')
+        else:
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
         if type(self).drop_after_answer:
             self.close_connection = True
 
@@ -261,6 +267,7 @@ def keepalive_sqs() -> Iterator[str]:
     KeepAlive.connections = 0
     KeepAlive.seen = []
     KeepAlive.drop_after_answer = False
+    KeepAlive.chunked = False
     server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="keepalive-sqs", daemon=True)
@@ -351,3 +358,12 @@ def test_a_proxy_sends_through_botocores_session_with_one_warning(endpoint, capl
     assert all(isinstance(lean.transport, leanhttp.SessionTransport) for lean in leans)
     lines = [r for r in caplog.records if "botocore's HTTP session" in r.getMessage()]
     assert [line.reason for line in lines] == ["a proxy is configured"]
+
+
+def test_a_chunked_answer_is_read_whole_and_the_connection_kept(keepalive_sqs):
+    KeepAlive.chunked = True
+    lean = lean_client(keepalive_sqs)
+    assert lean.delete_message_batch(QueueUrl="http://q", Entries=[]) == {"a": "b"}
+    assert lean.delete_message_batch(QueueUrl="http://q", Entries=[]) == {"a": "b"}
+    assert KeepAlive.connections == 1
+    lean.close()
