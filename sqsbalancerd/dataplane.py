@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _TARGET_PREFIX = "AmazonSQS."
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call
 _HEADERS = {
     "Content-Type": "application/x-amz-json-1.0",
     # As botocore sends for SQS (awsQueryCompatible): errors carry the query-API codes.
@@ -162,11 +163,11 @@ class LeanSqs:
                 raise _client_error(action, response)
             return dict(fallback(**params))
         self._record(action, "ok")
-        parsed: dict[str, Any] = json.loads(response.content) if response.content else {}
+        parsed: dict[str, Any] = json.loads(response.content.decode()) if response.content else {}
         return parsed
 
     def _send(self, action: str, params: dict[str, Any]) -> Answer:
-        body = json.dumps(params, separators=(",", ":")).encode()
+        body = _ENCODER.encode(params).encode()
         headers = {**_HEADERS, "X-Amz-Target": _TARGET_PREFIX + action}
         return self._transport.send(self._credentials.get_frozen_credentials(), headers, body)
 

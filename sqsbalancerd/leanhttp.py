@@ -32,7 +32,7 @@ from botocore.exceptions import (
 )
 from botocore.httpsession import get_cert_path
 
-from sqsbalancerd.sigv4 import Keys, Signer
+from sqsbalancerd.sigv4 import Signer
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class DirectTransport:
         self.connects = 0  # connections opened (tests count them)
 
     def send(self, credentials: Any, headers: dict[str, str], body: bytes) -> Answer:
-        keys = Keys(credentials.access_key, credentials.secret_key, credentials.token)
-        signed = self._signer.sign(keys, headers, body)
+        signed = self._signer.sign(credentials, headers, body)
         head = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
         request = f"{self._request_line}{head}Content-Length: {len(body)}\r\n\r\n".encode()
         request += body

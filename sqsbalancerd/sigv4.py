@@ -14,9 +14,21 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
+
+
+class Credentials(Protocol):
+    """What botocore's `get_frozen_credentials()` gives (a ReadOnlyCredentials tuple)."""
+
+    @property
+    def access_key(self) -> str: ...
+    @property
+    def secret_key(self) -> str: ...
+    @property
+    def token(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,47 +68,58 @@ class Signer:
         self._service = service
         self._scope_tail = f"{region}/{service}/aws4_request"
         self._cached: tuple[str, str, bytes] = ("", "", b"")  # (secret, date, signing key)
+        self._date: tuple[int, str] = (-1, "")
+        self._layouts: dict[tuple[str, ...], tuple[str, tuple[tuple[str, str], ...]]] = {}
 
     @property
     def host(self) -> str:
         return self._host
 
     def sign(
-        self, keys: Keys, headers: dict[str, str], body: bytes, *, now_s: float | None = None
+        self, keys: Credentials, headers: dict[str, str], body: bytes, *, now_s: float | None = None
     ) -> dict[str, str]:
         """`headers` (names as sent) plus Host, X-Amz-Date, the session token and the
         Authorization header. Headers botocore leaves unsigned (User-Agent) stay unsigned."""
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_s))
+        amz_date = self._amz_date(now_s)
         out = dict(headers)
         out["Host"] = self._host
         out["X-Amz-Date"] = amz_date
         if keys.token:
             out["X-Amz-Security-Token"] = keys.token
-        signed = sorted(
-            (name.lower(), " ".join(value.split()))
-            for name, value in out.items()
-            if name.lower() not in _UNSIGNED
+        names, order = self._layout(tuple(out))
+        canonical_headers = "".join(
+            f"{lowered}:{' '.join(out[name].split())}\n" for lowered, name in order
         )
-        signed_names = ";".join(name for name, _ in signed)
-        canonical = "\n".join(
-            (
-                "POST",
-                self._path,
-                "",
-                "".join(f"{name}:{value}\n" for name, value in signed),
-                signed_names,
-                hashlib.sha256(body).hexdigest(),
-            )
-        )
+        body_hash = hashlib.sha256(body).hexdigest()
+        canonical = f"POST\n{self._path}\n\n{canonical_headers}\n{names}\n{body_hash}"
         date = amz_date[:8]
         scope = f"{date}/{self._scope_tail}"
         to_sign = f"{_ALGORITHM}\n{amz_date}\n{scope}\n{_sha256_hex(canonical)}"
-        signature = hmac.new(self._key(keys.secret_key, date), to_sign.encode(), "sha256")
+        signature = hmac.digest(self._key(keys.secret_key, date), to_sign.encode(), "sha256")
         out["Authorization"] = (
             f"{_ALGORITHM} Credential={keys.access_key}/{scope}, "
-            f"SignedHeaders={signed_names}, Signature={signature.hexdigest()}"
+            f"SignedHeaders={names}, Signature={signature.hex()}"
         )
         return out
+
+    def _amz_date(self, now_s: float | None) -> str:
+        """The X-Amz-Date stamp, formatted once per second (every call in it shares it)."""
+        second = int(time.time() if now_s is None else now_s)
+        cached_second, stamp = self._date
+        if second != cached_second:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
+            self._date = (second, stamp)
+        return stamp
+
+    def _layout(self, sent: tuple[str, ...]) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """For a set of header names: SignedHeaders and the (lowercase, as sent) order of
+        the canonical headers. The lean calls send one or two sets: computed once each."""
+        layout = self._layouts.get(sent)
+        if layout is None:
+            order = tuple(sorted((n.lower(), n) for n in sent if n.lower() not in _UNSIGNED))
+            layout = (";".join(lowered for lowered, _ in order), order)
+            self._layouts[sent] = layout
+        return layout
 
     def _key(self, secret: str, date: str) -> bytes:
         cached_secret, cached_date, key = self._cached
@@ -114,7 +137,7 @@ _UNSIGNED = frozenset({"user-agent", "expect", "connection", "x-amzn-trace-id", 
 
 
 def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode(), "sha256").digest()
+    return hmac.digest(key, message.encode(), "sha256")
 
 
 def _sha256_hex(text: str) -> str:
