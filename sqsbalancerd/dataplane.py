@@ -7,12 +7,13 @@ engine's hot calls — ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibili
 fixed, simple shapes, so `LeanSqs` sends them itself: the JSON protocol body, signed by
 `sigv4.Signer` (the derived key cached per secret and day) with the boto3 client's own
 credentials (refreshed as they expire, read through `get_frozen_credentials()` per call), to
-the client's resolved endpoint, over one persistent `http.client` connection per thread
-(`DirectTransport`: its connect and read timeouts, TCP keep-alive, and TLS verified as the
-client verifies, against botocore's CA bundle or the configured one). A connection the server
-closed while idle is reopened and the request sent once more. What that transport cannot do
-— a proxy, a client certificate, a CA directory — sends through the client's own HTTP session
-and botocore's signer instead (`SessionTransport`, decided at construction, one warning).
+the client's resolved endpoint, over one persistent HTTP/1.1 connection per thread
+(`leanhttp.DirectTransport`: the client's connect and read timeouts, TCP keep-alive, and TLS
+verified as the client verifies, against botocore's CA bundle or the configured file). A
+connection the server closed while idle is reopened and the request sent once more. What that
+transport cannot do — a proxy, a client certificate, a CA directory — goes through the
+client's own HTTP session and botocore's signer instead (`SessionTransport`, decided at
+construction, one warning).
 
 Anything that is not a plain 200 — an error response, a timeout, a dropped connection — is
 sent again through the boto3 client, which retries with its configured mode and raises the

@@ -1,11 +1,11 @@
 """How the lean data plane (dataplane.py) puts a signed POST on the wire.
 
-`DirectTransport`: one persistent `http.client` connection per thread (a poller's long polls
-and the acks thread's batches each keep theirs), signed by `sigv4.Signer`. A reused
+`DirectTransport`: one persistent HTTP/1.1 connection per thread (a poller's long polls and
+the acks thread's batches each keep theirs), signed by `sigv4.Signer`. A reused
 connection that fails before any answer arrived — the server closed it while idle — is
 reopened and the request sent once more, as urllib3 does for a stale pooled connection;
 any other failure raises botocore's error for it (`EndpointConnectionError`,
-`ConnectTimeoutError`, `ReadTimeoutError`, `ConnectionClosedError`).
+`ConnectTimeoutError`, `SSLError`, `ReadTimeoutError`, `ConnectionClosedError`).
 
 `SessionTransport`: botocore's `SigV4Auth` and the client's own HTTP session (urllib3), for
 what the direct one does not do: proxies, client certificates, a CA directory.
@@ -29,6 +29,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from botocore.httpsession import get_cert_path
 
@@ -136,18 +137,31 @@ class DirectTransport:
         address = (self._host, self._port)
         try:
             sock = socket.create_connection(address, timeout=options.connect_timeout_s)
-            if options.tls is not None:
-                sock = options.tls.wrap_socket(sock, server_hostname=self._host)
         except TimeoutError as exc:
             raise ConnectTimeoutError(endpoint_url=self._url, error=exc) from exc
-        except OSError as exc:  # refused, unreachable, TLS verification failed
+        except OSError as exc:  # refused, unreachable
             raise EndpointConnectionError(endpoint_url=self._url, error=exc) from exc
+        if options.tls is not None:
+            sock = self._handshake(sock, options.tls)
         sock.settimeout(options.read_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if options.tcp_keepalive:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.connects += 1
         return _Held(sock)
+
+    def _handshake(self, sock: socket.socket, tls: ssl.SSLContext) -> socket.socket:
+        try:
+            return tls.wrap_socket(sock, server_hostname=self._host)
+        except ssl.SSLError as exc:  # a certificate that does not verify, among others
+            sock.close()
+            raise SSLError(endpoint_url=self._url, error=exc) from exc
+        except TimeoutError as exc:
+            sock.close()
+            raise ConnectTimeoutError(endpoint_url=self._url, error=exc) from exc
+        except OSError as exc:
+            sock.close()
+            raise EndpointConnectionError(endpoint_url=self._url, error=exc) from exc
 
     def _exchange(self, held: _Held, request: bytes, *, is_reused: bool) -> Answer:
         self._local.held = None  # kept again only once a whole answer was read

@@ -5,13 +5,16 @@ Real: a moto server on loopback (the path is HTTP, so in-process mocks cannot se
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, SSLError
 
 from sqsbalancerd import dataplane, leanhttp
 from sqsbalancerd.aws import AwsOptions, error_code, is_transient, sqs_client
@@ -367,3 +370,64 @@ def test_a_chunked_answer_is_read_whole_and_the_connection_kept(keepalive_sqs):
     assert lean.delete_message_batch(QueueUrl="http://q", Entries=[]) == {"a": "b"}
     assert KeepAlive.connections == 1
     lean.close()
+
+
+@pytest.fixture
+def tls_sqs(tmp_path) -> Iterator[tuple[str, str]]:
+    """The keep-alive stub over TLS with a self-signed certificate for 127.0.0.1:
+    (endpoint, the certificate's path, to be trusted as a CA bundle)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            *files,
+            *subject,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    KeepAlive.connections = 0
+    KeepAlive.seen = []
+    KeepAlive.drop_after_answer = False
+    KeepAlive.chunked = False
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="tls-sqs", daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", str(cert)
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_tls_verifies_against_the_configured_ca_bundle(tls_sqs, monkeypatch):
+    endpoint, cert = tls_sqs
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)  # botocore's verify setting, as users set it
+    lean = lean_client(endpoint, resend=False)
+    assert lean.receive_message(QueueUrl="http://q") == {}
+    assert lean.receive_message(QueueUrl="http://q") == {}
+    assert KeepAlive.connections == 1  # kept alive over TLS too
+    lean.close()
+
+
+def test_tls_refuses_a_certificate_the_client_would_not_trust(tls_sqs):
+    endpoint, _ = tls_sqs
+    lean = lean_client(endpoint, resend=False)
+    with pytest.raises(SSLError):
+        lean.receive_message(QueueUrl="http://q")
+    assert KeepAlive.seen == []  # nothing was sent
