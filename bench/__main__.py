@@ -44,6 +44,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--consumers", help="comma-separated consumer keys for throughput")
     parser.add_argument("--queues", type=int, help="throughput: queues")
     parser.add_argument("--per-queue", type=int, help="throughput: messages per queue")
+    parser.add_argument("--handler-ms", help="throughput: comma-separated handler times, ms")
+    parser.add_argument(
+        "--emulator-http",
+        help="comma-separated: keepalive (waitress, the default), close (moto's werkzeug, "
+        "Connection: close); throughput runs once per entry",
+    )
     parser.add_argument("--cap-s", type=float, help="longest a consumer may take to drain")
     parser.add_argument("--idle-window-s", type=float, help="idle: counting window")
     parser.add_argument("--scale-max", type=int, help="scale: most owned queues")
@@ -87,6 +93,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         value = getattr(args, name)
         if value is not None:
             setattr(plan, name, value)
+    if args.handler_ms:
+        plan.handler_ms = tuple(float(ms) for ms in args.handler_ms.split(","))
+    if args.emulator_http:
+        plan.emulator_http = tuple(h.strip() for h in args.emulator_http.split(","))
+        unknown_http = set(plan.emulator_http) - {"keepalive", "close"}
+        if unknown_http:
+            raise SystemExit(f"unknown --emulator-http: {', '.join(sorted(unknown_http))}")
     if args.scale_max:
         smaller = tuple(s for s in plan.scale_steps if s < args.scale_max)
         plan.scale_steps = (*smaller, args.scale_max)
@@ -191,8 +204,16 @@ def run(plan: Plan, *, patch: bool, out: Path) -> dict[str, Any]:
         started = time.monotonic()
         # A fresh emulator per section: no section pays for another's queues.
         try:
-            with EmulatorProcess(patch=patch, log_path=out / "emulator.log") as emulator:
-                results[name] = runners[name](emulator, plan, out)
+            for index, http in enumerate(plan.emulator_http):
+                if index and name != "throughput":
+                    break  # only throughput compares the emulator's HTTP modes
+                log_path = out / "emulator.log"
+                with EmulatorProcess(patch=patch, log_path=log_path, http=http) as emulator:
+                    found = runners[name](emulator, plan, out)
+                suffix = f"-{http}" if index else ""
+                if index:
+                    found = {f"{key}{suffix}": value for key, value in found.items()}
+                results.setdefault(name, {}).update(found)
         except Exception as exc:  # one broken section must not cost the others' results
             logger.exception("section %s failed", name)
             results.setdefault("failed_sections", {})[name] = f"{type(exc).__name__}: {exc}"

@@ -1,6 +1,6 @@
 """The bench's emulator: moto's server in its own process, counting requests server-side.
 
-    python -m bench.emulator [--port 0] [--no-moto-patch] [--scale]
+    python -m bench.emulator [--port 0] [--no-moto-patch] [--scale] [--http keepalive|close]
 
 prints one JSON line ({"port": ..., "patched": ...}) when it listens on 127.0.0.1, then
 serves until SIGTERM. A thin WSGI middleware in front of moto counts every request by
@@ -12,6 +12,15 @@ per consumer instance), so concurrent processes are counted apart.
 It also counts the messages ReceiveMessage returned to each client, and notes requests that
 took longer than a second (ReceiveMessage with WaitTimeSeconds excepted): the emulator's own
 stalls, so they are not blamed on a consumer.
+
+`--http keepalive` (the default, except with `--scale`) serves moto's WSGI app from waitress:
+HTTP/1.1 with persistent connections, as AWS keeps them. moto's own server (werkzeug's, `--http
+close`) answers HTTP/1.0 with `Connection: close`, so every request of every consumer paid a
+TCP connect (and the consumers' CPU figures that connect's cost) where AWS would not. waitress
+serves a request per worker thread and a long poll holds one for its whole wait, so its pool
+is sized for the bench's concurrent long polls (`--threads`, 1,000; a request beyond them
+waits for a free thread); `--scale` (thousands of long polls) keeps werkzeug's thread per
+connection unless `--http keepalive` is given.
 
 `--scale` hosts moto for thousands of long polls (startup_scale, tests/e2e/test_many_queues):
 a long poll of an empty queue sleeps until a send or its end (bench.moto_patch
@@ -196,17 +205,23 @@ def host_for_scale() -> None:
     dynamodb_table.RESULT_SIZE_LIMIT = SCALE_DYNAMODB_PAGE_BYTES  # type: ignore[attr-defined]
 
 
+KEEPALIVE_THREADS = 1000
+# waitress closes a connection idle this long (its default, 120 s, is also AWS-like).
+KEEPALIVE_IDLE_S = 120
+
+
 def serve(
-    port: int, *, patch: bool, scale: bool = False, switch_interval_s: float | None = None
+    port: int,
+    *,
+    patch: bool,
+    scale: bool = False,
+    switch_interval_s: float | None = None,
+    http: str = "keepalive",
+    threads: int = KEEPALIVE_THREADS,
 ) -> None:
     import logging
 
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import make_server
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     from bench import moto_patch
 
@@ -219,9 +234,43 @@ def serve(
     if switch_interval_s is not None:
         sys.setswitchinterval(switch_interval_s)
     app = CountingMiddleware(DomainDispatcherApplication(create_backend_app))
+    info = {"patched": patch, "scale": scale, "http": http}
+    if http == "keepalive":
+        _serve_keepalive(app, port, threads=threads, info=info)
+    else:
+        _serve_connection_close(app, port, info=info)
+
+
+def _serve_keepalive(app: Any, port: int, *, threads: int, info: dict[str, Any]) -> None:
+    import logging
+
+    import waitress
+
+    # "Task queue depth" warnings are the long polls themselves waiting: not news here.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    server: Any = waitress.create_server(
+        app,
+        host="127.0.0.1",
+        port=port,
+        threads=threads,
+        connection_limit=threads * 4,  # idle keep-alive connections hold no thread
+        channel_timeout=KEEPALIVE_IDLE_S,
+        asyncore_use_poll=True,  # select() stops at 1,024 descriptors
+        backlog=2048,
+        ident="bench-emulator",
+    )
+    print(json.dumps({"port": server.effective_port, **info}), flush=True)
+    server.run()
+
+
+def _serve_connection_close(app: Any, port: int, *, info: dict[str, Any]) -> None:
+    """moto's own server: werkzeug, HTTP/1.0, a thread per connection, `Connection: close`."""
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+    from werkzeug.serving import make_server
+
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     server.daemon_threads = True
-    print(json.dumps({"port": server.server_port, "patched": patch, "scale": scale}), flush=True)
+    print(json.dumps({"port": server.server_port, **info}), flush=True)
     server.serve_forever(poll_interval=0.2)
 
 
@@ -231,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-moto-patch", action="store_true")
     parser.add_argument("--scale", action="store_true", help="host thousands of long polls")
     parser.add_argument("--switch-interval", type=float, default=None, help="GIL hand-off, s")
+    parser.add_argument(
+        "--http",
+        choices=("keepalive", "close"),
+        default=None,
+        help="keepalive: waitress, HTTP/1.1 (default without --scale); close: moto's werkzeug",
+    )
+    parser.add_argument("--threads", type=int, default=KEEPALIVE_THREADS, help="keepalive pool")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(
@@ -238,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         patch=not args.no_moto_patch,
         scale=args.scale,
         switch_interval_s=args.switch_interval,
+        http=args.http or ("close" if args.scale else "keepalive"),
+        threads=args.threads,
     )
     return 0
 

@@ -214,9 +214,12 @@ class IdLog:
 class EmulatorProcess:
     """`python -m bench.emulator` as a child process, and a client for its counters."""
 
-    def __init__(self, *, patch: bool, log_path: Path, scale: bool = False) -> None:
+    def __init__(
+        self, *, patch: bool, log_path: Path, scale: bool = False, http: str | None = None
+    ) -> None:
         self._patch = patch
         self._scale = scale
+        self._http = http  # None: the emulator's default (bench/emulator.py --http)
         self._log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
@@ -227,6 +230,8 @@ class EmulatorProcess:
             command.append("--no-moto-patch")
         if self._scale:
             command.append("--scale")
+        if self._http:
+            command += ["--http", self._http]
         log = open(self._log_path, "ab")  # noqa: SIM115 - kept for the child's life
         self.proc = subprocess.Popen(
             command,

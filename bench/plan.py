@@ -41,6 +41,9 @@ class Plan:
     queues: int = 4
     per_queue: int = 5000
     handler_ms: tuple[float, ...] = (0.0, 10.0)
+    # The emulator's HTTP for every section (bench/emulator.py --http); throughput runs once
+    # per entry, names after the first suffixed ("drain-0ms-close").
+    emulator_http: tuple[str, ...] = ("keepalive",)
     # latency at light load
     latency_consumers: tuple[str, ...] = ("sqsb", "batched", "pylib", "node", "node-batch")
     latency_queues: int = 4

@@ -5,9 +5,15 @@ event hooks, user-agent assembly, response parsing through the service model); a
 idle queues that alone is 5 % of a core, and under load it is most of the daemon's CPU. The
 engine's hot calls — ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibilityBatch — have
 fixed, simple shapes, so `LeanSqs` sends them itself: the JSON protocol body, signed by
-botocore's SigV4 signer with the boto3 client's own credentials (refreshed as they expire),
-to the client's resolved endpoint, through the client's own HTTP session (so its proxies,
-CA bundle, timeouts and connection pool apply).
+`sigv4.Signer` (the derived key cached per secret and day) with the boto3 client's own
+credentials (refreshed as they expire, read through `get_frozen_credentials()` per call), to
+the client's resolved endpoint, over one persistent HTTP/1.1 connection per thread
+(`leanhttp.DirectTransport`: the client's connect and read timeouts, TCP keep-alive, and TLS
+verified as the client verifies, against botocore's CA bundle or the configured file). A
+connection the server closed while idle is reopened and the request sent once more. What that
+transport cannot do — a proxy, a client certificate, a CA directory — goes through the
+client's own HTTP session and botocore's signer instead (`SessionTransport`, decided at
+construction, one warning).
 
 Anything that is not a plain 200 — an error response, a timeout, a dropped connection — is
 sent again through the boto3 client, which retries with its configured mode and raises the
@@ -29,11 +35,11 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import botocore
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.exceptions import BotoCoreError, ClientError
 
+from sqsbalancerd import leanhttp
 from sqsbalancerd.aws import USER_AGENT_PRODUCT, outcome_for_status
+from sqsbalancerd.leanhttp import Answer
 from sqsbalancerd.stats import Stats
 
 if TYPE_CHECKING:
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _TARGET_PREFIX = "AmazonSQS."
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call
 _HEADERS = {
     "Content-Type": "application/x-amz-json-1.0",
     # As botocore sends for SQS (awsQueryCompatible): errors carry the query-API codes.
@@ -73,6 +80,20 @@ def lean_or_plain(
 
 
 _has_warned = False
+_has_warned_session = False
+
+
+def _transport(client: Any, url: str, http_session: Any) -> leanhttp.Transport:
+    """Direct when it can be, else botocore's session (one warning per process: the daemon
+    builds two SQS clients with the same settings)."""
+    global _has_warned_session
+    transport, why = leanhttp.choose(client, url, http_session)
+    if why is not None and not _has_warned_session:
+        _has_warned_session = True
+        logger.warning(
+            "sqs.lean_requests: sending through botocore's HTTP session", extra={"reason": why}
+        )
+    return transport
 
 
 class LeanSqs:
@@ -100,6 +121,11 @@ class LeanSqs:
         readable = callable(getattr(self._credentials, "get_frozen_credentials", None))
         if self._credentials is not None and not readable:
             raise LeanUnavailable("botocore's credentials have no get_frozen_credentials()")
+        self._transport = _transport(client, self._url, self._http)
+
+    @property
+    def transport(self) -> leanhttp.Transport:
+        return self._transport
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -138,17 +164,17 @@ class LeanSqs:
                 raise _client_error(action, response)
             return dict(fallback(**params))
         self._record(action, "ok")
-        parsed: dict[str, Any] = json.loads(response.content) if response.content else {}
+        parsed: dict[str, Any] = json.loads(response.content.decode()) if response.content else {}
         return parsed
 
-    def _send(self, action: str, params: dict[str, Any]) -> AWSResponse:
-        body = json.dumps(params, separators=(",", ":")).encode()
+    def _send(self, action: str, params: dict[str, Any]) -> Answer:
+        body = _ENCODER.encode(params).encode()
         headers = {**_HEADERS, "X-Amz-Target": _TARGET_PREFIX + action}
-        request = AWSRequest(method="POST", url=self._url, data=body, headers=headers)
-        credentials = self._credentials.get_frozen_credentials()
-        SigV4Auth(credentials, "sqs", self._region).add_auth(request)
-        response: AWSResponse = self._http.send(request.prepare())
-        return response
+        return self._transport.send(self._credentials.get_frozen_credentials(), headers, body)
+
+    def close(self) -> None:
+        """Close this thread's persistent connection (others close with their threads)."""
+        self._transport.close()
 
     def _record(self, action: str, outcome: str) -> None:
         if self._stats is not None:
@@ -161,7 +187,7 @@ def _request_url(endpoint_url: str) -> str:
     return urlunsplit(parts._replace(path=parts.path or "/"))
 
 
-def _client_error(action: str, response: AWSResponse) -> ClientError:
+def _client_error(action: str, response: Answer) -> ClientError:
     """The ClientError boto3 would raise: SQS's query-compatible code when it sends one."""
     try:
         body = json.loads(response.content or b"{}")

@@ -5,15 +5,18 @@ Real: a moto server on loopback (the path is HTTP, so in-process mocks cannot se
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, SSLError
 
-from sqsbalancerd import dataplane
+from sqsbalancerd import dataplane, leanhttp
 from sqsbalancerd.aws import AwsOptions, error_code, is_transient, sqs_client
 from sqsbalancerd.dataplane import LeanSqs, lean_or_plain
 from sqsbalancerd.local import free_port
@@ -219,3 +222,212 @@ def test_the_fallback_warns_once_per_process_not_once_per_client(endpoint, caplo
     assert [lean_or_plain(client) for client in clients] == clients
     lines = [r for r in caplog.records if "falling back to plain boto3" in r.getMessage()]
     assert len(lines) == 1, [r.error for r in lines]
+
+
+# -- the direct transport: own signing, one persistent connection per thread ---------------
+
+
+class KeepAlive(BaseHTTPRequestHandler):
+    """HTTP/1.1, answers `{}`; records each request's connection number and access key.
+    With `drop_after_answer` it closes every connection after one answer without saying so,
+    as a server does with a connection idle past its timeout."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[int] = 0
+    seen: ClassVar[list[tuple[int, str]]] = []
+    drop_after_answer: ClassVar[bool] = False
+    chunked: ClassVar[bool] = False
+
+    def setup(self) -> None:
+        super().setup()
+        type(self).connections += 1
+        self.number = type(self).connections
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        authorization = self.headers.get("Authorization", "")
+        key = authorization.split("Credential=", 1)[-1].split("/", 1)[0]
+        type(self).seen.append((self.number, key))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-amz-json-1.0")
+        if type(self).chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b'5\r\n{"a":\r\n3;ext=1\r\n"b"\r\n1\r\n}\r\n0\r\n\r\n')
+        else:
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+        if type(self).drop_after_answer:
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def keepalive_sqs() -> Iterator[str]:
+    KeepAlive.connections = 0
+    KeepAlive.seen = []
+    KeepAlive.drop_after_answer = False
+    KeepAlive.chunked = False
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="keepalive-sqs", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def direct(lean: LeanSqs) -> leanhttp.DirectTransport:
+    transport = lean.transport
+    assert isinstance(transport, leanhttp.DirectTransport)
+    return transport
+
+
+def test_moto_accepts_the_direct_transports_requests(sqs, endpoint):
+    """moto does not check signatures (test_sigv4 compares ours with botocore's); this is
+    the wire format: body, target, headers, answers."""
+    url = sqs.create_queue(QueueName="lean-direct")["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="x")
+    lean = lean_client(endpoint)
+    [message] = lean.receive_message(QueueUrl=url, WaitTimeSeconds=0)["Messages"]
+    entry = {"Id": "1", "ReceiptHandle": message["ReceiptHandle"]}
+    assert lean.delete_message_batch(QueueUrl=url, Entries=[entry])["Successful"] == [{"Id": "1"}]
+    assert direct(lean).connects >= 1
+    lean.close()
+
+
+def test_a_thread_keeps_one_connection_for_its_calls(keepalive_sqs):
+    lean = lean_client(keepalive_sqs)
+    for _ in range(5):
+        lean.delete_message_batch(QueueUrl="http://q", Entries=[{"Id": "1", "ReceiptHandle": "r"}])
+    other = threading.Thread(
+        target=lambda: lean.receive_message(QueueUrl="http://q"), name="test-other-thread"
+    )
+    other.start()
+    other.join(10)
+
+    assert [number for number, _ in KeepAlive.seen] == [1] * 5 + [2]  # one per thread
+    assert KeepAlive.connections == 2
+    assert direct(lean).connects == 2
+    lean.close()
+
+
+def test_a_connection_the_server_closed_is_reopened_and_the_request_sent_again(keepalive_sqs):
+    stats = Stats()
+    lean = lean_client(keepalive_sqs, stats, resend=False)
+    KeepAlive.drop_after_answer = True
+    for _ in range(3):
+        assert lean.receive_message(QueueUrl="http://q") == {}
+
+    # Each call after the first found its connection closed and went out on a new one,
+    # without an error and without boto3's resend (resend=False would have raised).
+    assert [number for number, _ in KeepAlive.seen] == [1, 2, 3]
+    assert counted(stats) == {("sqs", "ReceiveMessage", "ok"): 3}
+    lean.close()
+
+
+class Rotating:
+    """A credentials source whose keys change between calls, as refreshable ones do."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+    def get_frozen_credentials(self) -> Any:
+        from botocore.credentials import ReadOnlyCredentials
+
+        self.generation += 1
+        return ReadOnlyCredentials(f"AKID{self.generation}", f"secret{self.generation}", None)
+
+
+def test_rotated_credentials_are_used_by_the_next_request(keepalive_sqs):
+    client = sqs_client(AwsOptions(region="us-east-1", endpoint_url=keepalive_sqs))
+    client._request_signer._credentials = Rotating()
+    lean = LeanSqs(client)
+    for _ in range(3):
+        lean.receive_message(QueueUrl="http://q")
+    assert [key for _, key in KeepAlive.seen] == ["AKID1", "AKID2", "AKID3"]
+    lean.close()
+
+
+def test_a_proxy_sends_through_botocores_session_with_one_warning(endpoint, caplog, monkeypatch):
+    monkeypatch.setattr(dataplane, "_has_warned_session", False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # never reached: no call is made
+    options = AwsOptions(region="us-east-1", endpoint_url=endpoint)
+    leans = [LeanSqs(sqs_client(options)) for _ in range(2)]
+    assert all(isinstance(lean.transport, leanhttp.SessionTransport) for lean in leans)
+    lines = [r for r in caplog.records if "botocore's HTTP session" in r.getMessage()]
+    assert [line.reason for line in lines] == ["a proxy is configured"]
+
+
+def test_a_chunked_answer_is_read_whole_and_the_connection_kept(keepalive_sqs):
+    KeepAlive.chunked = True
+    lean = lean_client(keepalive_sqs)
+    assert lean.delete_message_batch(QueueUrl="http://q", Entries=[]) == {"a": "b"}
+    assert lean.delete_message_batch(QueueUrl="http://q", Entries=[]) == {"a": "b"}
+    assert KeepAlive.connections == 1
+    lean.close()
+
+
+@pytest.fixture
+def tls_sqs(tmp_path) -> Iterator[tuple[str, str]]:
+    """The keep-alive stub over TLS with a self-signed certificate for 127.0.0.1:
+    (endpoint, the certificate's path, to be trusted as a CA bundle)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            *files,
+            *subject,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    KeepAlive.connections = 0
+    KeepAlive.seen = []
+    KeepAlive.drop_after_answer = False
+    KeepAlive.chunked = False
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="tls-sqs", daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", str(cert)
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_tls_verifies_against_the_configured_ca_bundle(tls_sqs, monkeypatch):
+    endpoint, cert = tls_sqs
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)  # botocore's verify setting, as users set it
+    lean = lean_client(endpoint, resend=False)
+    assert lean.receive_message(QueueUrl="http://q") == {}
+    assert lean.receive_message(QueueUrl="http://q") == {}
+    assert KeepAlive.connections == 1  # kept alive over TLS too
+    lean.close()
+
+
+def test_tls_refuses_a_certificate_the_client_would_not_trust(tls_sqs):
+    endpoint, _ = tls_sqs
+    lean = lean_client(endpoint, resend=False)
+    with pytest.raises(SSLError):
+        lean.receive_message(QueueUrl="http://q")
+    assert KeepAlive.seen == []  # nothing was sent
