@@ -179,13 +179,16 @@ UNSCRAPED_SECTIONS = frozenset({"cpu"})
 CLOSELY_SCRAPED_SECTIONS = frozenset({"fanout", "profile-fanout"})
 
 
-def run(plan: SkewPlan, out: Path, before_root: Path) -> dict[str, Any]:
-    pool = contenders(before_root)
+def run(
+    plan: SkewPlan, out: Path, before_root: Path, only: set[str] | None = None
+) -> dict[str, Any]:
+    pool = {k: c for k, c in contenders(before_root).items() if only is None or k in only}
     results: dict[str, Any] = {"plan": plan.__dict__, "sections": {}, "load": {}}
     for name in plan.sections:
         # Other work shares this machine: note how busy it was when each section started.
         results["load"][name] = [round(x, 2) for x in os.getloadavg()]
-        with EmulatorProcess(patch=True, log_path=out / f"emulator-{name}.log") as emulator:
+        log_path = out / f"emulator-{name}.log"
+        with EmulatorProcess(patch=True, log_path=log_path, scale=plan.quiet_emulator) as emulator:
             setting = Setting(emulator, Harness(emulator.endpoint), out, cap_s=plan.cap_s)
             # The CPU section compares CPU per message with peers nobody scrapes: 20 scrapes
             # a second of /metrics cost `after` ~0.3 CPU s per 1,000 messages at 50 ms.
@@ -211,6 +214,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-scrape", action="store_true", help="do not scrape /metrics (no peak held)"
     )
+    parser.add_argument(
+        "--quiet-emulator",
+        action="store_true",
+        help="idle long polls sleep until a send (bench.emulator --scale), for every contender",
+    )
+    parser.add_argument("--contenders", help="comma-separated: run only these contenders")
+    parser.add_argument("--hot-messages", type=int, help="neighbours: messages on the hot queue")
     parser.add_argument("--write-docs", action="store_true", help="docs/bench-skew.md + plot")
     parser.add_argument("--report", type=Path, help="re-render a results.json, run nothing")
     return parser.parse_args(argv)
@@ -233,10 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.neighbours:
             plan.neighbours = tuple(int(n) for n in args.neighbours.split(","))
         plan.scrape = not args.no_scrape
+        plan.quiet_emulator = args.quiet_emulator
+        if args.hot_messages:
+            plan.hot_messages = args.hot_messages
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
         out = REPO / "bench" / "results" / f"skew-{stamp}"
         out.mkdir(parents=True, exist_ok=True)
-        results = run(plan, out, args.before_root)
+        only = set(args.contenders.split(",")) if args.contenders else None
+        results = run(plan, out, args.before_root, only)
     markdown = skew_report.render(results, plot_dir=out)
     (out / "results.md").write_text(markdown)
     print(markdown)

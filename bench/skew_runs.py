@@ -199,7 +199,12 @@ def run_skew(
     # polls: the time cap counts from the end of the fill (drain_s still from its start).
     fill_s = time.monotonic() - started
     watch = dataclasses.replace(setting, cap_s=setting.cap_s + fill_s)
-    window = _watch_drain(watch, run, monitor, processes, started)
+    # Idle queues never get a message: checking them for the drain cost the harness one
+    # GetQueueAttributes each (200 serial calls on a loaded moto, seconds a sweep), and a
+    # drain stretched past WaitTimeSeconds counted every idle queue's re-poll against the
+    # contender. The harness still checks every queue once at the end (left_in_queue).
+    busy = [url for url, n in zip(urls, load.fill, strict=True) if n]
+    window = _watch_drain(watch, dataclasses.replace(run, urls=busy), monitor, processes, started)
     result = _finish(setting, run, launch, monitor, processes, window)
     result.update(
         contender=spec.key,
