@@ -28,10 +28,10 @@ from typing import Any
 from bench import skew_report, skew_runs
 from bench.consumers.registry import BY_KEY, ConsumerSpec, is_available
 from bench.harness import Harness
-from bench.measure import REPO, EmulatorProcess
+from bench.measure import REPO
 from bench.runs import Setting
 from bench.skew_plan import SkewPlan, full_plan, quick_plan
-from bench.skew_runs import Contender, SkewLoad, run_idle, run_skew
+from bench.skew_runs import Contender, SkewEmulator, SkewLoad, run_idle, run_skew
 
 logger = logging.getLogger("bench.skew")
 
@@ -188,7 +188,7 @@ def run(
         # Other work shares this machine: note how busy it was when each section started.
         results["load"][name] = [round(x, 2) for x in os.getloadavg()]
         log_path = out / f"emulator-{name}.log"
-        with EmulatorProcess(patch=True, log_path=log_path, scale=plan.quiet_emulator) as emulator:
+        with SkewEmulator(log_path=log_path, quiet=plan.quiet_emulator) as emulator:
             setting = Setting(emulator, Harness(emulator.endpoint), out, cap_s=plan.cap_s)
             # The CPU section compares CPU per message with peers nobody scrapes: 20 scrapes
             # a second of /metrics cost `after` ~0.3 CPU s per 1,000 messages at 50 ms.
