@@ -35,7 +35,7 @@ def atomic_deletes() -> None:
     SQSBackend.delete_message = delete_message
 
 
-def verify_atomic_deletes(threads: int = 4, per_thread: int = 100) -> None:
+def verify_atomic_deletes(threads: int = 8, per_thread: int = 100) -> None:
     """Concurrent deletes of one queue's messages leave none behind."""
     from moto.sqs.models import SQSBackend
 
