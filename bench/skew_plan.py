@@ -13,6 +13,9 @@ class SkewPlan:
     cap_s: float = 60.0
     repeats: int = 2  # neighbours and cpu: interleaved rounds, best kept
     scrape: bool = True  # sqsbalancerd's /metrics every 50 ms (costs it a little CPU)
+    # Quiet emulator (bench.emulator --scale): an empty queue's long poll sleeps until a
+    # send or its end instead of waking every second (moto's loop); the same for everyone.
+    quiet_emulator: bool = False
     hot_messages: int = 3000
     neighbours: tuple[int, ...] = (0, 50, 200, 500)
     neighbour_contenders: tuple[str, ...] = ("after", "before", "batched")

@@ -19,6 +19,7 @@ import json
 import random
 import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -29,7 +30,15 @@ from typing import Any
 
 from bench.consumers.registry import ConsumerSpec, Launch, sqsbalancerd_env
 from bench.harness import stop_processes, wait_until
-from bench.measure import REPO, IdLog, TreeMonitor, child_env, requests_of
+from bench.measure import (
+    HARNESS_KEY,
+    REPO,
+    EmulatorProcess,
+    IdLog,
+    TreeMonitor,
+    child_env,
+    requests_of,
+)
 from bench.runs import Setting, Workload, _finish, _Run, _watch_drain
 
 METRICS = ("work_queue_depth", "workers_busy")
@@ -39,6 +48,31 @@ SCRAPE = True  # each scrape costs the daemon CPU that grows with its queues: of
 # scrapes that often; elsewhere the peaks are indicative.
 SCRAPE_EVERY_S = 1.0
 _METRIC_LINE = re.compile(r"^sqsbalancerd_(\w+) ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+class SkewEmulator(EmulatorProcess):
+    """`python -m bench.skew_emulator`: bench.emulator with moto's deletes made atomic (a
+    lost concurrent delete resurrected messages, see that module), `--scale` for quiet
+    long polls."""
+
+    def __init__(self, *, log_path: Path, quiet: bool) -> None:
+        super().__init__(patch=True, log_path=log_path, scale=quiet)
+        self._quiet = quiet
+
+    def start(self) -> SkewEmulator:
+        command = [sys.executable, "-m", "bench.skew_emulator"]
+        if self._quiet:
+            command.append("--scale")
+        log = open(self._log_path, "ab")  # noqa: SIM115 - kept for the child's life
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, env=child_env(HARNESS_KEY, ""), stdout=subprocess.PIPE, stderr=log
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the emulator did not start; see {self._log_path}")
+        self.endpoint = f"http://127.0.0.1:{json.loads(line)['port']}"
+        return self
 
 
 @dataclass(frozen=True)
@@ -199,7 +233,12 @@ def run_skew(
     # polls: the time cap counts from the end of the fill (drain_s still from its start).
     fill_s = time.monotonic() - started
     watch = dataclasses.replace(setting, cap_s=setting.cap_s + fill_s)
-    window = _watch_drain(watch, run, monitor, processes, started)
+    # Idle queues never get a message: checking them for the drain cost the harness one
+    # GetQueueAttributes each (200 serial calls on a loaded moto, seconds a sweep), and a
+    # drain stretched past WaitTimeSeconds counted every idle queue's re-poll against the
+    # contender. The harness still checks every queue once at the end (left_in_queue).
+    busy = [url for url, n in zip(urls, load.fill, strict=True) if n]
+    window = _watch_drain(watch, dataclasses.replace(run, urls=busy), monitor, processes, started)
     result = _finish(setting, run, launch, monitor, processes, window)
     result.update(
         contender=spec.key,

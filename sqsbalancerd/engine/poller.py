@@ -180,7 +180,11 @@ class Poller:
         self._on_gone = on_gone
         fence_receive_attempts(sqs, gate)
         self._failures = 0
-        self._is_idle = True  # the last receive returned nothing
+        # The last receive returned nothing. An extra receiver joins only because the
+        # queue's receives come back full: it starts busy. Started idle, with 200 owned
+        # queues it asked for its part of the bound (one message) in a long poll, came
+        # back not full and left at once, so a hot queue among idle ones kept two.
+        self._is_idle = not is_extra
         self.last_tick_s = clock.monotonic()
 
     def run(self, stop: threading.Event) -> None:

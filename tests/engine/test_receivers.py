@@ -14,12 +14,14 @@ import time
 from collections import Counter
 from typing import Any
 
-from enginekit import standalone_settings
-from support import queue_depth, wait_until
+from enginekit import CallLog, Rig, standalone_settings
+from enginekit import make_queue as make_runtime
+from support import FakeClock, queue_depth, wait_until
 
 from sqsbalancerd.clock import SystemClock
 from sqsbalancerd.discovery import QueueInfo
 from sqsbalancerd.engine.consumer import Engine, HandlerSet
+from sqsbalancerd.engine.poller import Poller
 from sqsbalancerd.handler import ResolvedHandler
 from sqsbalancerd.message import Message
 from sqsbalancerd.runtime import ThreadSupervisor
@@ -65,7 +67,8 @@ def test_a_hot_queue_gets_more_receivers_and_gives_them_up_when_it_cools(moto_sq
         def drained() -> bool:
             for name in most:
                 most[name] = max(most[name], len(engine._owned[name].receivers.pollers))
-            return len(handled) >= 400
+            with lock:  # moto's duplicates (see above) must not count for missing ones
+                return len(set(handled)) >= 400
 
         wait_until(drained, timeout_s=60, every_s=0.05, what="400 messages handled")
         assert most["work-hot"] > 1  # more receivers while every receive came back full
@@ -85,3 +88,43 @@ def test_a_hot_queue_gets_more_receivers_and_gives_them_up_when_it_cools(moto_sq
         engine.stop_receiving()
         engine.stop(timeout_s=5)
         assert supervisor.stop_all(timeout_s=10) == []
+
+
+def test_an_extra_receiver_of_a_hot_queue_among_many_idle_ones_receives_full_batches(moto_sqs):
+    """The defect: a new extra receiver started out "idle", so with 200 owned queues it
+    asked for its part of the bound (150 // 200 -> 1 message) in a 20 s long poll, came back
+    not full and left at once: the hot queue among 200 idle kept two receivers where alone
+    it got five (stand-in SQS: 0.87x its rate alone)."""
+    rig = Rig(moto_sqs, capacity=150, clock=FakeClock(), wait_time_s=20)
+    for index in range(199):  # idle neighbours, each owned
+        rig.dispatcher.add_queue(make_runtime(f"idle-{index}"))
+    log = CallLog(moto_sqs)
+    rig.send(*[f"m{n}" for n in range(30)])
+    extra = Poller(
+        rig.queue,
+        sqs=moto_sqs,
+        dispatcher=rig.dispatcher,
+        acks=rig.acks,
+        gate=rig.gate,
+        stats=rig.stats,
+        clock=rig.clock,
+        on_gone=rig.gone.append,
+        is_extra=True,
+    )
+
+    assert extra.run_once() == 0.0
+    [params] = log.of("ReceiveMessage")
+    assert (params["MaxNumberOfMessages"], params["WaitTimeSeconds"]) == (10, 0)
+    assert extra.was_full  # so it stays while the queue is hot
+
+
+def test_an_idle_queues_first_poll_still_asks_for_its_part_of_the_bound(moto_sqs):
+    """What the fix keeps: the first (idle) poller of each queue asks for its part of the
+    bound, so a fan-out to many idle queues does not receive ten each."""
+    rig = Rig(moto_sqs, capacity=150, clock=FakeClock(), wait_time_s=1)
+    for index in range(199):
+        rig.dispatcher.add_queue(make_runtime(f"idle-{index}"))
+    log = CallLog(moto_sqs)
+    rig.send(*[f"m{n}" for n in range(30)])
+    assert rig.receive() == 1
+    assert [p["MaxNumberOfMessages"] for p in log.of("ReceiveMessage")] == [1]
