@@ -113,6 +113,9 @@ class CoordinationStats:
     utilisation: float | None = None
     queue_loads: dict[str, float] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)
+    # Known queues whose ownership row names no live member, as of the last round (None:
+    # not counted yet). A few for a round or two is a handoff; lasting, nobody consumes them.
+    unowned_queues: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,7 @@ class DynamoCoordinator:
             max_replicas=settings.max_replicas,
         )
         self._assigned: tuple[object, Assignment] | None = None  # the last plan, by inputs
+        self._unowned: int | None = None  # for snapshot(): counted by the loop thread
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -295,6 +296,7 @@ class DynamoCoordinator:
                 self._sweep()
                 self._give_up_untargeted()
                 self._ownership.announce()
+                self._unowned = self._count_unowned()
             except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
@@ -598,6 +600,11 @@ class DynamoCoordinator:
             return False
         return True
 
+    def _count_unowned(self) -> int:
+        """Known queues whose row names no live member (as `_free_known` sees them)."""
+        owners, members = self._owners(), set(self._view.members)
+        return sum(1 for queue in self._queues if owners.get(queue) not in members)
+
     def _owners(self) -> dict[str, str]:
         owners = {queue: row.owner for queue, row in self._rows().items() if row.owner}
         owners.update(dict.fromkeys(self._holdings.leases, self.instance_id))
@@ -772,6 +779,7 @@ class DynamoCoordinator:
             heartbeat_age_s=None if renewed is None else self._clock.monotonic() - renewed,
             rebalances=self._rebalances,
             is_fenced=self._fence.is_fenced,
+            unowned_queues=self._unowned,
             **self._load_stats(),
         )
 

@@ -20,7 +20,9 @@ Metric families (all prefixed `sqsbalancerd_`):
 and, only when the snapshot has coordination stats:
 
     heartbeat_age_seconds (omitted while unknown), rebalances_total, members_alive,
-    registered (0/1), fenced (0/1), and with load-aware planning (as last published):
+    registered (0/1), fenced (0/1), unowned_queues (known queues whose row names no live
+    member, as this instance saw them last round; omitted until counted), and with
+    load-aware planning (as last published):
     utilisation (busy worker fraction), queue_load{queue} (handler-s/s, busy queues only),
     queue_owners{queue} (owners of each queue shared among several)
 """
@@ -150,6 +152,12 @@ def _coordination_families(coordination: CoordinationStats) -> Iterator[Metric]:
     yield _gauge("members_alive", "Live members seen in the table.", coordination.members_alive)
     yield _gauge("registered", "1 when registered as a member.", int(coordination.is_registered))
     yield _gauge("fenced", "1 when fenced off by the table.", int(coordination.is_fenced))
+    if coordination.unowned_queues is not None:
+        yield _gauge(
+            "unowned_queues",
+            "Known queues whose ownership row names no live member (this instance's view).",
+            coordination.unowned_queues,
+        )
     if coordination.utilisation is not None:
         yield _gauge(
             "utilisation", "Busy worker fraction, as last published.", coordination.utilisation

@@ -726,3 +726,23 @@ def test_a_graceful_leave_seen_late_is_not_logged_as_a_takeover(cluster, caplog)
     cluster.step_until(lambda: a.engine.owned == set(QUEUES), limit_s=DELAY_S + 3 * INTERVAL_S)
 
     assert not [r for r in caplog.records if "took over" in r.getMessage()]
+
+
+def test_unowned_queues_count_what_no_live_member_holds(cluster):
+    """The coordinator's view behind the "queue without an owner" alert: every queue before
+    the first plan lands, those of a crashed member until they are taken over, then none."""
+    a, b = cluster.add("a"), cluster.add("b")
+    assert a.coordinator.snapshot().unowned_queues is None  # no round counted yet
+    cluster.step()
+    assert a.coordinator.snapshot().unowned_queues == len(QUEUES)
+    settle(cluster)
+    assert a.coordinator.snapshot().unowned_queues == 0
+    b_queues = {q for q, o in cluster.owners().items() if o == "b"}
+    b.is_running = False  # SIGKILL
+
+    cluster.step_until(
+        lambda: a.coordinator.snapshot().unowned_queues == len(b_queues), limit_s=2 * TIMEOUT_S
+    )
+    assert not (a.engine.owned & b_queues)  # counted while nobody consumes them
+    cluster.step_until(lambda: b_queues <= a.engine.owned, limit_s=DELAY_S + 4 * INTERVAL_S)
+    assert a.coordinator.snapshot().unowned_queues == 0
