@@ -139,6 +139,10 @@ class StatsSnapshot:
     event_loop_lag_limit_s: float = 60.0
     # Counts of queues no longer owned (forgotten per queue, kept in the totals).
     retired: dict[str, int] = field(default_factory=dict)
+    # Owned queues whose long polls are spaced (sqs.idle_latency), and the ReceiveMessage
+    # calls an hour the owned queues cost while nothing arrives (engine/idle.py).
+    idling_queues: int = 0
+    estimated_sqs_requests_per_hour: float = 0.0
 
     def totals(self) -> dict[str, int]:
         return {

@@ -104,6 +104,9 @@ def build_policy(settings: Settings, info: QueueInfo) -> QueuePolicy:
         handler_timeout_s=(override.handler_timeout if override else None)
         or settings.workers.handler_timeout,
         max_receive_count=info.max_receive_count,
+        idle_latency_s=sqs.idle_latency
+        if override is None or override.idle_latency is None
+        else override.idle_latency,
     )
 
 
@@ -532,6 +535,7 @@ class Engine:
         )
         durations, ages = self._stats.histograms()
         running = self.dispatcher.running_items()
+        main = [p for p in pollers if not p.is_extra]  # one per owned queue (idle.py)
         return StatsSnapshot(
             instance_id=instance_id,
             owned_queues=self.owned(),
@@ -548,6 +552,10 @@ class Engine:
             event_loop_lag_s=self.bridge.lag_s() if self.bridge is not None else None,
             event_loop_lag_limit_s=self.event_loop_lag_limit_s(),
             retired=self._stats.retired_counters(),
+            idling_queues=sum(1 for p in main if p.idle.is_idling),
+            estimated_sqs_requests_per_hour=sum(
+                p.idle.requests_per_hour(p.queue.policy.wait_time_s) for p in main
+            ),
         )
 
     def _tick_ages(self, pollers: list[Poller]) -> dict[str, float]:

@@ -12,6 +12,7 @@ Metric families (all prefixed `sqsbalancerd_`):
     in_flight{queue}                       gauge, handlers running
     queued_messages{queue}                 gauge, received and waiting for a worker
     work_queue_depth, workers_busy, worker_pool_size, stuck_slots, owned_queues   gauges
+    idling_queues, estimated_sqs_requests_per_hour    gauges (sqs.idle_latency, engine/idle.py)
     aws_calls_total{service,action,outcome}          counter
     aws_consecutive_failures{service}      gauge, failed calls since the last success
     loop_tick_age_seconds{loop}            gauge, time since each loop last ticked
@@ -117,6 +118,16 @@ def _process_families(snapshot: StatsSnapshot) -> Iterator[Metric]:
     yield _gauge("worker_pool_size", "Worker slots.", snapshot.pool_size)
     yield _gauge("stuck_slots", "Worker slots past their handler deadline.", snapshot.stuck_slots)
     yield _gauge("owned_queues", "Queues this instance consumes.", len(snapshot.owned_queues))
+    yield _gauge(
+        "idling_queues",
+        "Owned queues whose long polls are spaced out (sqs.idle_latency).",
+        snapshot.idling_queues,
+    )
+    yield _gauge(
+        "estimated_sqs_requests_per_hour",
+        "ReceiveMessage calls an hour the owned queues cost while no message arrives.",
+        snapshot.estimated_sqs_requests_per_hour,
+    )
     if snapshot.event_loop_lag_s is not None:
         yield _gauge(
             "event_loop_lag_seconds",
