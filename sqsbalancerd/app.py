@@ -328,6 +328,7 @@ class Application:
             fail=fail,
             load_source=self._load_source(engine),
             workers=settings.workers.pool_size,
+            idle_source=engine.idle_figures,
         )
 
     def _load_source(self, engine: Engine) -> Callable[[], LoadSummary]:

@@ -118,6 +118,7 @@ class DynamoCoordinator:
         fail: Callable[[str], None],
         load_source: Callable[[], loadsummary.LoadSummary] | None = None,
         workers: int = 0,
+        idle_source: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
         self._table = table
         self._settings = settings
@@ -136,6 +137,7 @@ class DynamoCoordinator:
             heartbeat_timeout_s=settings.heartbeat_timeout,
             ring=ring_signature(settings),
         )
+        self._membership.idle_source = idle_source  # published for `status`
         self._liveness = LivenessTracker(
             clock,
             timeout_s=settings.heartbeat_timeout,

@@ -34,6 +34,7 @@ PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 MISSING = "Prometheus is not installed (apt-get install -y prometheus; .ci/run installs it)"
 QUEUES = ["dash-a", "dash-b", "dash-c"]
+IDLE_QUEUE = "dash-idle"  # never sent to: it idles (sqs.idle_latency)
 RATE_INTERVAL = "5s"  # $__rate_interval for a 1 s scrape: at least four samples
 
 
@@ -156,6 +157,9 @@ wait_time_seconds = 1
 http_port = {port}
 log_format = "json"
 backlog_interval = 1
+[[queue]]
+match = "^dash-idle$"
+idle_latency = 2
 """
 
 
@@ -173,6 +177,23 @@ def missing_series(server: Prometheus, values: dict[str, str]) -> list[str]:
     return missing
 
 
+def assert_idle_queue_shows(server: Prometheus, daemons: Any, config: Path) -> None:
+    """The queue never sent to idles: /metrics (through Prometheus) and `status` say so."""
+    wait_until(
+        lambda: server.query("sqsbalancerd_idling_queues == 1"),
+        timeout_s=30,
+        every_s=0.5,
+        what="the idle queue idling",
+    )
+    [sample] = server.query("sqsbalancerd_estimated_sqs_requests_per_hour")
+    # Three busy queues at the 1 s floor, the idle one 1 s poll + 2 s apart.
+    assert float(sample["value"][1]) == 3 * 3600 + 3600 / 3
+    status = daemons.run_cli("status", "--config", str(config), "--json")
+    [instance] = json.loads(status.stdout)["instances"]
+    assert instance["idling_queues"] == 1, status.stdout
+    assert instance["sqs_requests_per_hour"] == 3 * 3600 + 3600 / 3
+
+
 def wait_for_series(server: Prometheus, values: dict[str, str], *, timeout_s: float) -> list[str]:
     """Until every query returns series (a bounded poll): what still returns none."""
     deadline = time.monotonic() + timeout_s
@@ -188,6 +209,7 @@ def test_every_dashboard_query_returns_series_from_a_running_daemon(
     sqs, daemons, endpoint, prometheus_for
 ):
     urls = create_queues(sqs, QUEUES)
+    create_queues(sqs, [IDLE_QUEUE])
     # Enough work that every queue shows handler time (queue_load needs 0.05 handler-s/s).
     body = lambda n: json.dumps({"n": n, "sleep": 0.02, "fail_once": n % 25 == 0})  # noqa: E731
     feeder = Feeder(endpoint, urls, total=30_000, depth=20, body=body).start()
@@ -204,6 +226,7 @@ def test_every_dashboard_query_returns_series_from_a_running_daemon(
         rules = server.get("/api/v1/rules")["data"]["groups"]
         assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 7, rules
         assert server.query("instance:sqsbalancerd_sqs_requests_per_hour:rate5m")
+        assert_idle_queue_shows(server, daemons, daemons.tmp_path / "d-0.toml")
     finally:
         feeder.stop()
         daemon.terminate()
