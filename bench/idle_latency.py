@@ -1,12 +1,12 @@
 """Idle queues below the long-poll floor: requests per idle queue and worst pickup latency.
 
-    python -m bench.idle_latency [--scale 20] [--window 90] [--queues 20] [--latency-queues 8]
+    python -m bench.idle_latency [--scale 10] [--window 120] [--queues 20] [--latency-queues 24]
 
 One run, three budgets at once (`sqs.idle_latency` 0, 60 and 300 s), each in its own
 `sqsbalancerd run` processes against the bench emulator, which counts every request by
-access key. Time is scaled down by `--scale` so the run stays short: at 20, the 20 s long
-poll is 1 s and the budgets are 0, 3 and 15 s; figures are converted back (requests per
-real hour, latencies in real seconds = measured times scale). Per budget:
+access key. Time is scaled down by `--scale` so the run stays short (about 5 minutes): at
+10, the 20 s long poll is 2 s and the budgets are 0, 6 and 30 s; figures are converted back
+(requests per real hour, latencies in real seconds = measured times scale). Per budget:
 
 - a *rate* process owning `--queues` queues that never get a message: its ReceiveMessage
   calls over the window, per queue, per hour (the floor is 3600 / 20 = 180);
@@ -114,6 +114,15 @@ def _send_loop(sqs: Any, urls: dict[str, str], group: Group, cycle_s: float, sto
         next_at[queue] = time.monotonic() + 3 * cycle_s + rng.uniform(0, cycle_s)
 
 
+def _desynchronise(sqs: Any, urls: dict[str, str], groups: list[Group], spread_s: float) -> None:
+    rng = random.Random(0)
+    sends = sorted((rng.uniform(0, spread_s), q) for g in groups for q in g.queues)
+    started = time.monotonic()
+    for at, queue in sends:
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        sqs.send_message(QueueUrl=urls[queue], MessageBody=json.dumps({"t": time.time()}))
+
+
 def _pickups(out: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for file in out.glob("pickups.jsonl.*"):
@@ -186,8 +195,12 @@ def _measure(
         for g in groups
         if g.kind == "latency"
     ]
-    # Warm-up: every rate queue idle (its threshold is min(60 s, budget), scaled).
-    time.sleep((max(BUDGETS_S) / scale) + 2 * wait_s)
+    # Warm-up: one message to each rate queue at a random moment of its cycle, so that the
+    # queues idle out of step (started together, they would poll in lockstep and a window
+    # would count whole cycles), then every one idle again (threshold min(60 s, budget)).
+    longest_s = wait_s + max(BUDGETS_S) / scale
+    _desynchronise(harness.sqs, urls, [g for g in groups if g.kind == "rate"], longest_s)
+    time.sleep(2 * longest_s + wait_s)
     for sender in senders:
         sender.start()
     before, started = emulator.counts(), time.monotonic()
@@ -270,10 +283,10 @@ def _table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=20.0, help="time divided by this")
-    parser.add_argument("--window", type=float, default=90.0, help="counting window, seconds")
+    parser.add_argument("--scale", type=float, default=10.0, help="time divided by this")
+    parser.add_argument("--window", type=float, default=120.0, help="counting window, seconds")
     parser.add_argument("--queues", type=int, default=20, help="idle queues per budget")
-    parser.add_argument("--latency-queues", type=int, default=8, help="sent-to queues per budget")
+    parser.add_argument("--latency-queues", type=int, default=24, help="sent-to queues per budget")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path(__file__).parent / "results" / time.strftime("idle-%Y%m%d-%H%M%S")
