@@ -35,7 +35,7 @@ PROMTOOL = shutil.which("promtool")
 MISSING = "Prometheus is not installed (apt-get install -y prometheus; .ci/run installs it)"
 QUEUES = ["dash-a", "dash-b", "dash-c"]
 IDLE_QUEUE = "dash-idle"  # never sent to: it idles (sqs.idle_latency)
-RATE_INTERVAL = "5s"  # $__rate_interval for a 1 s scrape: at least four samples
+RATE_INTERVAL = "15s"  # $__rate_interval: a few 1 s scrapes may fail on a loaded box
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -194,11 +194,15 @@ def assert_idle_queue_shows(server: Prometheus, daemons: Any, config: Path) -> N
     assert instance["sqs_requests_per_hour"] == 3 * 3600 + 3600 / 3
 
 
-def wait_for_series(server: Prometheus, values: dict[str, str], *, timeout_s: float) -> list[str]:
+def wait_for_series(
+    server: Prometheus, values: dict[str, str], daemon: Any, *, timeout_s: float
+) -> list[str]:
     """Until every query returns series (a bounded poll): what still returns none."""
     deadline = time.monotonic() + timeout_s
     missing = missing_series(server, values)
     while missing and time.monotonic() < deadline:
+        tail = "\n".join(daemon.log().splitlines()[-5:])
+        assert daemon.proc.poll() is None, f"the daemon exited; its last lines:\n{tail}"
         time.sleep(1.0)  # the next scrape: Prometheus has no event to wait on
         missing = missing_series(server, values)
     return missing
@@ -220,8 +224,12 @@ def test_every_dashboard_query_returns_series_from_a_running_daemon(
     values = {"instance": target, "queue": QUEUES[0], "__rate_interval": RATE_INTERVAL}
     try:
         assert dashboard_queries(), "no queries found in the dashboard"
-        missing = wait_for_series(server, values, timeout_s=90)
-        assert missing == [], "queries without series:\n" + "\n".join(missing)
+        missing = wait_for_series(server, values, daemon, timeout_s=90)
+        targets = server.get("/api/v1/targets")["data"]["activeTargets"]
+        errors = [t.get("lastError") for t in targets]
+        assert missing == [], f"scrape errors {errors}; queries without series:\n" + "\n".join(
+            missing
+        )
         feeder.check()
         rules = server.get("/api/v1/rules")["data"]["groups"]
         assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 7, rules
