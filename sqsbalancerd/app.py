@@ -343,6 +343,7 @@ class Application:
             load_source=self._load_source(engine),
             table_concurrency=TABLE_CONCURRENCY,
             workers=settings.workers.pool_size,
+            idle_source=engine.idle_figures,
         )
 
     def _load_source(self, engine: Engine) -> Callable[[], LoadSummary]:

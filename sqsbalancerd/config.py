@@ -138,6 +138,9 @@ class SqsSettings(_Section):
     # Receive, batch delete and batch visibility change without botocore's per-call work
     # (dataplane.py); errors still go through boto3.
     lean_requests: bool = True
+    # Seconds within which a message sent to an idle queue is picked up (plus the poll
+    # itself); its long polls are spaced to match (engine/idle.py). 0: poll continuously.
+    idle_latency: Seconds = Field(default=0.0, le=43_200)
 
 
 class WorkersSettings(_Section):
@@ -189,6 +192,7 @@ class QueueOverride(_Section):
     max_messages: int | None = Field(default=None, ge=1, le=10)
     wait_time_seconds: int | None = Field(default=None, ge=0, le=20)
     handler_timeout: PositiveSeconds | None = None
+    idle_latency: Seconds | None = Field(default=None, le=43_200)
     retry: RetrySettings | None = None
 
     @field_validator("match")

@@ -113,6 +113,9 @@ class CoordinationStats:
     utilisation: float | None = None
     queue_loads: dict[str, float] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)
+    # Known queues whose ownership row names no live member, as of the last round (None:
+    # not counted yet). A few for a round or two is a handoff; lasting, nobody consumes them.
+    unowned_queues: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,10 @@ class StatsSnapshot:
     event_loop_lag_limit_s: float = 60.0
     # Counts of queues no longer owned (forgotten per queue, kept in the totals).
     retired: dict[str, int] = field(default_factory=dict)
+    # Owned queues whose long polls are spaced (sqs.idle_latency), and the ReceiveMessage
+    # calls an hour the owned queues cost while nothing arrives (engine/idle.py).
+    idling_queues: int = 0
+    estimated_sqs_requests_per_hour: float = 0.0
 
     def totals(self) -> dict[str, int]:
         return {

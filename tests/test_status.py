@@ -323,3 +323,20 @@ def test_status_shows_each_instances_utilisation_and_each_busy_queues_load(aws):
     assert report.instances[0].utilisation == 0.75
     assert {q.queue: q.load for q in report.queues} == {"st-hot": 2.5, "st-cold": None}
     render_status(report, Console(file=io.StringIO(), width=200))  # the new columns render
+
+
+def test_status_shows_each_instances_idling_queues_and_sqs_requests_per_hour(aws):
+    sqs, table, clock = aws
+    urls = create_queues(sqs, ["st-a", "st-b"])
+    cluster_of_one(table, clock, urls)
+    table.heartbeat("n1", epoch="e", status="active", now_wall=clock.wall(), idle=(1, 225.0))
+    reader = reader_for(table, clock)
+
+    report = read_report(reader, source_for(sqs, clock, is_detailed=False), reader.read_watching())
+
+    [instance] = report.instances
+    assert (instance.idling_queues, instance.sqs_requests_per_hour) == (1, 225.0)
+    assert json.loads(report.to_json())["instances"][0]["sqs_requests_per_hour"] == 225.0
+    out = io.StringIO()
+    render_status(report, Console(file=out, width=200))
+    assert "SQS req/h" in out.getvalue() and "225" in out.getvalue()

@@ -123,6 +123,7 @@ class DynamoCoordinator:
         load_source: Callable[[], loadsummary.LoadSummary] | None = None,
         workers: int = 0,
         table_concurrency: int = 1,
+        idle_source: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
         self._table = table
         self._settings = settings
@@ -141,6 +142,7 @@ class DynamoCoordinator:
             heartbeat_timeout_s=settings.heartbeat_timeout,
             ring=ring_signature(settings),
         )
+        self._membership.idle_source = idle_source  # published for `status`
         self._liveness = LivenessTracker(
             clock,
             timeout_s=settings.heartbeat_timeout,
@@ -205,6 +207,7 @@ class DynamoCoordinator:
             max_replicas=settings.max_replicas,
         )
         self._assigned: tuple[object, Assignment] | None = None  # the last plan, by inputs
+        self._unowned: int | None = None  # for snapshot(): counted by the loop thread
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -308,6 +311,7 @@ class DynamoCoordinator:
                 self._sweep()
                 self._give_up_untargeted()
                 self._ownership.announce()
+                self._unowned = self._count_unowned()
             except (TableGone, DuplicateInstanceError) as exc:
                 self._fail(str(exc))
             except Exception as exc:  # a loop boundary: DynamoDB slow, throttled or away
@@ -611,6 +615,11 @@ class DynamoCoordinator:
             return False
         return True
 
+    def _count_unowned(self) -> int:
+        """Known queues whose row names no live member (as `_free_known` sees them)."""
+        owners, members = self._owners(), set(self._view.members)
+        return sum(1 for queue in self._queues if owners.get(queue) not in members)
+
     def _owners(self) -> dict[str, str]:
         owners = {queue: row.owner for queue, row in self._rows().items() if row.owner}
         owners.update(dict.fromkeys(self._holdings.leases, self.instance_id))
@@ -792,6 +801,7 @@ class DynamoCoordinator:
             heartbeat_age_s=None if renewed is None else self._clock.monotonic() - renewed,
             rebalances=self._rebalances,
             is_fenced=self._fence.is_fenced,
+            unowned_queues=self._unowned,
             **self._load_stats(),
         )
 

@@ -141,6 +141,8 @@ class Membership:
         self.queues_hash = ""  # published: balance moves wait until every member agrees
         # (planning epoch, load summary, workers, joined): published at the next heartbeat.
         self.pending_load: tuple[str, str, int, float] | None = None
+        # (queues idling, SQS requests an hour): sent with every heartbeat, for `status`.
+        self.idle_source: Callable[[], tuple[int, float]] | None = None
 
     def _record(self, counter: int) -> MemberRecord:
         now = self._clock.wall()
@@ -206,6 +208,7 @@ class Membership:
             ttl_wall=max(now, ttl_floor_wall),
             queues_hash=self.queues_hash,
             load=load,
+            idle=self.idle_source() if self.idle_source is not None else None,
         )
         if self.pending_load is load:
             self.pending_load = None  # landed (a failure raised above: sent again)

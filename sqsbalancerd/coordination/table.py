@@ -78,6 +78,10 @@ class MemberRecord:
     load: str = ""
     workers: int = 0
     load_joined: float = 0.0  # the epoch time of its first summary (the newcomer ramp)
+    # For `status` (engine/idle.py): owned queues idling and the SQS requests an hour the
+    # owned queues cost while nothing arrives, as of its last heartbeat (None: not sent).
+    idling_queues: int | None = None
+    sqs_requests_per_hour: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,14 @@ def _member_from_item(item: dict[str, Any]) -> MemberRecord:
         load=item.get("load", {}).get("S", ""),
         workers=_int_or_zero(item.get("workers", {}).get("N", "0")),
         load_joined=_float_or_none(item.get("load_joined", {}).get("N")) or 0.0,
+        idling_queues=_int_or_none(item.get("idling_queues", {}).get("N")),
+        sqs_requests_per_hour=_float_or_none(item.get("sqs_requests_per_hour", {}).get("N")),
     )
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    value = _float_or_none(raw)
+    return None if value is None else int(value)
 
 
 def _int_or_zero(raw: str) -> int:
@@ -277,11 +288,13 @@ class CoordinationTable:
         ttl_wall: float | None = None,
         queues_hash: str = "",
         load: tuple[str, str, int, float] | None = None,
+        idle: tuple[int, float] | None = None,
     ) -> int:
         """Advance our counter; ConditionFailed if our identity was taken over.
 
         ``load``: (epoch, summary, workers, joined) to publish, only when it changed (the summary
-        is up to 2 KB: written once a planning epoch, not every heartbeat)."""
+        is up to 2 KB: written once a planning epoch, not every heartbeat). ``idle``:
+        (queues idling, estimated SQS requests an hour), for `status`: a few bytes."""
         ttl_from = now_wall if ttl_wall is None else ttl_wall
         expression = (
             "SET #c = #c + :one, heartbeat_at = :now, #s = :status, #t = :ttl, queues_hash = :qh"
@@ -304,6 +317,9 @@ class CoordinationTable:
                     ":lj": _n(load[3]),
                 }
             )
+        if idle is not None:
+            expression += ", idling_queues = :iq, sqs_requests_per_hour = :rph"
+            values.update({":iq": _n(idle[0]), ":rph": _n(round(float(idle[1]), 2))})
         response = self._write(
             "update_item",
             Key=self._member_key(instance_id),

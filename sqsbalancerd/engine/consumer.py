@@ -104,6 +104,9 @@ def build_policy(settings: Settings, info: QueueInfo) -> QueuePolicy:
         handler_timeout_s=(override.handler_timeout if override else None)
         or settings.workers.handler_timeout,
         max_receive_count=info.max_receive_count,
+        idle_latency_s=sqs.idle_latency
+        if override is None or override.idle_latency is None
+        else override.idle_latency,
     )
 
 
@@ -532,6 +535,7 @@ class Engine:
         )
         durations, ages = self._stats.histograms()
         running = self.dispatcher.running_items()
+        idling, requests_per_hour = _idle_figures(pollers)
         return StatsSnapshot(
             instance_id=instance_id,
             owned_queues=self.owned(),
@@ -548,7 +552,18 @@ class Engine:
             event_loop_lag_s=self.bridge.lag_s() if self.bridge is not None else None,
             event_loop_lag_limit_s=self.event_loop_lag_limit_s(),
             retired=self._stats.retired_counters(),
+            idling_queues=idling,
+            estimated_sqs_requests_per_hour=requests_per_hour,
         )
+
+    def idle_figures(self) -> tuple[int, float]:
+        """(owned queues idling, SQS requests an hour they cost while nothing arrives).
+
+        Called by the heartbeat: without our lock, which `set_owned` holds while it starts
+        a thousand pollers (a heartbeat waiting on it would fence us). list() of a dict's
+        values is one C call under the GIL, safe against a concurrent change."""
+        owned = list(self._owned.values())
+        return _idle_figures([p for o in owned for p in list(o.receivers.pollers)])
 
     def _tick_ages(self, pollers: list[Poller]) -> dict[str, float]:
         now = self._clock.monotonic()
@@ -562,6 +577,13 @@ class Engine:
         if idle:
             ages["workers"] = max(idle)
         return ages
+
+
+def _idle_figures(pollers: list[Poller]) -> tuple[int, float]:
+    """One main poller per owned queue (extras end with the burst that started them)."""
+    main = [p for p in pollers if not p.is_extra]
+    idling = sum(1 for p in main if p.idle.is_idling)
+    return idling, sum(p.idle.requests_per_hour(p.queue.policy.wait_time_s) for p in main)
 
 
 def _counts(counts: tuple[int, int] | None) -> dict[str, int]:

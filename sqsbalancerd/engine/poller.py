@@ -22,6 +22,7 @@ from sqsbalancerd.aws import describe_error, error_code, is_transient
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.acks import BATCH_LIMIT, Acknowledger
 from sqsbalancerd.engine.dispatch import Dispatcher
+from sqsbalancerd.engine.idle import IdlePacer
 from sqsbalancerd.engine.state import Delivery, QueueRuntime, WorkItem, size_of
 from sqsbalancerd.message import message_from_sqs
 from sqsbalancerd.stats import Stats
@@ -185,6 +186,8 @@ class Poller:
         # queues it asked for its part of the bound (one message) in a long poll, came
         # back not full and left at once, so a hot queue among idle ones kept two.
         self._is_idle = not is_extra
+        # Spaces the long polls of a queue empty for a while (sqs.idle_latency; extras end).
+        self.idle = IdlePacer(0.0 if is_extra else queue.policy.idle_latency_s)
         self.last_tick_s = clock.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -203,6 +206,8 @@ class Poller:
     def run_once(self) -> float:
         """One reserve-receive-submit round; returns seconds to back off (0 for none)."""
         self.last_tick_s = self._clock.monotonic()
+        if idle_wait_s := self.idle.wait_s(self.last_tick_s):
+            return idle_wait_s
         if self._gate.is_paused:
             self._gate.wait_resumed(0.5)
             return 0.0
@@ -247,7 +252,11 @@ class Poller:
             self._hand_over_safely(raw, started_s)
         # After the hand-over: the room stays claimed until the messages count as held.
         self._dispatcher.end_poll(self.queue, granted, received=len(raw), claims_total=claims)
-        return 0.0
+        now_s = self._clock.monotonic()
+        is_holding = self.queue.held > 0 or self.queue.has_exhausted(now_s)
+        return self.idle.after_receive(
+            len(raw), started_s=started_s, now_s=now_s, is_holding=is_holding
+        )
 
     def _want(self, is_idle: bool) -> int:
         # While a FIFO message waits to be redriven, receive one at a time so that its

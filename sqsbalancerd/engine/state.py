@@ -37,6 +37,7 @@ class QueuePolicy:
     message_attribute_names: tuple[str, ...]
     handler_timeout_s: float | None = None
     max_receive_count: int | None = None  # the queue's redrive policy's
+    idle_latency_s: float = 0.0  # sqs.idle_latency: 0 polls continuously (engine/idle.py)
 
 
 @dataclass(slots=True, eq=False)

@@ -12,6 +12,7 @@ Metric families (all prefixed `sqsbalancerd_`):
     in_flight{queue}                       gauge, handlers running
     queued_messages{queue}                 gauge, received and waiting for a worker
     work_queue_depth, workers_busy, worker_pool_size, stuck_slots, owned_queues   gauges
+    idling_queues, estimated_sqs_requests_per_hour    gauges (sqs.idle_latency, engine/idle.py)
     aws_calls_total{service,action,outcome}          counter
     aws_consecutive_failures{service}      gauge, failed calls since the last success
     loop_tick_age_seconds{loop}            gauge, time since each loop last ticked
@@ -20,7 +21,9 @@ Metric families (all prefixed `sqsbalancerd_`):
 and, only when the snapshot has coordination stats:
 
     heartbeat_age_seconds (omitted while unknown), rebalances_total, members_alive,
-    registered (0/1), fenced (0/1), and with load-aware planning (as last published):
+    registered (0/1), fenced (0/1), unowned_queues (known queues whose row names no live
+    member, as this instance saw them last round; omitted until counted), and with
+    load-aware planning (as last published):
     utilisation (busy worker fraction), queue_load{queue} (handler-s/s, busy queues only),
     queue_owners{queue} (owners of each queue shared among several)
 """
@@ -115,6 +118,16 @@ def _process_families(snapshot: StatsSnapshot) -> Iterator[Metric]:
     yield _gauge("worker_pool_size", "Worker slots.", snapshot.pool_size)
     yield _gauge("stuck_slots", "Worker slots past their handler deadline.", snapshot.stuck_slots)
     yield _gauge("owned_queues", "Queues this instance consumes.", len(snapshot.owned_queues))
+    yield _gauge(
+        "idling_queues",
+        "Owned queues whose long polls are spaced out (sqs.idle_latency).",
+        snapshot.idling_queues,
+    )
+    yield _gauge(
+        "estimated_sqs_requests_per_hour",
+        "ReceiveMessage calls an hour the owned queues cost while no message arrives.",
+        snapshot.estimated_sqs_requests_per_hour,
+    )
     if snapshot.event_loop_lag_s is not None:
         yield _gauge(
             "event_loop_lag_seconds",
@@ -150,6 +163,12 @@ def _coordination_families(coordination: CoordinationStats) -> Iterator[Metric]:
     yield _gauge("members_alive", "Live members seen in the table.", coordination.members_alive)
     yield _gauge("registered", "1 when registered as a member.", int(coordination.is_registered))
     yield _gauge("fenced", "1 when fenced off by the table.", int(coordination.is_fenced))
+    if coordination.unowned_queues is not None:
+        yield _gauge(
+            "unowned_queues",
+            "Known queues whose ownership row names no live member (this instance's view).",
+            coordination.unowned_queues,
+        )
     if coordination.utilisation is not None:
         yield _gauge(
             "utilisation", "Busy worker fraction, as last published.", coordination.utilisation

@@ -165,6 +165,8 @@ class StatusReader:
                 utilisation=(
                     summaries[m.instance_id].utilisation if m.instance_id in summaries else None
                 ),
+                idling_queues=m.idling_queues,
+                sqs_requests_per_hour=m.sqs_requests_per_hour,
             )
             for m in sorted(members.values(), key=lambda m: m.instance_id)
         )

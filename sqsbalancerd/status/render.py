@@ -38,7 +38,7 @@ def render_status(
     console = console or Console()
     instances = Table(title=f"{report.application}: instances (table {report.table})")
     columns = ["instance", "host", "status", "alive", "heartbeat age s", "queues", "busy"]
-    columns.append("started")
+    columns += ["idling", "SQS req/h", "started"]
     for column in columns:
         instances.add_column(column)
     for i in report.instances:
@@ -51,6 +51,8 @@ def render_status(
             f"{i.heartbeat_age_seconds:.1f}",
             str(len(i.queues)),
             "" if i.utilisation is None else f"{i.utilisation:.0%}",
+            "" if i.idling_queues is None else str(i.idling_queues),
+            "" if i.sqs_requests_per_hour is None else f"{i.sqs_requests_per_hour:,.0f}",
             started,
         )
     console.print(instances)

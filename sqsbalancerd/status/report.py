@@ -24,6 +24,9 @@ class InstanceView:
     started_at: float
     protocol: int
     utilisation: float | None = None  # as its last load summary says (None: none)
+    # As its last heartbeat says (engine/idle.py; None: an older version)
+    idling_queues: int | None = None
+    sqs_requests_per_hour: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

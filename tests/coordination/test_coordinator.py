@@ -842,3 +842,23 @@ def test_shards_that_moved_are_read_at_once(aws, clock):
     owners = cluster.owners()
     for node in (a, b):
         assert node.engine.owned == {q for q, o in owners.items() if o == node.instance_id}
+
+
+def test_unowned_queues_count_what_no_live_member_holds(cluster):
+    """The coordinator's view behind the "queue without an owner" alert: every queue before
+    the first plan lands, those of a crashed member until they are taken over, then none."""
+    a, b = cluster.add("a"), cluster.add("b")
+    assert a.coordinator.snapshot().unowned_queues is None  # no round counted yet
+    cluster.step()
+    assert a.coordinator.snapshot().unowned_queues == len(QUEUES)
+    settle(cluster)
+    assert a.coordinator.snapshot().unowned_queues == 0
+    b_queues = {q for q, o in cluster.owners().items() if o == "b"}
+    b.is_running = False  # SIGKILL
+
+    cluster.step_until(
+        lambda: a.coordinator.snapshot().unowned_queues == len(b_queues), limit_s=2 * TIMEOUT_S
+    )
+    assert not (a.engine.owned & b_queues)  # counted while nobody consumes them
+    cluster.step_until(lambda: b_queues <= a.engine.owned, limit_s=DELAY_S + 4 * INTERVAL_S)
+    assert a.coordinator.snapshot().unowned_queues == 0

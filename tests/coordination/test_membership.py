@@ -360,3 +360,16 @@ def test_stopping_while_watching_gives_up(table, clock):
 
     with pytest.raises(DuplicateInstanceError, match="stopped"):
         second.join(lambda seconds: True)
+
+
+def test_every_heartbeat_publishes_the_engines_idle_figures(table, clock):
+    mine = membership(table, clock)
+    mine.join(advancing(clock))
+    figures = [(0, 360.0), (2, 180.0)]
+    mine.idle_source = lambda: figures[0]
+    mine.heartbeat()
+    assert table.get_member("a").idling_queues == 0
+    figures.pop(0)
+    mine.heartbeat()
+    row = table.get_member("a")
+    assert (row.idling_queues, row.sqs_requests_per_hour) == (2, 180.0)

@@ -381,3 +381,14 @@ def test_rows_of_reads_the_named_rows_in_batches_of_a_hundred(client, clock):
 
     assert set(rows) == set(queues) and {r.owner for r in rows.values()} == {"a"}
     assert table.rows_of([]) == {}
+
+
+def test_heartbeat_publishes_the_idle_figures_for_status(client, clock):
+    table = make_table(client, clock)
+    table.create_member(member("a", counter=1, epoch="mine"))
+    assert table.get_member("a").idling_queues is None  # an older version sends none
+
+    table.heartbeat("a", epoch="mine", status="active", now_wall=1.0, idle=(7, 1234.567))
+
+    row = table.get_member("a")
+    assert (row.idling_queues, row.sqs_requests_per_hour) == (7, 1234.57)

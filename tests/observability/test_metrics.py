@@ -132,6 +132,23 @@ def test_coordination_metrics_only_when_coordinated() -> None:
     )
     assert value(not_yet, "heartbeat_age_seconds") is None
     assert value(not_yet, "fenced") == 0
+    assert value(not_yet, "unowned_queues") is None  # not counted yet: no series
+
+
+def test_unowned_queues_are_exported_from_the_coordinators_view() -> None:
+    coordination = CoordinationStats(
+        mode="dynamodb",
+        is_registered=True,
+        members_alive=2,
+        heartbeat_age_s=1.0,
+        rebalances=0,
+        is_fenced=False,
+        unowned_queues=3,
+    )
+    registry = registry_for(make_snapshot(coordination=coordination))
+
+    assert value(registry, "unowned_queues") == 3
+    assert value(registry_for(make_snapshot()), "unowned_queues") is None
 
 
 def test_each_scrape_reads_a_fresh_snapshot() -> None:
