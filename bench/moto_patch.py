@@ -21,7 +21,7 @@ moto 5.2.x makes deep queues slow, so that a benchmark would measure moto, not c
    like the original it rebinds the list, so concurrent scans keep a consistent copy.
 
 And one correctness fix, applied with the rest (and by the embedded emulator, which the
-tests use): `sqsbalancerd.moto_fixes.atomic_receives`, one receive of a queue at a time.
+tests use): `sqsbalancerd.moto_fixes`, one receive of a queue at a time and no lost deletes.
 
 `verify()` runs one scripted scenario (sends,
 receives, deletes, visibility changes, delayed, expired and FIFO de-duplicated messages)
@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqsbalancerd import moto_fixes
 from sqsbalancerd.moto_fixes import (
-    atomic_receives,
     concurrent_receive_duplicates,
     releasing_claim,
 )
@@ -107,7 +107,7 @@ def apply() -> None:
 
     if is_applied():
         return
-    atomic_receives()
+    moto_fixes.apply()
     _ORIGINAL.update(
         is_valid=SQSBackend.is_message_valid_based_on_retention_period,
         send_message=SQSBackend.send_message,
@@ -167,6 +167,8 @@ def verify() -> None:
     finally:
         was_applied or revert()
     assert twice == 0, f"patched moto gave {twice} messages to two concurrent receives"
+    left = moto_fixes.concurrent_delete_leftovers()
+    assert left == 0, f"concurrent deletes on patched moto left {left} messages behind"
 
 
 _COUNTS = (

@@ -1,4 +1,6 @@
-"""The skew bench's emulator: `bench.emulator` with moto's deletes made atomic.
+"""The skew bench's emulator: `bench.emulator` with moto's deletes made atomic (now done by
+every bench emulator and the embedded one: `sqsbalancerd.moto_fixes`; kept as the skew
+bench's entry point, which checks the fix at start).
 
     python -m bench.skew_emulator [bench.emulator's flags]
 
@@ -14,46 +16,17 @@ of ~250. SQS never returns a deleted message; every contender meets the same fix
 from __future__ import annotations
 
 import sys
-import threading
-from typing import Any
+
+from sqsbalancerd import moto_fixes
 
 
 def atomic_deletes() -> None:
-    """DeleteMessage(Batch) under the queue's message lock (the one sends append under)."""
-    from moto.sqs.models import SQSBackend
-
-    if getattr(SQSBackend.delete_message, "is_atomic", False):
-        return
-    original = SQSBackend.delete_message
-
-    def delete_message(self: Any, queue_name: str, receipt_handle: str) -> None:
-        queue = self.get_queue(queue_name)
-        with queue._messages_lock:
-            original(self, queue_name, receipt_handle)
-
-    delete_message.is_atomic = True  # type: ignore[attr-defined]
-    SQSBackend.delete_message = delete_message
+    moto_fixes.atomic_deletes()
 
 
 def verify_atomic_deletes(threads: int = 8, per_thread: int = 100) -> None:
     """Concurrent deletes of one queue's messages leave none behind."""
-    from moto.sqs.models import SQSBackend
-
-    backend = SQSBackend("us-east-1", "123456789012")
-    backend.create_queue("v-atomic")
-    for _ in range(threads * per_thread):
-        backend.send_message("v-atomic", "x")
-    handles = [m.receipt_handle for m in backend.receive_message("v-atomic", 10**6, 0, 300)]
-    chunks = [handles[i::threads] for i in range(threads)]
-    workers = [
-        threading.Thread(target=lambda c=c: [backend.delete_message("v-atomic", h) for h in c])
-        for c in chunks
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-    left = len(backend.get_queue("v-atomic")._messages)
+    left = moto_fixes.concurrent_delete_leftovers(threads, per_thread)
     assert left == 0, f"{left} deleted messages still in the queue"
 
 

@@ -59,9 +59,9 @@ class LocalEmulator:
             ) from exc
         if self.port == 0:
             self.port = free_port()
-        from sqsbalancerd.moto_fixes import atomic_receives
+        from sqsbalancerd import moto_fixes
 
-        atomic_receives()  # SQS hands a message to one receiver at a time; moto may not
+        moto_fixes.apply()  # one receiver per message, no lost deletes: as SQS, unlike moto
         # werkzeug logs every request at INFO; the emulator's traffic is not the user's news.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
