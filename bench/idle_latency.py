@@ -138,18 +138,52 @@ def _cpu_rss(pid: int) -> tuple[float, int]:
     return sample.cpu_s, sample.rss_bytes
 
 
-def run(*, scale: float, window_s: float, queues: int, latency_queues: int, out: Path) -> dict:
-    from bench.harness import Harness, stop_processes
+def run(
+    *,
+    scale: float,
+    window_s: float,
+    queues: int,
+    latency_queues: int,
+    out: Path,
+    budgets: tuple[float, ...] = BUDGETS_S,
+    one_at_a_time: bool = False,
+) -> dict:
+    """All budgets side by side on one emulator, or (`one_at_a_time`) one budget after
+    another, so that a large rate process is the only consumer while it is measured."""
     from bench.measure import EmulatorProcess
 
     out.mkdir(parents=True, exist_ok=True)
     emulator = EmulatorProcess(patch=True, log_path=out / "emulator.log", scale=True).start()
+    try:
+        phases = [(b,) for b in budgets] if one_at_a_time else [budgets]
+        rows: list[dict[str, Any]] = []
+        elapsed: list[float] = []
+        for phase in phases:
+            result = _run_phase(emulator, phase, scale, window_s, queues, latency_queues, out)
+            rows += result["budgets"]
+            elapsed.append(result["window_s"])
+        return {"scale": scale, "window_s": min(elapsed), "queues": queues, "budgets": rows}
+    finally:
+        emulator.stop()
+
+
+def _run_phase(
+    emulator: Any,
+    budgets: tuple[float, ...],
+    scale: float,
+    window_s: float,
+    queues: int,
+    latency_queues: int,
+    out: Path,
+) -> dict:
+    from bench.harness import Harness, stop_processes
+
     harness = Harness(emulator.endpoint)
     groups: list[Group] = []
     urls: dict[str, str] = {}
-    for budget in BUDGETS_S:
+    for budget in budgets:
         for kind, count in (("rate", queues), ("latency", latency_queues)):
-            names = [f"il{int(budget)}{kind[0]}-{i:03d}" for i in range(count)]
+            names = [f"il{int(budget)}{kind[0]}-{i:04d}" for i in range(count)]
             created = harness.create_queues(names)
             urls.update(dict(zip(names, created, strict=True)))
             groups.append(Group(budget, kind, names, key=f"il{int(budget)}{kind[0]}"))
@@ -159,10 +193,9 @@ def run(*, scale: float, window_s: float, queues: int, latency_queues: int, out:
         return _measure(groups, urls, emulator, harness, scale=scale, window_s=window_s, out=out)
     finally:
         stop_processes([g.proc for g in groups if g.proc], second_signal_after_s=5)
-        emulator.stop()
 
 
-def _wait_consuming(groups: list[Group], emulator: Any, timeout_s: float = 60) -> None:
+def _wait_consuming(groups: list[Group], emulator: Any, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         counts = emulator.counts()
@@ -170,6 +203,12 @@ def _wait_consuming(groups: list[Group], emulator: Any, timeout_s: float = 60) -
             return
         time.sleep(0.5)
     raise RuntimeError("not every process is polling its queues; see the logs")
+
+
+def _threads(pid: int) -> int:
+    from bench.measure import sample_tree
+
+    return sample_tree(pid).threads
 
 
 def _measure(
@@ -198,7 +237,7 @@ def _measure(
     # Warm-up: one message to each rate queue at a random moment of its cycle, so that the
     # queues idle out of step (started together, they would poll in lockstep and a window
     # would count whole cycles), then every one idle again (threshold min(60 s, budget)).
-    longest_s = wait_s + max(BUDGETS_S) / scale
+    longest_s = wait_s + max(g.budget_s for g in groups) / scale
     _desynchronise(harness.sqs, urls, [g for g in groups if g.kind == "rate"], longest_s)
     time.sleep(2 * longest_s + wait_s)
     for sender in senders:
@@ -208,11 +247,14 @@ def _measure(
     time.sleep(window_s)
     after, elapsed = emulator.counts(), time.monotonic() - started
     cpu_rss = {g.key: _cpu_rss(g.proc.pid) for g in groups if g.proc}
+    threads = {g.key: _threads(g.proc.pid) for g in groups if g.proc}
     stop.set()
     for sender in senders:
         sender.join(timeout=30)
-    time.sleep(wait_s + max(BUDGETS_S) / scale + 2)  # the last sends get picked up
-    return _figures(groups, before, after, elapsed, cpu_before, cpu_rss, scale, _pickups(out))
+    time.sleep(longest_s + 2)  # the last sends get picked up
+    return _figures(
+        groups, before, after, elapsed, cpu_before, (cpu_rss, threads), scale, _pickups(out)
+    )
 
 
 def _figures(
@@ -221,13 +263,14 @@ def _figures(
     after: dict[str, Any],
     elapsed_s: float,
     cpu_before: dict[str, float],
-    cpu_rss: dict[str, tuple[float, int]],
+    process: tuple[dict[str, tuple[float, int]], dict[str, int]],
     scale: float,
     pickups: list[dict[str, Any]],
 ) -> dict:
+    cpu_rss, threads = process
     picked = {(p["queue"], round(p["sent"], 6)): p["t"] - p["sent"] for p in pickups}
     rows = []
-    for budget in BUDGETS_S:
+    for budget in sorted({g.budget_s for g in groups}):
         rate = next(g for g in groups if g.budget_s == budget and g.kind == "rate")
         latency = next(g for g in groups if g.budget_s == budget and g.kind == "latency")
         receives = _receives(after, rate.key) - _receives(before, rate.key)
@@ -248,6 +291,7 @@ def _figures(
                 "pickup_worst_s": round(delays[-1], 2) if delays else None,
                 "rate_process_cpu_percent": round(100 * cpu_s / elapsed_s, 2),
                 "rate_process_rss_mib": round(cpu_rss[rate.key][1] / 2**20, 1),
+                "rate_process_threads": threads[rate.key],
             }
         )
     return {"scale": scale, "window_s": round(elapsed_s, 1), "budgets": rows}
@@ -257,7 +301,7 @@ def _table(result: dict) -> str:
     lines = [
         f"scale 1/{result['scale']:g}, window {result['window_s']} s (real-equivalent figures)",
         "idle_latency | req/queue/h | vs floor | expected | sends | lost | p50 s | p95 s | worst s"
-        " | CPU % | RSS MiB",
+        " | CPU % | RSS MiB | threads",
     ]
     for row in result["budgets"]:
         lines.append(
@@ -275,6 +319,7 @@ def _table(result: dict) -> str:
                     "pickup_worst_s",
                     "rate_process_cpu_percent",
                     "rate_process_rss_mib",
+                    "rate_process_threads",
                 )
             )
         )
@@ -287,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=120.0, help="counting window, seconds")
     parser.add_argument("--queues", type=int, default=20, help="idle queues per budget")
     parser.add_argument("--latency-queues", type=int, default=24, help="sent-to queues per budget")
+    parser.add_argument(
+        "--budgets", default="0,60,300", help="comma-separated idle_latency values, full scale"
+    )
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="measure each budget alone (for --queues in the thousands)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path(__file__).parent / "results" / time.strftime("idle-%Y%m%d-%H%M%S")
@@ -296,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         queues=args.queues,
         latency_queues=args.latency_queues,
         out=out,
+        budgets=tuple(float(b) for b in args.budgets.split(",")),
+        one_at_a_time=args.one_at_a_time,
     )
     (out / "idle_latency.json").write_text(json.dumps(result, indent=2) + "\n")
     print(_table(result))

@@ -7,7 +7,10 @@ both variants run in the same emulator, on the same queues, one after the other,
 its own table; without it, this checkout alone. `--scale-emulator` hosts moto for thousands
 of long polls (bench/emulator.py `--scale`: quiet empty long polls, partition-only table
 queries, items serialised as stored, routing computed once, 16 KB DynamoDB pages):
-without it, the start-up figures past joining measure moto, not the daemon. Per variant
+without it, the start-up figures past joining measure moto, not the daemon.
+`--split-services` puts the table on an emulator process of its own (botocore's
+AWS_ENDPOINT_URL_DYNAMODB), as AWS serves SQS and DynamoDB apart: on one moto process the
+conditional writes of a start-up queue behind every consumed queue's receives. Per variant
 and size, on a fresh fixed-timings cluster (heartbeat 5 s,
 timeout 20 s, rebalance delay 1 s, long polls of 20 s):
 
@@ -31,6 +34,7 @@ Prints JSON and writes it to `--out` (default bench/results/startup-<time>.json)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import subprocess
@@ -60,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None, help="checkout to compare with")
     parser.add_argument("--scale-emulator", action="store_true", help="see bench.emulator")
     parser.add_argument("--no-details", action="store_true", help="skip status --details")
+    parser.add_argument(
+        "--split-services", action="store_true", help="DynamoDB on an emulator of its own"
+    )
     parser.add_argument("--queues", default="1000,10000", help="sizes, comma-separated")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per phase")
@@ -73,9 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "variants": {k: str(v) for k, v in variants.items()},
         "scale_emulator": args.scale_emulator,
+        "split_services": args.split_services,
         "runs": [],
     }
-    options = {"scale": args.scale_emulator, "details": not args.no_details}
+    options = {
+        "scale": args.scale_emulator,
+        "details": not args.no_details,
+        "split": args.split_services,
+    }
     for size in (int(n) for n in args.queues.split(",")):
         results["runs"].extend(_size(size, variants, out.parent, args.timeout_s, **options))
         out.write_text(json.dumps(results, indent=2))
@@ -91,16 +103,26 @@ def _size(
     *,
     scale: bool,
     details: bool,
+    split: bool,
 ) -> list[Any]:
     log = log_dir / f"startup-emulator-{size}.log"
-    with EmulatorProcess(patch=True, log_path=log, scale=scale) as emulator:
+    with contextlib.ExitStack() as hosts:
+        emulator = hosts.enter_context(EmulatorProcess(patch=True, log_path=log, scale=scale))
+        table_emulator = emulator
+        if split:
+            table_log = log_dir / f"startup-emulator-{size}-dynamodb.log"
+            table_emulator = hosts.enter_context(
+                EmulatorProcess(patch=True, log_path=table_log, scale=scale)
+            )
         harness = Harness(emulator.endpoint)
+        tables = Harness(table_emulator.endpoint)
         started = time.monotonic()
         harness.create_queues([f"st{size}-q{i:05d}" for i in range(size)])
         logger.info("%d queues created in %.1f s", size, time.monotonic() - started)
         runs = []
         for name, root in variants.items():
             run = Run(emulator, harness, size=size, variant=name, root=root, log_dir=log_dir)
+            run.use_tables(table_emulator, tables)
             measured = {"discovery": run.probe(), **run.measure(timeout_s, details=details)}
             runs.append(measured)
             logger.info("%s", json.dumps(runs[-1]))
@@ -124,6 +146,11 @@ class Run:
         self.share_wait_s = 90.0
         self.has_second = size <= SECOND_INSTANCE_MAX
         self.table = f"bench-{self.app}"
+        self.tables, self.tables_endpoint = harness, emulator.endpoint
+
+    def use_tables(self, emulator: EmulatorProcess, harness: Harness) -> None:
+        """Where the table lives (the SQS emulator unless --split-services); created there."""
+        self.tables, self.tables_endpoint = harness, emulator.endpoint
         harness.create_table(self.table)
 
     def env(self, key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -133,6 +160,8 @@ class Run:
             "SQSBALANCERD_DISCOVERY__QUEUE_PATTERN": f"^st{self.size}-q",
             **{f"SQSBALANCERD_COORDINATION__{k}": v for k, v in _TIMINGS.items()},
         }
+        if self.tables_endpoint != self.emulator.endpoint:
+            settings["AWS_ENDPOINT_URL_DYNAMODB"] = self.tables_endpoint
         return child_env(key, self.emulator.endpoint, {**settings, **(extra or {})})
 
     def start(self, instance: str) -> subprocess.Popen[bytes]:
@@ -167,7 +196,7 @@ class Run:
                 processes.append(self.start(instance))
                 result[instance] = self.follow(instance, started_wall, wait_s)
                 result[instance].update(self.consuming(instance, started_wall))
-                owners = self.harness.owners(self.table, self.app)
+                owners = self.tables.owners(self.table, self.app)
                 result[instance]["owned"] = list(owners.values()).count(instance)
                 result[instance]["sqs_calls"] = self.sqs_calls(instance)
             result["owned_once"] = len(owners) == self.size and all(owners.values())
