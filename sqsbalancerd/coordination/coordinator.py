@@ -76,6 +76,9 @@ logger = logging.getLogger(__name__)
 # Not having read the member rows for longer than this (rounds are one interval apart)
 # makes us restart every peer's liveness clock: our blindness is not their death.
 BLIND_ROUNDS = 1.5
+# Waits between start attempts after a transient DynamoDB failure (about 30 s in all, each
+# attempt being botocore's own two): then exit 1 with one line, as for an unreachable table.
+START_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
 # A round stops writing rows after this many intervals (the rest waits for the next
 # round); within it the heartbeat is renewed whenever due, so no round starves it.
 ROUND_BUDGET_ROUNDS = 1.0
@@ -212,25 +215,46 @@ class DynamoCoordinator:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            self._table.ensure(create=self._settings.create_table, region=self._region)
-            started = self._clock.monotonic()
-            self._membership.join(self._stop.wait)
-            self._fence.renewed_at_s = started
-            self._fence.install()
-            self._round_started_s = self._clock.monotonic()
-            self._observe_members()
-            self._view.changed_at_s = self._round_started_s
-            self._read_rows_at_join()
-        except SqsBalancerError:
-            raise
-        except Exception as exc:  # botocore's bounded retries are spent: one clear line
-            raise _unavailable(self._table.table_name, exc) from exc
+        """Join; a transient failure (timeout, throttling, 5xx) is retried for about 30 s,
+        so that one slow answer does not end a start that has consumed nothing yet."""
+        for retry_in_s in (*START_RETRY_DELAYS_S, None):
+            try:
+                self._join()
+                break
+            except SqsBalancerError:
+                raise
+            except Exception as exc:  # botocore's bounded retries are spent
+                if retry_in_s is None or not is_transient(exc):
+                    raise _unavailable(self._table.table_name, exc) from exc
+                logger.warning(
+                    "DynamoDB failed at start; retrying",
+                    extra={
+                        "table": self._table.table_name,
+                        "error": describe_error(exc),
+                        "retry_in_s": retry_in_s,
+                    },
+                )
+                if self._stop.wait(retry_in_s):
+                    raise _unavailable(self._table.table_name, exc) from exc
         logger.info(
             "joined the cluster",
             extra={"instance": self.instance_id, "table": self._table.table_name},
         )
         self._spawn("coordinator", self.run, self._stop)
+
+    def _join(self) -> None:
+        """What start retries: each step is idempotent, and a row we registered (on an
+        earlier attempt whose later step failed) is not registered again."""
+        self._table.ensure(create=self._settings.create_table, region=self._region)
+        if not self._membership.is_registered:
+            started = self._clock.monotonic()
+            self._membership.join(self._stop.wait)
+            self._fence.renewed_at_s = started
+            self._fence.install()
+        self._round_started_s = self._clock.monotonic()
+        self._observe_members()
+        self._view.changed_at_s = self._round_started_s
+        self._read_rows_at_join()
 
     def _read_rows_at_join(self) -> None:
         """Every shard once, before the first round (whose budget it would eat otherwise);

@@ -36,6 +36,7 @@ from proxy import (
 )
 from support import Feeder, Tally, json_log, queue_depth, read_events, wait_until
 
+from sqsbalancerd.coordination.coordinator import START_RETRY_DELAYS_S
 from sqsbalancerd.local import free_port
 
 pytestmark = pytest.mark.faults
@@ -465,7 +466,8 @@ def test_start_with_aws_unreachable_exits_1_with_one_clear_line(
     """Real: nothing listens on the port (connection refused). Simulated: the proxy drops
     every DynamoDB connection, holds every SQS connection unanswered, or throttles every SQS
     call. Bounded retries (botocore's attempts), then one line naming the service and what
-    went wrong, exit 1, no traceback, well within 60 s."""
+    went wrong, exit 1, no traceback, well within 60 s. DynamoDB at start is retried for
+    about 30 s first (START_RETRY_DELAYS_S), one warning per retry."""
     sqs.create_queue(QueueName="faults-0")
     closed = f"http://127.0.0.1:{free_port()}"
     proxy = proxies.start("start")
@@ -501,8 +503,10 @@ def test_start_with_aws_unreachable_exits_1_with_one_clear_line(
     how = "throttled" if case == "throttled (SQS)" else "unreachable"
     assert service in lines[0] and how in lines[0], lines[0]
     assert "Traceback" not in output, output
-    if case == "dropped (DynamoDB)":
-        assert len(proxy.records("dynamodb")) == 2  # dynamodb_options: max_attempts = 2
+    if case == "dropped (DynamoDB)":  # dynamodb_options: max_attempts = 2, per start attempt
+        starts = len(START_RETRY_DELAYS_S) + 1
+        assert len(proxy.records("dynamodb")) == 2 * starts
+        assert output.count("DynamoDB failed at start; retrying") == starts - 1
     elif case == "throttled (SQS)":
         assert attempts == 3  # discovery_options: 3 attempts
     elif case == "blackholed (SQS)":  # unanswered requests are not recorded: time them
