@@ -215,11 +215,18 @@ class EmulatorProcess:
     """`python -m bench.emulator` as a child process, and a client for its counters."""
 
     def __init__(
-        self, *, patch: bool, log_path: Path, scale: bool = False, http: str | None = None
+        self,
+        *,
+        patch: bool,
+        log_path: Path,
+        scale: bool = False,
+        http: str | None = None,
+        threads: int | None = None,
     ) -> None:
         self._patch = patch
         self._scale = scale
         self._http = http  # None: the emulator's default (bench/emulator.py --http)
+        self._threads = threads  # waitress's pool (keepalive), None: the emulator's default
         self._log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
@@ -232,6 +239,8 @@ class EmulatorProcess:
             command.append("--scale")
         if self._http:
             command += ["--http", self._http]
+        if self._threads:
+            command += ["--threads", str(self._threads)]
         log = open(self._log_path, "ab")  # noqa: SIM115 - kept for the child's life
         self.proc = subprocess.Popen(
             command,

@@ -67,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--split-services", action="store_true", help="DynamoDB on an emulator of its own"
     )
+    parser.add_argument(
+        "--keepalive-threads",
+        type=int,
+        default=0,
+        help="serve SQS from waitress with this many threads (one per open long poll)",
+    )
     parser.add_argument("--queues", default="1000,10000", help="sizes, comma-separated")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per phase")
@@ -87,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale": args.scale_emulator,
         "details": not args.no_details,
         "split": args.split_services,
+        "keepalive_threads": args.keepalive_threads,
     }
     for size in (int(n) for n in args.queues.split(",")):
         results["runs"].extend(_size(size, variants, out.parent, args.timeout_s, **options))
@@ -104,10 +111,19 @@ def _size(
     scale: bool,
     details: bool,
     split: bool,
+    keepalive_threads: int,
 ) -> list[Any]:
     log = log_dir / f"startup-emulator-{size}.log"
     with contextlib.ExitStack() as hosts:
-        emulator = hosts.enter_context(EmulatorProcess(patch=True, log_path=log, scale=scale))
+        emulator = hosts.enter_context(
+            EmulatorProcess(
+                patch=True,
+                log_path=log,
+                scale=scale,
+                http="keepalive" if keepalive_threads else None,
+                threads=keepalive_threads or None,
+            )
+        )
         table_emulator = emulator
         if split:
             table_log = log_dir / f"startup-emulator-{size}-dynamodb.log"
