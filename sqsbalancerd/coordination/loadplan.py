@@ -136,7 +136,7 @@ def plan(
     kept = {q: tuple(sorted(m for m in current.get(q, ()) if m in members)) for q in names}
     loaded = [q for q in names if _load(loads, q) > settings.idle_load]
     idle = [q for q in names if _load(loads, q) <= settings.idle_load]
-    replicas = _replica_counts(loaded, loads, members, kept, settings)
+    replicas, starved = _replica_counts(loaded, loads, members, kept, settings)
     # Every queue, not just the idle ones: a queue crossing ``idle_load`` must not change
     # the queue count, or noise at the threshold would move idle queues. History only for
     # the idle ones: loaded queues sit where their weight put them, which would pull the
@@ -156,7 +156,7 @@ def plan(
     _keep(board, loaded, kept, replicas, members, moved_at_s, now_s, settings)
     _place_unowned(board, loaded, replicas, live)
     dwelling = {q for q in loaded if now_s - moved_at_s.get(q, -math.inf) < settings.min_dwell_s}
-    resplit = _resplit_members(board, loaded, kept, replicas)
+    resplit = _resplit_members(board, starved, kept, replicas)
     _balance(board, [m for m in live if m not in resplit], dwelling, settings)
     owners: dict[str, Owners] = {q: (idle_owners[q],) for q in idle}
     owners.update({q: tuple(sorted(board.owners.get(q, ()))) for q in loaded})
@@ -218,13 +218,14 @@ def _replica_counts(
     members: Mapping[str, MemberLoad],
     kept: Mapping[str, Owners],
     settings: PlanSettings,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], list[str]]:
     """k per loaded queue: grows at once, to what a starved queue's demand needs in one
     round; shrinks only with headroom (no flapping at an edge) and never while messages
-    are still waiting."""
+    are still waiting. Also the starved queues."""
     limit = _chunk_limit(loads, members, settings)
     most = max(1, min(settings.max_replicas, len(members)))
     counts: dict[str, int] = {}
+    starved: list[str] = []
     for queue in loaded:
         load, now_k = _load(loads, queue), max(1, len(kept[queue]))
         wanted = math.ceil(load / limit)
@@ -233,24 +234,28 @@ def _replica_counts(
         elif wanted < now_k:
             wanted = min(now_k, math.ceil(load / (settings.replica_shrink * limit)))
         if _is_starved(loads[queue], kept[queue], members, limit, settings):
+            starved.append(queue)
             # It served no more than its owners could: the real demand is higher still.
             # Size k for what the fleet could give it now, not one more owner a round.
             demand = load + min(_spare(members, kept[queue]), settings.starved_growth * load)
             wanted = max(wanted, math.ceil(demand / limit), len(kept[queue]) + 1)
         counts[queue] = max(1, min(most, wanted))
-    return counts
+    return counts, starved
 
 
 def _resplit_members(
-    board: _Board, loaded: list[str], kept: Mapping[str, Owners], replicas: Mapping[str, int]
+    board: _Board, starved: list[str], kept: Mapping[str, Owners], replicas: Mapping[str, int]
 ) -> set[str]:
-    """The owners, old and new, of queues that gain owners this round: the split changes
-    their load, so the figures a balancing move would act on are stale for them until the
-    next round measures it. Balancing them now moves cold queues for a difference the
-    split is about to undo (seen in the bench: two drained queues moved in the round that
-    split the hot one). The rest of the fleet balances as usual."""
+    """The owners, old and new, of starved queues that gain owners this round.
+
+    A starved queue's demand is a guess (its owners under-reported it), so its owners'
+    loads after the split are unknown until the next round measures them: balancing them
+    on the figures from before would move cold queues for a difference the split is about
+    to undo (seen in the bench: two drained queues moved in the round that split the hot
+    one). A queue split by its measured load carries a known share: no such wait. The
+    rest of the fleet balances as usual."""
     found: set[str] = set()
-    for queue in loaded:
+    for queue in starved:
         if replicas[queue] > len(kept[queue]) > 0:
             found.update(kept[queue], board.owners.get(queue, ()))
     return found
