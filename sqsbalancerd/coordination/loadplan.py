@@ -149,7 +149,9 @@ def plan(
         load_factor=settings.load_factor,
     )
     board = _new_board(loaded, loads, members, kept, replicas, now_s, settings)
-    idle_owners = _stay_idle(idle, loaded, kept, idle_owners, board.count_limit)
+    idle_owners = _stay_idle(
+        idle, loaded, kept, idle_owners, limit=board.count_limit, member_count=len(live)
+    )
     board.count.update({m: 0 for m in live})
     for queue in idle:
         board.count[idle_owners[queue]] += 1
@@ -168,23 +170,35 @@ def _stay_idle(
     loaded: list[str],
     kept: Mapping[str, Owners],
     placed: Mapping[str, str],
+    *,
     limit: int,
+    member_count: int,
 ) -> dict[str, str]:
-    """Idle queues stay with their live owners while those are within the count bound.
+    """Idle queues stay with their live owners while those are within the count bound,
+    unless the count planner gives them to a member far short of its share.
 
-    `ring.rebalance` also levels every member up to ``floor(Q/N)``; here that undoes the
+    `ring.rebalance` levels every member up to ``floor(Q/N)``; here that can undo the
     weighted layer's work: a queue moved for load, once idle, would go back by count (a
-    second handoff for nothing), and a queue crossing ``idle_load`` would shift another.
-    The bound stays the safety net: a member over it still gives idle queues up.
+    second handoff for nothing, seen in the bench), and a queue crossing ``idle_load`` would
+    shift another. So a member already within the bound's slack below ``floor(Q/N)`` (as
+    far below as the bound is above) is not levelled up; a newcomer, far short, still takes
+    its share. The bound stays the safety net: a member over it still gives queues up.
     """
     owners = {q: placed[q] for q in idle}
+    before = Counter(kept[q][0] for q in idle if kept[q])
+    before.update(m for q in loaded for m in kept[q])
     count = Counter(owners.values())
     count.update(m for q in loaded for m in kept[q])
+    total = len(idle) + sum(len(kept[q]) for q in loaded)
+    low = total // max(1, member_count)
+    slack_low = low - max(0, limit - low)
     for queue in idle:
-        owner = kept[queue][0] if kept[queue] else None
-        if owner is None or owner == owners[queue] or count[owner] >= limit:
+        owner, taker = (kept[queue][0] if kept[queue] else None), owners[queue]
+        if owner is None or owner == taker or count[owner] >= limit:
             continue
-        count[owners[queue]] -= 1
+        if before[taker] < slack_low:
+            continue  # a newcomer (or a member far short): it takes its share
+        count[taker] -= 1
         count[owner] += 1
         owners[queue] = owner
     return owners

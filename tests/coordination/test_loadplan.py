@@ -322,6 +322,18 @@ def test_an_idle_queue_moved_for_load_stays_where_it_went() -> None:
     assert max(held.values()) <= capacity(queue_count=60, member_count=3, load_factor=1.1)
 
 
+def test_a_newcomer_still_takes_its_share_of_idle_queues() -> None:
+    """Idle queues stay put only against levelling by a few: a member far short (a
+    newcomer) still gets its ``floor(Q/N)``, all of it from the others, nothing else moving."""
+    queues = queue_names(60)
+    current = {q: (f"m-{i % 3:02d}",) for i, q in enumerate(queues)}
+    idle = {q: QueueLoad(0.01) for q in queues}
+    grown = fleet(3) | {"m-new": MemberLoad(10, 0.0, NOW_S)}
+    result = plan(queues, idle, grown, current, {}, now_s=NOW_S)
+    assert all(m.after == ("m-new",) for m in result.moves)
+    assert len(result.moves) == 60 // 4
+
+
 def test_a_newcomer_ramps_up() -> None:
     """With no move cap and no dwell, only the ramp holds a newcomer back: its share of a
     full member's load starts at ``ramp_floor`` and reaches 1 after ``ramp_s``."""
