@@ -15,6 +15,7 @@ below the tolerance never moves anything.
 """
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -41,6 +42,9 @@ class QueueLoad:
 
     handler_s_per_s: float
     is_backlog_growing: bool = False
+    # The largest backlog an owner saw (a sampled depth, else its full receives a minute):
+    # above 0, messages are still waiting, so its replicas are still needed.
+    backlog: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,10 @@ class PlanSettings:
     replica_share: float = 0.5  # one replica carries at most this much of a mean fair share
     replica_min_load: float = 1.0  # ... but never split below one worker's worth
     replica_shrink: float = 0.7  # k falls only when the smaller k leaves this much headroom
-    saturated: float = 0.9  # owners this busy with a growing backlog get one more replica
+    saturated: float = 0.9  # owners this busy with a growing backlog are starved (see below)
+    # A starved queue's demand: its measured load plus the fleet's free capacity, up to
+    # this many times its load (k jumps to what that needs in one round, not one a round).
+    starved_growth: float = 3.0
     max_replicas: int = 128  # a Zipf tenant of 10% of a 500-instance fleet needs ~100
     max_focus: int = 16  # members tried per move before the round gives up (bounds CPU)
     virtual_nodes: int = 150
@@ -129,7 +136,7 @@ def plan(
     kept = {q: tuple(sorted(m for m in current.get(q, ()) if m in members)) for q in names}
     loaded = [q for q in names if _load(loads, q) > settings.idle_load]
     idle = [q for q in names if _load(loads, q) <= settings.idle_load]
-    replicas = _replica_counts(loaded, loads, members, kept, settings)
+    replicas, starved = _replica_counts(loaded, loads, members, kept, settings)
     # Every queue, not just the idle ones: a queue crossing ``idle_load`` must not change
     # the queue count, or noise at the threshold would move idle queues. History only for
     # the idle ones: loaded queues sit where their weight put them, which would pull the
@@ -142,16 +149,59 @@ def plan(
         load_factor=settings.load_factor,
     )
     board = _new_board(loaded, loads, members, kept, replicas, now_s, settings)
+    idle_owners = _stay_idle(
+        idle, loaded, kept, idle_owners, limit=board.count_limit, member_count=len(live)
+    )
     board.count.update({m: 0 for m in live})
     for queue in idle:
         board.count[idle_owners[queue]] += 1
     _keep(board, loaded, kept, replicas, members, moved_at_s, now_s, settings)
     _place_unowned(board, loaded, replicas, live)
     dwelling = {q for q in loaded if now_s - moved_at_s.get(q, -math.inf) < settings.min_dwell_s}
-    _balance(board, live, dwelling, settings)
+    resplit = _resplit_members(board, starved, kept, replicas)
+    _balance(board, [m for m in live if m not in resplit], dwelling, settings)
     owners: dict[str, Owners] = {q: (idle_owners[q],) for q in idle}
     owners.update({q: tuple(sorted(board.owners.get(q, ()))) for q in loaded})
     return _finish(names, owners, current, moved_at_s, board.reasons, now_s)
+
+
+def _stay_idle(
+    idle: list[str],
+    loaded: list[str],
+    kept: Mapping[str, Owners],
+    placed: Mapping[str, str],
+    *,
+    limit: int,
+    member_count: int,
+) -> dict[str, str]:
+    """Idle queues stay with their live owners while those are within the count bound,
+    unless the count planner gives them to a member far short of its share.
+
+    `ring.rebalance` levels every member up to ``floor(Q/N)``; here that can undo the
+    weighted layer's work: a queue moved for load, once idle, would go back by count (a
+    second handoff for nothing, seen in the bench), and a queue crossing ``idle_load`` would
+    shift another. So a member already within the bound's slack below ``floor(Q/N)`` (as
+    far below as the bound is above) is not levelled up; a newcomer, far short, still takes
+    its share. The bound stays the safety net: a member over it still gives queues up.
+    """
+    owners = {q: placed[q] for q in idle}
+    before = Counter(kept[q][0] for q in idle if kept[q])
+    before.update(m for q in loaded for m in kept[q])
+    count = Counter(owners.values())
+    count.update(m for q in loaded for m in kept[q])
+    total = len(idle) + sum(len(kept[q]) for q in loaded)
+    low = total // max(1, member_count)
+    slack_low = low - max(0, limit - low)
+    for queue in idle:
+        owner, taker = (kept[queue][0] if kept[queue] else None), owners[queue]
+        if owner is None or owner == taker or count[owner] >= limit:
+            continue
+        if before[taker] < slack_low:
+            continue  # a newcomer (or a member far short): it takes its share
+        count[taker] -= 1
+        count[owner] += 1
+        owners[queue] = owner
+    return owners
 
 
 def _load(loads: Mapping[str, QueueLoad], queue: str) -> float:
@@ -182,21 +232,56 @@ def _replica_counts(
     members: Mapping[str, MemberLoad],
     kept: Mapping[str, Owners],
     settings: PlanSettings,
-) -> dict[str, int]:
-    """k per loaded queue: grows at once, shrinks only with headroom (no flapping at a edge)."""
+) -> tuple[dict[str, int], list[str]]:
+    """k per loaded queue: grows at once, to what a starved queue's demand needs in one
+    round; shrinks only with headroom (no flapping at an edge) and never while messages
+    are still waiting. Also the starved queues."""
     limit = _chunk_limit(loads, members, settings)
     most = max(1, min(settings.max_replicas, len(members)))
     counts: dict[str, int] = {}
+    starved: list[str] = []
     for queue in loaded:
         load, now_k = _load(loads, queue), max(1, len(kept[queue]))
         wanted = math.ceil(load / limit)
-        if wanted < now_k:
+        if wanted < now_k and loads[queue].backlog > 0:
+            wanted = now_k  # a backlog remains: the owners it has are still needed
+        elif wanted < now_k:
             wanted = min(now_k, math.ceil(load / (settings.replica_shrink * limit)))
         if _is_starved(loads[queue], kept[queue], members, limit, settings):
-            # It served no more than its owners could: the real load is higher still.
-            wanted = max(wanted, math.ceil(2 * load / limit), len(kept[queue]) + 1)
+            starved.append(queue)
+            # It served no more than its owners could: the real demand is higher still.
+            # Size k for what the fleet could give it now, not one more owner a round.
+            demand = load + min(_spare(members, kept[queue]), settings.starved_growth * load)
+            wanted = max(wanted, math.ceil(demand / limit), len(kept[queue]) + 1)
         counts[queue] = max(1, min(most, wanted))
-    return counts
+    return counts, starved
+
+
+def _resplit_members(
+    board: _Board, starved: list[str], kept: Mapping[str, Owners], replicas: Mapping[str, int]
+) -> set[str]:
+    """The owners, old and new, of starved queues that gain owners this round.
+
+    A starved queue's demand is a guess (its owners under-reported it), so its owners'
+    loads after the split are unknown until the next round measures them: balancing them
+    on the figures from before would move cold queues for a difference the split is about
+    to undo (seen in the bench: two drained queues moved in the round that split the hot
+    one). A queue split by its measured load carries a known share: no such wait. The
+    rest of the fleet balances as usual."""
+    found: set[str] = set()
+    for queue in starved:
+        if replicas[queue] > len(kept[queue]) > 0:
+            found.update(kept[queue], board.owners.get(queue, ()))
+    return found
+
+
+def _spare(members: Mapping[str, MemberLoad], owners: Owners) -> float:
+    """The fleet's free capacity outside ``owners``, in handler-s/s (idle workers)."""
+    return sum(
+        max(0.0, 1.0 - m.utilisation) * m.workers
+        for name, m in sorted(members.items())
+        if name not in owners
+    )
 
 
 def _is_starved(

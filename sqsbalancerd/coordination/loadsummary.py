@@ -150,7 +150,11 @@ def queue_loads(
             handler[sample.queue] = handler.get(sample.queue, 0.0) + sample.handler_s_per_s
     before = previous or {}
     return {
-        queue: QueueLoad(load, is_backlog_growing=backlog[queue] > before.get(queue, 0))
+        queue: QueueLoad(
+            load,
+            is_backlog_growing=backlog[queue] > before.get(queue, 0),
+            backlog=backlog[queue],
+        )
         for queue, load in sorted(handler.items())
     }
 

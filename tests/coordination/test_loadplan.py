@@ -1,3 +1,4 @@
+import math
 import random
 from collections import Counter
 from collections.abc import Mapping
@@ -242,6 +243,95 @@ def test_a_starved_hot_queue_gets_more_owners_than_its_measured_load_asks() -> N
     assert len(starved.owners["q-000"]) > len(calm.owners["q-000"])
     assert "m-00" in starved.owners["q-000"]  # the owner keeps its share
     assert len(starved.owners["q-001"]) == 1  # a small queue: moving work fixes it
+
+
+def test_a_starved_hot_queue_gets_the_owners_it_needs_in_one_round() -> None:
+    """The bench's moment (bench/loadbalance_e2e.py): the hot queue's owner is saturated
+    and its receives come back full, one peer has gone idle and the other is about to. A
+    saturated owner under-reports, so k is sized from what the fleet could give the queue
+    (its free workers), not one more owner a round: three owners now, not two now and the
+    third an epoch later."""
+    queues = queue_names(60)
+    members = {
+        "m-00": MemberLoad(4, 1.0, OLD_S),
+        "m-01": MemberLoad(4, 0.45, OLD_S),
+        "m-02": MemberLoad(4, 0.8, OLD_S),
+    }
+    current = {q: (f"m-{i % 3:02d}",) for i, q in enumerate(queues)}
+    loads = {q: QueueLoad(0.1) for q in queues} | {
+        "q-000": QueueLoad(1.5, is_backlog_growing=True, backlog=120)
+    }
+    result = plan(queues, loads, members, current, {}, now_s=NOW_S)
+    assert result.owners["q-000"] == ("m-00", "m-01", "m-02")
+    # Nothing else moves this round: the split changes every member's load, so balancing
+    # on the figures measured before it would move cold queues for a stale difference.
+    assert [m.queue for m in result.moves] == ["q-000"]
+    later = plan(queues, loads, members, result.owners, result.moved_at_s, now_s=NOW_S + 1)
+    assert later.owners["q-000"] == result.owners["q-000"]
+
+
+def test_a_starved_queue_does_not_take_the_whole_fleet_at_once() -> None:
+    """Forty members, the rest mostly idle: the free capacity counts up to
+    ``starved_growth`` times the queue's load, so one saturated owner's queue gets what four
+    times its load needs, not a replica on every member in one round."""
+    queues = queue_names(100)
+    members = {m: MemberLoad(16, 0.2, OLD_S) for m in fleet(40)} | {
+        "m-00": MemberLoad(16, 1.0, OLD_S)
+    }
+    loads = {q: QueueLoad(0.5) for q in queues} | {
+        "q-000": QueueLoad(12.0, is_backlog_growing=True, backlog=300)
+    }
+    result = plan(queues, loads, members, {"q-000": ("m-00",)}, {}, now_s=NOW_S)
+    busy = 16 * 1.0 + 39 * 16 * 0.2
+    limit = 0.5 * busy / 40  # a replica carries at most half a mean member's share
+    assert len(result.owners["q-000"]) == math.ceil(4 * 12.0 / limit) < 40
+
+
+def test_replicas_stay_while_a_backlog_remains() -> None:
+    """Its measured load halved, but its receives still come back full: the owners it has
+    are still draining it, and dropping one would leave the rest saturated again."""
+    queues = queue_names(61)
+    members = {m: MemberLoad(10, 0.1, OLD_S) for m in fleet(10)}
+    filler = {q: QueueLoad(0.5) for q in queues[1:]}
+    result = settle(queues, filler | {"q-000": QueueLoad(9.0)}, members)
+    assert len(result.owners["q-000"]) == 5
+    later = NOW_S + 1e6
+
+    def after(load: QueueLoad) -> Plan:
+        return plan(queues, filler | {"q-000": load}, members, result.owners,
+                    result.moved_at_s, now_s=later)  # fmt: skip
+
+    assert after(QueueLoad(3.0, backlog=40)).owners["q-000"] == result.owners["q-000"]
+    assert len(after(QueueLoad(3.0)).owners["q-000"]) == 3  # drained: it shrinks
+
+
+def test_an_idle_queue_moved_for_load_stays_where_it_went() -> None:
+    """A queue moved for its load (20/20/20 became 19/20/21) goes idle once drained: the
+    count layer must not level it back (a second handoff for nothing; seen in the bench)."""
+    queues = queue_names(60)
+    members = fleet(3)
+    current = {q: (f"m-{i % 3:02d}",) for i, q in enumerate(queues)}
+    current["q-000"] = ("m-02",)  # it was m-00's
+    idle = {q: QueueLoad(0.01) for q in queues}
+    result = plan(queues, idle, members, current, {}, now_s=NOW_S)
+    assert result.moves == ()
+    # The safety net still holds: over the count bound, idle queues do move.
+    crowded = {q: ("m-02",) if i < 30 else current[q] for i, q in enumerate(queues)}
+    bounded = plan(queues, idle, members, crowded, {}, now_s=NOW_S)
+    held = Counter(o[0] for o in bounded.owners.values())
+    assert max(held.values()) <= capacity(queue_count=60, member_count=3, load_factor=1.1)
+
+
+def test_a_newcomer_still_takes_its_share_of_idle_queues() -> None:
+    """Idle queues stay put only against levelling by a few: a member far short (a
+    newcomer) still gets its ``floor(Q/N)``, all of it from the others, nothing else moving."""
+    queues = queue_names(60)
+    current = {q: (f"m-{i % 3:02d}",) for i, q in enumerate(queues)}
+    idle = {q: QueueLoad(0.01) for q in queues}
+    grown = fleet(3) | {"m-new": MemberLoad(10, 0.0, NOW_S)}
+    result = plan(queues, idle, grown, current, {}, now_s=NOW_S)
+    assert all(m.after == ("m-new",) for m in result.moves)
+    assert len(result.moves) == 60 // 4
 
 
 def test_a_newcomer_ramps_up() -> None:

@@ -114,7 +114,7 @@ def test_loads_sum_over_the_owners_of_a_shared_queue() -> None:
     loads = queue_loads([first, second], previous={"hot": 110, "a": 0})
     assert loads == {
         "a": QueueLoad(1.0, is_backlog_growing=False),
-        "hot": QueueLoad(10.0, is_backlog_growing=True),
+        "hot": QueueLoad(10.0, is_backlog_growing=True, backlog=120),  # the largest seen
     }
     assert backlogs([first, second]) == {"a": 0, "hot": 120}
     assert queue_loads([first, second], previous={"hot": 130})["hot"].is_backlog_growing is False
