@@ -203,6 +203,21 @@ class Stats:
         with self._lock:
             self._durations[queue].observe(duration_s)
 
+    def observe_call(self, queue: str, duration_s: float, ages_s: list[float]) -> None:
+        """One handler call: its duration and its messages' ages, under one lock."""
+        with self._lock:
+            self._durations[queue].observe(duration_s)
+            if ages_s:
+                histogram = self._ages[queue]
+                for age_s in ages_s:
+                    histogram.observe(age_s)
+
+    def count_many(self, counts: dict[tuple[str, str], int]) -> None:
+        """Several `count`s under one lock: {(queue, counter): n}."""
+        with self._lock:
+            for (queue, counter), n in counts.items():
+                self._queues[queue][counter] += n
+
     def observe_age(self, queue: str, age_s: float) -> None:
         with self._lock:
             self._ages[queue].observe(age_s)
