@@ -379,8 +379,14 @@ class Dispatcher:
         policy = queue.policy
         if policy.max_concurrency is not None and queue.running_items >= policy.max_concurrency:
             return None, _RECHECK_S
-        blocked_groups: set[str] = set(queue.running_groups)
         now = self._clock.monotonic()
+        if queue.rate is None and queue.queued:
+            head = queue.queued[0]
+            if not head.groups and head.not_before_s <= now:
+                # The usual case (no FIFO group, no backoff, no rate): the first item runs.
+                queue.queued.popleft()
+                return head, 0.0
+        blocked_groups: set[str] = set(queue.running_groups)
         wait_s = _RECHECK_S
         for index, item in enumerate(queue.queued):
             if item.groups & blocked_groups:

@@ -167,4 +167,6 @@ class QueueRuntime:
 def size_of(delivery: Delivery) -> int:
     """Roughly what a message costs in memory: its body and attribute values."""
     message = delivery.message
+    if not message.message_attributes:
+        return len(message.body)
     return len(message.body) + sum(len(v) for v in message.message_attributes.values())
