@@ -215,8 +215,10 @@ class Dispatcher:
         if not self._waiting or self._total_room() <= 0:
             return
         head = self._head_of_line(self._clock.monotonic())
-        # Only the first in line may take the room (see _is_next_in_line).
-        if head is not None and self._grantable(head.queue, head.want):
+        # Only the first in line may take the room (see _is_next_in_line). A head that is not
+        # blocked in reserve (away receiving, between two calls) has nobody to wake: this
+        # runs on every finish, and the check and the empty notify were most of its cost.
+        if head is not None and head.waiting and self._grantable(head.queue, head.want):
             head.cond.notify_all()
 
     def _head_of_line(self, now: float) -> _Waiter | None:
