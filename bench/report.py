@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 PYTHON_OTHERS = ("batched", "naive", "pylib")
-SQSB = ("sqsb", "sqsb-boto", "sqsb-ddb1", "sqsb-ddb3")
+SQSB = ("sqsb", "sqsb-boto", "sqsb-base", "sqsb-ddb1", "sqsb-ddb3")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -104,17 +104,21 @@ def message_from_sqs(raw: Mapping[str, Any], *, queue_url: str, queue_name: str)
     attributes: Mapping[str, str] = raw.get("Attributes") or {}
     sent_ms = attributes.get("SentTimestamp")
     sent_at = datetime.fromtimestamp(int(sent_ms) / 1000, tz=UTC) if sent_ms else None
-    raw_attributes = MappingProxyType(dict(raw.get("MessageAttributes") or {}))
+    given = raw.get("MessageAttributes")
+    # Most messages carry none: share the one empty mapping (this runs per message).
+    raw_attributes = MappingProxyType(dict(given)) if given else _EMPTY
+    receive_count = int(attributes.get("ApproximateReceiveCount", "1"))
     return Message(
         body=raw.get("Body", ""),
         message_id=raw["MessageId"],
         receipt_handle=raw["ReceiptHandle"],
         queue_url=queue_url,
         queue_name=queue_name,
-        receive_count=int(attributes.get("ApproximateReceiveCount", "1")),
+        receive_count=receive_count,
         sent_at=sent_at,
         attributes=MappingProxyType(dict(attributes)),
-        message_attributes=plain_attributes(raw_attributes),
+        message_attributes=plain_attributes(raw_attributes) if given else _EMPTY,
         group_id=attributes.get("MessageGroupId"),
         raw_message_attributes=raw_attributes,
+        attempt=receive_count,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,9 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         "sqsbalancerd",
         settings=(("SQSBALANCERD_SQS__LEAN_REQUESTS", "false"),),
     ),
+    # The same, run from another checkout (BENCH_BASE_TREE, e.g. a `git worktree` of main):
+    # before/after figures from one run, on the same emulator and the same load.
+    ConsumerSpec("sqsb-base", "sqsbalancerd standalone, baseline tree", "sqsbalancerd"),
     ConsumerSpec("sqsb-ddb1", "sqsbalancerd dynamodb x1", "sqsbalancerd", mode="dynamodb"),
     ConsumerSpec(
         "sqsb-ddb3", "sqsbalancerd dynamodb x3", "sqsbalancerd", mode="dynamodb", instances=3
@@ -68,8 +72,17 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 BY_KEY = {spec.key: spec for spec in CONSUMERS}
 
 
+def base_tree() -> Path:
+    """The checkout `sqsb-base` runs from: BENCH_BASE_TREE."""
+    return Path(os.environ.get("BENCH_BASE_TREE", "")).resolve()
+
+
 def is_available(spec: ConsumerSpec) -> str | None:
     """None when it can run here, else why not."""
+    if spec.key == "sqsb-base" and not (
+        os.environ.get("BENCH_BASE_TREE") and (base_tree() / "sqsbalancerd").is_dir()
+    ):
+        return "BENCH_BASE_TREE is not a checkout of sqsbalancerd"
     if spec.kind == "node":
         if shutil.which("node") is None:
             return "node not installed"
@@ -121,6 +134,9 @@ def start(spec: ConsumerSpec, launch: Launch) -> list[subprocess.Popen[bytes]]:
         )
         log = open(launch.log_dir / f"{launch.run_id}-{spec.key}-{index}.log", "wb")  # noqa: SIM115
         cwd = NODE_DIR if spec.kind == "node" else REPO
+        if spec.key == "sqsb-base":
+            cwd = base_tree()
+            env["PYTHONPATH"] = str(cwd)  # its sqsbalancerd (and bench.handlers) first
         processes.append(
             subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         )

@@ -96,6 +96,7 @@ class Acknowledger:
         self._clock = clock
         self._linger_s = linger_s
         self._on_settled = on_settled
+        # Entered as `self._lock` (the conditions share it; their __enter__ is Python-level).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # this thread's own wait
         # Pollers held back while acks are behind wait here; woken when the backlog drops
@@ -143,7 +144,7 @@ class Acknowledger:
 
     def delete(self, deliveries: Iterable[Delivery]) -> None:
         now = self._clock.monotonic()
-        with self._cond:
+        with self._lock:
             for delivery in deliveries:
                 if not _decide(delivery, "delete"):
                     continue
@@ -163,7 +164,7 @@ class Acknowledger:
         """`reason` extend keeps a message invisible; retry and release are its decision,
         taken once per receipt (a second one is ignored: SQS would unblock a FIFO group)."""
         now = self._clock.monotonic()
-        with self._cond:
+        with self._lock:
             for delivery in deliveries:
                 if reason != "extend" and not _decide(delivery, reason):
                     continue
@@ -174,7 +175,7 @@ class Acknowledger:
         self._send_now_if_stopped()
 
     def pending_for(self, queue_url: str) -> int:
-        with self._cond:
+        with self._lock:
             return (
                 len(self._deletes.get(queue_url, ()))
                 + len(self._changes.get(queue_url, ()))
@@ -182,14 +183,14 @@ class Acknowledger:
             )
 
     def pending_total(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._listed + self._in_flight_total
 
     def is_behind(self, queue_url: str) -> bool:
         """Too many of this queue's (or everyone's) operations wait to be sent: receive no
         more until they are. Otherwise a slow or throttled delete path lets handled but
         undeleted messages outlive their visibility and come back, by the thousand."""
-        with self._cond:
+        with self._lock:
             return self._is_behind_locked(queue_url)
 
     def _is_behind_locked(self, queue_url: str) -> bool:
@@ -223,7 +224,7 @@ class Acknowledger:
         Safe to extend: extensions and deletes go out on this one thread, so an extension
         listed now is sent before the retried delete can succeed.
         """
-        with self._cond:
+        with self._lock:
             ops = [op for table_ops in self._deletes.values() for op in table_ops]
         return [op.delivery for op in ops if op.attempts and not op.delivery.is_expired]
 
@@ -270,7 +271,7 @@ class Acknowledger:
         the others sleep until work comes while it is away sending. All four waiting for
         the same deadline woke together at each one, and three found nothing to do (~18
         sender rounds per batch sent at 600 messages/s)."""
-        with self._cond:
+        with self._lock:
             if self._has_timekeeper:
                 if self._wait_s() > 0:  # nothing left over for this one to send
                     self._spare.wait(SPARE_WAIT_S)
@@ -293,7 +294,7 @@ class Acknowledger:
 
     def _take_extension_round(self, now: float) -> bool:
         """True for the one sender that runs this extension round."""
-        with self._cond:
+        with self._lock:
             if self._extension_source is None or self._is_extending:
                 return False
             if now < self._next_extension_s:
@@ -307,7 +308,7 @@ class Acknowledger:
         shutdown), then give up what is left."""
         for round_ in range(max_rounds):
             if round_:
-                with self._cond:  # a throttled call retried at once would be throttled again
+                with self._lock:  # a throttled call retried at once would be throttled again
                     self._cond.wait(FLUSH_BACKOFF_S * 2 ** (round_ - 1))
             self._flush_due(force=True)
             if self.pending_total() == 0:
@@ -333,7 +334,7 @@ class Acknowledger:
             for url, batch in self._take_due(table, force=force, max_batches=max_batches)
         ]
         if max_batches is not None and len(batches) >= max_batches:
-            with self._cond:
+            with self._lock:
                 self._wake_sender()  # there may be more: another sender takes them
         # The receipt closest to the end of its visibility goes first.
         batches.sort(key=lambda b: min(op.delivery.visible_until_s for op in b[2]))
@@ -346,7 +347,7 @@ class Acknowledger:
     ) -> list[tuple[str, list[PendingOp]]]:
         now = self._clock.monotonic()
         batches: list[tuple[str, list[PendingOp]]] = []
-        with self._cond:
+        with self._lock:
             for url, ops in list(table.items()):
                 if max_batches is not None and len(batches) >= max_batches:
                     break
@@ -404,7 +405,7 @@ class Acknowledger:
     ) -> None:
         table = self._deletes if kind == "delete" else self._changes
         wake = 0
-        with self._cond:
+        with self._lock:
             was_behind = self._is_behind_locked(url)
             # Back in the list before the in-flight count drops: never seen as not pending.
             if retry:
@@ -490,10 +491,11 @@ class Acknowledger:
         # Jittered (instances throttled together should not retry in lockstep), but once per
         # batch: what failed together is retried together, not split into smaller calls.
         jitter = random.uniform(0.5, 1.0)
+        counts: dict[tuple[str, str], int] = {}  # one stats lock per batch, not per entry
         for index, op in enumerate(batch):
-            failure = failed.get(str(index))
+            failure = failed.get(str(index)) if failed else None
             if failure is None:
-                self._count_success(op, sent_s)
+                self._count_success(op, sent_s, counts)
                 continue
             op.attempts += 1
             if op.reason == "extend":
@@ -505,6 +507,8 @@ class Acknowledger:
             op.due_s = now + min(MAX_BACKOFF_S, 0.2 * 2 ** min(op.attempts, 8)) * jitter
             retry.append(op)
             self._stats.count(op.delivery.queue.name, "ack_retried")
+        if counts:
+            self._stats.count_many(counts)
         return retry
 
     def _settled(self, op: PendingOp) -> None:
@@ -512,13 +516,17 @@ class Acknowledger:
             op.delivery.is_settled = True
             op.delivery.queue.forget_delivery(op.delivery)
 
-    def _count_success(self, op: PendingOp, sent_s: float) -> None:
+    def _count_success(
+        self, op: PendingOp, sent_s: float, counts: dict[tuple[str, str], int]
+    ) -> None:
         self._settled(op)
         queue = op.delivery.queue.name
         if op.reason == "delete":
-            self._stats.count(queue, "deleted")
+            key = (queue, "deleted")
+            counts[key] = counts.get(key, 0) + 1
         elif op.reason == "release":
-            self._stats.count(queue, "released")
+            key = (queue, "released")
+            counts[key] = counts.get(key, 0) + 1
         elif op.reason == "extend" and op.visibility_timeout_s is not None:
             # From when it was sent: SQS applied it somewhere between then and now.
             op.delivery.visible_until_s = sent_s + op.visibility_timeout_s
@@ -540,7 +548,7 @@ class Acknowledger:
         )
 
     def _give_up_all(self) -> None:
-        with self._cond:
+        with self._lock:
             leftovers = [
                 op for t in (self._deletes, self._changes) for ops in t.values() for op in ops
             ]

@@ -83,3 +83,12 @@ def entered(context: HandlerContext | None) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+def enter(context: HandlerContext | None) -> contextvars.Token[HandlerContext | None]:
+    """`entered` without the generator (the worker's per-message path); undo with `leave`."""
+    return _current.set(context)
+
+
+def leave(token: contextvars.Token[HandlerContext | None]) -> None:
+    _current.reset(token)

@@ -55,6 +55,8 @@ class Dispatcher:
         # handed back at once (a fan-out to many idle long polls would exceed it otherwise).
         self._max_queued = max_queued if max_queued is not None else capacity
         self._max_held_bytes = max_held_bytes
+        # Entered as `self._lock`, not through the conditions that share it: a Condition's
+        # __enter__/__exit__ are Python-level calls, and this lock is taken ~6 times a message.
         self._lock = threading.Lock()
         # Targeted waking: workers wait on one condition, each queue's pollers on their own.
         self._cond = threading.Condition(self._lock)  # workers wait here
@@ -84,11 +86,11 @@ class Dispatcher:
     # -- queues ---------------------------------------------------------------------------
 
     def add_queue(self, queue: QueueRuntime) -> None:
-        with self._cond:
+        with self._lock:
             self._queues[queue.name] = queue
 
     def remove_queue(self, queue: QueueRuntime) -> None:
-        with self._cond:
+        with self._lock:
             if self._queues.get(queue.name) is queue:
                 del self._queues[queue.name]
             self._ready.pop(queue.name, None)
@@ -132,7 +134,7 @@ class Dispatcher:
         it wakes. Pass the same to `end_poll`.
         """
         deadline = self._clock.monotonic() + timeout_s
-        with self._cond:
+        with self._lock:
             while True:
                 if self._is_receiving_stopped or queue.is_stopping:
                     self._waiting.pop(queue.name, None)
@@ -213,8 +215,10 @@ class Dispatcher:
         if not self._waiting or self._total_room() <= 0:
             return
         head = self._head_of_line(self._clock.monotonic())
-        # Only the first in line may take the room (see _is_next_in_line).
-        if head is not None and self._grantable(head.queue, head.want):
+        # Only the first in line may take the room (see _is_next_in_line). A head that is not
+        # blocked in reserve (away receiving, between two calls) has nobody to wake: this
+        # runs on every finish, and the check and the empty notify were most of its cost.
+        if head is not None and head.waiting and self._grantable(head.queue, head.want):
             head.cond.notify_all()
 
     def _head_of_line(self, now: float) -> _Waiter | None:
@@ -330,7 +334,7 @@ class Dispatcher:
     def take(self, *, timeout_s: float = _RECHECK_S) -> WorkItem | None:
         """The next runnable item, fairly across queues; None when nothing came in time."""
         deadline = self._clock.monotonic() + timeout_s
-        with self._cond:
+        with self._lock:
             while True:
                 item, wait_s = self._pick()
                 if item is not None:
@@ -377,8 +381,14 @@ class Dispatcher:
         policy = queue.policy
         if policy.max_concurrency is not None and queue.running_items >= policy.max_concurrency:
             return None, _RECHECK_S
-        blocked_groups: set[str] = set(queue.running_groups)
         now = self._clock.monotonic()
+        if queue.rate is None and queue.queued:
+            head = queue.queued[0]
+            if not head.groups and head.not_before_s <= now:
+                # The usual case (no FIFO group, no backoff, no rate): the first item runs.
+                queue.queued.popleft()
+                return head, 0.0
+        blocked_groups: set[str] = set(queue.running_groups)
         wait_s = _RECHECK_S
         for index, item in enumerate(queue.queued):
             if item.groups & blocked_groups:
@@ -411,7 +421,7 @@ class Dispatcher:
 
     def finish(self, item: WorkItem) -> None:
         """The handler returned (or was abandoned): its messages no longer hold a slot."""
-        with self._cond:
+        with self._lock:
             queue = item.queue
             self._running.discard(item)
             queue.running_items -= 1
@@ -425,7 +435,12 @@ class Dispatcher:
                 self._active_at_s = -1.0  # it may have gone idle: shares change
             if queue.queued:
                 self._ready[queue.name] = queue
-                self._cond.notify()  # a group or a concurrency slot may be free now
+                if item.groups or queue.policy.max_concurrency is not None:
+                    # A group or a concurrency slot is free now: items it held back may
+                    # run. Otherwise nothing became runnable that was not before, and the
+                    # finishing worker takes the next item itself: a wake-up here woke a
+                    # second worker per message for nothing (0 ms handlers).
+                    self._cond.notify()
             if not self._running:
                 self._idle.notify_all()
             self._wake_pollers()
@@ -442,7 +457,7 @@ class Dispatcher:
     def requeue(self, item: WorkItem) -> bool:
         """Queue an in-process retry ahead of its group-mates; False once the queue is being
         released (the caller hands the messages back to SQS instead)."""
-        with self._cond:
+        with self._lock:
             queue = item.queue
             if self._is_receiving_stopped or queue.is_stopping:
                 return False
@@ -458,12 +473,12 @@ class Dispatcher:
             return True
 
     def has_queued_retry(self, queue: QueueRuntime, group: str) -> bool:
-        with self._cond:
+        with self._lock:
             return any(i.not_before_s and group in i.groups for i in queue.queued)
 
     def settle(self, deliveries: Iterable[Delivery], state: DeliveryState) -> list[Delivery]:
         """Mark deliveries finished; returns those whose result still counts (not expired)."""
-        with self._cond:
+        with self._lock:
             kept = []
             for delivery in deliveries:
                 if delivery.is_expired:
@@ -476,7 +491,7 @@ class Dispatcher:
 
     def stop_receiving(self) -> list[Delivery]:
         """Refuse further receives and hand back everything queued but not started."""
-        with self._cond:
+        with self._lock:
             self._is_receiving_stopped = True
             released = []
             for queue in self._queues.values():
@@ -486,7 +501,7 @@ class Dispatcher:
 
     def stop_queue(self, queue: QueueRuntime) -> list[Delivery]:
         """The queue is no longer ours: no new receives, queued items handed back."""
-        with self._cond:
+        with self._lock:
             queue.is_stopping = True
             released = self._drop_queued(queue)
             self._wake_everyone()
@@ -499,7 +514,7 @@ class Dispatcher:
 
     def drop_group(self, queue: QueueRuntime, group: str) -> list[Delivery]:
         """A FIFO message failed: its group's later messages must not run before it."""
-        with self._cond:
+        with self._lock:
             keep = [item for item in queue.queued if group not in item.groups]
             dropped = [item for item in queue.queued if group in item.groups]
             queue.queued.clear()
@@ -512,7 +527,7 @@ class Dispatcher:
         """Drop queued (not started) messages, e.g. past max_extension (they reappear on
         their own); returns every delivery of the items dropped."""
         dropped: list[Delivery] = []
-        with self._cond:
+        with self._lock:
             for delivery in deliveries:
                 queue = delivery.queue
                 for item in list(queue.queued):
@@ -544,22 +559,22 @@ class Dispatcher:
 
     def held_deliveries(self) -> list[Delivery]:
         """Everything whose visibility this process must keep extending."""
-        with self._cond:
+        with self._lock:
             queued = [d for q in self._queues.values() for i in q.queued for d in i.deliveries]
             running = [d for item in self._running for d in item.deliveries]
         return [d for d in queued + running if d.state in _HELD_STATES and not d.is_expired]
 
     def running_items(self) -> list[WorkItem]:
-        with self._cond:
+        with self._lock:
             return list(self._running)
 
     def is_queue_idle(self, queue: QueueRuntime) -> bool:
-        with self._cond:
+        with self._lock:
             return queue.held == 0 and not queue.queued
 
     def wait_until_idle(self, deadline_s: float, *, abort: threading.Event | None = None) -> bool:
         """Wait until no handler runs (True), or the deadline or `abort` comes (False)."""
-        with self._cond:
+        with self._lock:
             while self._running:
                 remaining = deadline_s - self._clock.monotonic()
                 if remaining <= 0 or (abort is not None and abort.is_set()):
@@ -573,7 +588,7 @@ class Dispatcher:
             return self._held_bytes
 
     def depth(self) -> int:
-        with self._cond:
+        with self._lock:
             return sum(len(i.deliveries) for q in self._queues.values() for i in q.queued)
 
     def counts_by_queue(self, queues: Iterable[QueueRuntime]) -> dict[str, tuple[int, int]]:
@@ -581,7 +596,7 @@ class Dispatcher:
         scrape asking queue by queue scanned every running item once per owned queue, while
         the pollers and workers waited for the lock."""
         listed = list(queues)
-        with self._cond:
+        with self._lock:
             running: dict[int, int] = {}
             for item in self._running:
                 key = id(item.queue)

@@ -360,6 +360,8 @@ class Poller:
     def _bounce_exhausted(self, deliveries: list[Delivery], now: float) -> list[Delivery]:
         """A FIFO message that used up its attempts goes straight back, unrun, until the
         redrive policy moves it to the dead-letter queue."""
+        if not self.queue.exhausted:
+            return deliveries
         bounced = [d for d in deliveries if self.queue.is_exhausted(d.message.message_id, now)]
         if not bounced:
             return deliveries
@@ -378,7 +380,7 @@ class Poller:
             WorkItem(
                 self.queue,
                 (d,),
-                frozenset([d.message.group_id] if d.message.group_id else []),
+                frozenset([d.message.group_id]) if d.message.group_id else _NO_GROUPS,
                 size_bytes=size_of(d),
             )
             for d in deliveries
@@ -408,6 +410,9 @@ class Poller:
             },
         )
         return backoff_s
+
+
+_NO_GROUPS: frozenset[str] = frozenset()
 
 
 def _take_newer_receipt(held: Delivery, newer: Delivery) -> None:

@@ -44,6 +44,9 @@ class Settler:
         if item.queue.info.is_fifo and failures:
             self._settle_fifo(item, failures, retry_after)
             return
+        if not failures:  # the usual case: one pass, no lookups, no empty "failed" round
+            self._delete(item.queue, item.deliveries)
+            return
         succeeded = [d for d in item.deliveries if d.message.message_id not in failures]
         failed = [d for d in item.deliveries if d.message.message_id in failures]
         self._delete(item.queue, succeeded)

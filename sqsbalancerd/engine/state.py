@@ -132,6 +132,13 @@ class QueueRuntime:
     by_message_id: dict[str, Delivery] = field(default_factory=dict)
     # Several receivers may match the same redelivery at once (see engine/receivers.py).
     receive_lock: threading.Lock = field(default_factory=threading.Lock)
+    # info.name and info.url as plain attributes: read several times per message.
+    name: str = field(init=False)
+    url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.info.name
+        self.url = self.info.url
 
     def forget_delivery(self, delivery: Delivery) -> None:
         key = delivery.message.message_id
@@ -156,16 +163,10 @@ class QueueRuntime:
             self.is_exhausted(message_id, now_s)
         return bool(self.exhausted)
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def url(self) -> str:
-        return self.info.url
-
 
 def size_of(delivery: Delivery) -> int:
     """Roughly what a message costs in memory: its body and attribute values."""
     message = delivery.message
+    if not message.message_attributes:
+        return len(message.body)
     return len(message.body) + sum(len(v) for v in message.message_attributes.values())

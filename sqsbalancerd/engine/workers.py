@@ -7,7 +7,6 @@ Any BaseException from a handler is a failed message; it never ends a worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import threading
@@ -18,14 +17,14 @@ from typing import Any
 
 from sqsbalancerd.clock import Clock
 from sqsbalancerd.engine.acks import Acknowledger
-from sqsbalancerd.engine.context import HandlerContext, entered
+from sqsbalancerd.engine.context import HandlerContext, enter, entered, leave
 from sqsbalancerd.engine.dispatch import Dispatcher
 from sqsbalancerd.engine.settle import Settler
 from sqsbalancerd.engine.state import Delivery, WorkItem
 from sqsbalancerd.errors import Retry
 from sqsbalancerd.handler import UnreadableBatchAnswer, read_batch_answer
 from sqsbalancerd.message import Message
-from sqsbalancerd.observability.logging import log_context
+from sqsbalancerd.observability.logging import log_context, pop_context, push_context
 from sqsbalancerd.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -145,43 +144,65 @@ class Worker:
     def execute(self, item: WorkItem) -> None:
         queue = item.queue
         now_wall = self._clock.wall()
+        ages = []
         for delivery in item.deliveries:
-            sent_at = delivery.message.sent_timestamp_s
-            if sent_at is not None and delivery.message.attempt == delivery.message.receive_count:
-                self._stats.observe_age(queue.name, max(0.0, now_wall - sent_at))
+            message = delivery.message
+            sent_at = message.sent_timestamp_s
+            if sent_at is not None and message.attempt == message.receive_count:
+                ages.append(max(0.0, now_wall - sent_at))
         started = self._clock.monotonic()
         failures, retry_after = self._invoke(item)
-        self._stats.observe_handler(queue.name, self._clock.monotonic() - started)
+        # One lock for the call's figures, not one per figure (this runs per message).
+        self._stats.observe_call(queue.name, self._clock.monotonic() - started, ages)
         self._settler.settle(item, failures, retry_after)
 
     def _invoke(self, item: WorkItem) -> tuple[set[str], dict[str, float]]:
         """Run the handler; returns (failed message ids, explicit Retry delays by id)."""
         queue = item.queue
-        ids = [d.message.message_id for d in item.deliveries]
-        first = item.deliveries[0].message
-        fields = {"queue": queue.name, "message_id": first.message_id if len(ids) == 1 else None}
-        span = self._tracing(first) if self._tracing else contextlib.nullcontext()
+        deliveries = item.deliveries
+        first = deliveries[0].message
+        fields = {
+            "queue": queue.name,
+            "message_id": first.message_id if len(deliveries) == 1 else None,
+        }
         context = HandlerContext(item, clock=self._clock, request_extension=self._extend_now)
-        with log_context(**fields), span:
-            try:
-                if queue.is_batch:
-                    messages = [d.message for d in item.deliveries]
-                    answer = self._call(item, messages, fields, context)
-                    return self._read_answer(item, answer, messages), {}
-                self._call(item, first, fields, context)
-                return set(), {}
-            except Retry as retry:
-                return set(ids), dict.fromkeys(ids, retry.after)
-            except HandlerTimedOut:
-                self._log_timeout(item, "handler timed out; cancelled")
-                return set(ids), {}
-            except BaseException as exc:  # handlers may raise anything, SystemExit included
-                logger.error(
-                    "handler failed",
-                    exc_info=not isinstance(exc, SystemExit | KeyboardInterrupt),
-                    extra={"error": f"{type(exc).__name__}: {exc}"[:300], "count": len(ids)},
-                )
-                return set(ids), {}
+        # Tokens, not context managers: this runs per message (see push_context).
+        log_token = push_context(fields)
+        try:
+            if self._tracing is None:
+                return self._invoke_in(item, first, fields, context)
+            with self._tracing(first):
+                return self._invoke_in(item, first, fields, context)
+        finally:
+            pop_context(log_token)
+
+    def _invoke_in(
+        self, item: WorkItem, first: Message, fields: dict[str, Any], context: HandlerContext
+    ) -> tuple[set[str], dict[str, float]]:
+        queue = item.queue
+        try:
+            if queue.is_batch:
+                messages = [d.message for d in item.deliveries]
+                answer = self._call(item, messages, fields, context)
+                return self._read_answer(item, answer, messages), {}
+            self._call(item, first, fields, context)
+            return set(), {}
+        except Retry as retry:
+            ids = [d.message.message_id for d in item.deliveries]
+            return set(ids), dict.fromkeys(ids, retry.after)
+        except HandlerTimedOut:
+            self._log_timeout(item, "handler timed out; cancelled")
+            return {d.message.message_id for d in item.deliveries}, {}
+        except BaseException as exc:  # handlers may raise anything, SystemExit included
+            logger.error(
+                "handler failed",
+                exc_info=not isinstance(exc, SystemExit | KeyboardInterrupt),
+                extra={
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                    "count": len(item.deliveries),
+                },
+            )
+            return {d.message.message_id for d in item.deliveries}, {}
 
     def _read_answer(self, item: WorkItem, answer: Any, messages: list[Message]) -> set[str]:
         try:
@@ -211,9 +232,13 @@ class Worker:
     def _call(
         self, item: WorkItem, argument: Any, fields: dict[str, Any], context: HandlerContext
     ) -> Any:
-        with entered(context):
+        token = enter(context)
+        try:
             result = item.queue.invoke(argument)
-        if inspect.isawaitable(result):
+        finally:
+            leave(token)
+        # Most handlers return None (or a batch answer): skip isawaitable's ABC check then.
+        if result is not None and inspect.isawaitable(result):
             timeout_s = None
             if item.deadline_s is not None:
                 timeout_s = max(0.0, item.deadline_s - self._clock.monotonic())

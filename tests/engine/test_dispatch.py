@@ -570,6 +570,7 @@ def test_freed_room_wakes_one_waiting_queue_not_every_poller():
         assert dispatcher.reserve(queue, 1, timeout_s=0) == 0  # in line for room
     woken: list[str] = []
     for name, waiter in dispatcher._waiting.items():
+        waiter.waiting = 1  # as if blocked in reserve (a head not blocked has nobody to wake)
         waiter.cond.notify_all = lambda name=name: woken.append(name)  # type: ignore[method-assign]
     dispatcher.finish(take_now(dispatcher))
     assert woken == ["w0"]  # the first in line, which wakes the next if room is left
