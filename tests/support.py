@@ -89,6 +89,8 @@ def queue_depth(sqs: Any, url: str) -> tuple[int, int]:
 class Feeder:
     """Sends `total` messages spread evenly over `urls` from a background thread, keeping each
     queue shallow (topped up to `depth` visible messages: moto's receive slows with depth).
+    `limit` (default: all) caps how many it has sent until `allow` raises it, so that a test
+    can keep sending spread over the steps it takes, however fast the consumers are.
 
     `sent` maps every SQS message id it sent to its queue name.
     """
@@ -101,6 +103,7 @@ class Feeder:
         total: int,
         depth: int = 100,
         body: Callable[[int], str] = lambda n: json.dumps({"n": n}),
+        limit: int | None = None,
     ) -> None:
         import threading
 
@@ -113,6 +116,7 @@ class Feeder:
         share, extra = divmod(total, len(urls))
         self._todo = {q: share + (i < extra) for i, q in enumerate(sorted(urls))}
         self.total = total
+        self._limit = total if limit is None else limit
         self.sent: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,6 +131,11 @@ class Feeder:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def allow(self, limit: int) -> None:
+        """Raise the cap on messages sent (at most `total`)."""
+        with self._lock:
+            self._limit = max(self._limit, min(limit, self.total))
 
     def sent_ids(self) -> dict[str, str]:
         """Every id sent so far; raises if the feeder failed (the count would be short)."""
@@ -162,9 +171,11 @@ class Feeder:
         )
         want = min(self._todo[queue], self._depth - visible)
         while want > 0 and not self._stop.is_set():
-            count = min(10, want)
             with self._lock:
                 first = len(self.sent)
+                count = min(10, want, self._limit - first)
+            if count <= 0:
+                return
             entries = [{"Id": str(i), "MessageBody": self._body(first + i)} for i in range(count)]
             response = self._sqs.send_message_batch(QueueUrl=url, Entries=entries)
             assert not response.get("Failed"), response.get("Failed")

@@ -233,7 +233,14 @@ def test_every_dashboard_query_returns_series_from_a_running_daemon(
         feeder.check()
         rules = server.get("/api/v1/rules")["data"]["groups"]
         assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 7, rules
-        assert server.query("instance:sqsbalancerd_sqs_requests_per_hour:rate5m")
+        # A recording rule has series from its first evaluation after two scrapes of the SQS
+        # calls: on a loaded box that came after the dashboard's own queries had them.
+        wait_until(
+            lambda: server.query("instance:sqsbalancerd_sqs_requests_per_hour:rate5m"),
+            timeout_s=30,
+            every_s=1.0,
+            what="the SQS requests-per-hour recording rule's series",
+        )
         assert_idle_queue_shows(server, daemons, daemons.tmp_path / "d-0.toml")
     finally:
         feeder.stop()

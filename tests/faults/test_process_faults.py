@@ -170,13 +170,19 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
         what="every instance to own its share",
     )
     body = lambda n: json.dumps({"n": n, "sleep": 0.02})  # noqa: E731 - in flight at SIGTERM
-    feeder = Feeder(endpoint, urls, total=ROLLING_TOTAL, depth=ROLLING_DEPTH, body=body).start()
+    # Each step lets one more share of the messages out, so sending lasts past the last
+    # restart however fast the instances handle (on a quiet box they handled the rest
+    # during one takeover, and the feeder was done before the third SIGTERM).
+    share = ROLLING_TOTAL // (ROLLING_INSTANCES + 2)
+    feeder = Feeder(
+        endpoint, urls, total=ROLLING_TOTAL, depth=ROLLING_DEPTH, body=body, limit=2 * share
+    ).start()
     steps: list[str] = []
     sent_at_signal: list[int] = []
     started = time.monotonic()
     try:
         for step, old in enumerate(originals):
-            threshold = (step + 1) * ROLLING_TOTAL // (ROLLING_INSTANCES + 2)
+            threshold = (step + 1) * share
             wait_until(
                 lambda t=threshold: len(handled_ok(read_events(daemons.events_path))) >= t,
                 timeout_s=240 if LONG else 90,
@@ -186,6 +192,7 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
             sent_at_signal.append(len(feeder.sent_ids()))
             signalled = time.monotonic()
             nodes[old].terminate()
+            feeder.allow((step + 3) * share)
             assert nodes[old].wait(timeout_s=60) == 0, nodes[old].log()[-3000:]
             exited_s = time.monotonic() - signalled
             summary = summary_of(nodes[old].log())
@@ -207,6 +214,7 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
                 f"deleted {summary['deleted']}, released {summary['released']}); "
                 f"{new} owning its share {time.monotonic() - signalled:.1f}s after"
             )
+        feeder.allow(ROLLING_TOTAL)
         wait_until(
             feeder.is_finished,
             timeout_s=600 if LONG else 120,
