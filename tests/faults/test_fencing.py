@@ -125,14 +125,17 @@ class Cluster:
             for name in ("n1", "n2")
         }
         self.pid = {name: daemon.proc.pid for name, daemon in self.node.items()}
+        # Rows naming both are not enough: an instance that wrote its rows may still be
+        # following its handoff, and faults injected then test the start, not the takeover.
         wait_until(
             lambda: (
                 set(owners(dynamodb)) == set(self.urls)
                 and set(owners(dynamodb).values()) == {"n1", "n2"}
+                and all('"handoff complete"' in d.log() for d in self.node.values())
             ),
             timeout_s=30,
             every_s=0.1,
-            what="n1 and n2 to share the queues",
+            what="n1 and n2 to share the queues, each having completed its handoff",
         )
         self.n1_queues = {q for q, owner in owners(dynamodb).items() if owner == "n1"}
         body = lambda n: json.dumps({"n": n, "sleep": 0.3})  # noqa: E731
