@@ -96,6 +96,9 @@ class _Board:
     owners: dict[str, list[str]] = field(default_factory=dict)
     held: dict[str, set[str]] = field(default_factory=dict)  # member -> its loaded queues
     reasons: dict[str, str] = field(default_factory=dict)
+    # member -> idle queues it may give up to make room for a loaded one (not dwelling)
+    swappable: dict[str, list[str]] = field(default_factory=dict)
+    idle_moved: dict[str, str] = field(default_factory=dict)  # idle queue -> its new owner
 
     def ratio(self, member: str) -> float:
         return self.load[member] / self.fair[member]
@@ -155,12 +158,14 @@ def plan(
     board.count.update({m: 0 for m in live})
     for queue in idle:
         board.count[idle_owners[queue]] += 1
+        if now_s - moved_at_s.get(queue, -math.inf) >= settings.min_dwell_s:
+            board.swappable.setdefault(idle_owners[queue], []).append(queue)
     _keep(board, loaded, kept, replicas, members, moved_at_s, now_s, settings)
     _place_unowned(board, loaded, replicas, live)
     dwelling = {q for q in loaded if now_s - moved_at_s.get(q, -math.inf) < settings.min_dwell_s}
     resplit = _resplit_members(board, starved, kept, replicas)
     _balance(board, [m for m in live if m not in resplit], dwelling, settings)
-    owners: dict[str, Owners] = {q: (idle_owners[q],) for q in idle}
+    owners: dict[str, Owners] = {q: (board.idle_moved.get(q, idle_owners[q]),) for q in idle}
     owners.update({q: tuple(sorted(board.owners.get(q, ()))) for q in loaded})
     return _finish(names, owners, current, moved_at_s, board.reasons, now_s)
 
@@ -398,7 +403,7 @@ def _balance(board: _Board, live: list[str], dwelling: set[str], settings: PlanS
         found = _best_move(board, live, moved, dwelling, settings)
         if found is None:
             return
-        queue, source, target = found
+        queue, source, target, swap = found
         board.reasons.setdefault(
             queue,
             f"balance: {source} at {board.ratio(source):.2f}x its fair load,"
@@ -407,11 +412,22 @@ def _balance(board: _Board, live: list[str], dwelling: set[str], settings: PlanS
         board.remove(queue, source)
         board.add(queue, target)
         moved.add(queue)
+        if swap:
+            _swap_idle(board, swap, source, target, queue)
+
+
+def _swap_idle(board: _Board, idle_queue: str, source: str, target: str, loaded: str) -> None:
+    """The target was at the count bound: one of its idle queues goes the other way."""
+    board.swappable[target].remove(idle_queue)
+    board.idle_moved[idle_queue] = source
+    board.count[target] -= 1
+    board.count[source] += 1
+    board.reasons[idle_queue] = f"swap: made room on {target} for {loaded}"
 
 
 def _best_move(
     board: _Board, live: list[str], moved: set[str], dwelling: set[str], settings: PlanSettings
-) -> tuple[str, str, str] | None:
+) -> tuple[str, str, str, str] | None:
     """The move that most reduces the worse deviation of its pair, for the worst member
     outside the tolerance that has one; None when all are inside or none can improve.
 
@@ -429,14 +445,18 @@ def _best_move(
             pairs = [(s, focus) for s in live if s != focus]
         best = min(_candidates(board, pairs, frozen, settings.tolerance), default=None)
         if best is not None:
-            return best[1], best[2], best[3]
+            return best[1], best[2], best[3], best[4]
     return None
 
 
 def _candidates(
     board: _Board, pairs: list[tuple[str, str]], frozen: set[str], tolerance: float
-) -> Iterable[tuple[float, str, str, str]]:
-    """(deviation after, queue, source, target) for each move that improves its pair.
+) -> Iterable[tuple[float, str, str, str, str]]:
+    """(deviation after, queue, source, target, idle queue) for each move that improves its
+    pair. A target at the count bound takes a loaded queue only in a swap: one of its idle
+    queues goes to the source, so neither count changes (the idle queue is "" otherwise).
+    Without it a member full of idle queues stays far below its fair load, and the one
+    far above it has nowhere to send its work (seed 43 of the load simulation).
 
     By at least half the share it moves, or half the tolerance when that is less: a queue
     that only carries the excess over to the other member, leaving it about as far off,
@@ -447,8 +467,12 @@ def _candidates(
     an accepted move is never accepted without a change in load, as it makes its pair
     worse; half the tolerance is still several times the measurement noise of one queue."""
     for source, target in pairs:
+        swap = ""
         if board.count[target] >= board.count_limit:
-            continue
+            spare = board.swappable.get(target)
+            if not spare:
+                continue
+            swap = spare[-1]
         before = max(abs(board.ratio(source) - 1), abs(board.ratio(target) - 1))
         for queue in sorted(board.held.get(source, ())):
             if queue in frozen or target in board.owners[queue]:
@@ -460,7 +484,7 @@ def _candidates(
             )
             moved = share / min(board.fair[source], board.fair[target])
             if after < before - max(0.01, min(tolerance / 2, moved / 2)):
-                yield after, queue, source, target
+                yield after, queue, source, target, swap
 
 
 def _finish(

@@ -252,6 +252,31 @@ def test_a_big_queue_moves_when_it_brings_the_worst_member_well_back() -> None:
     assert max(per_member.values()) <= 1.2 * sum(per_member.values()) / len(members)
 
 
+def test_a_member_full_of_idle_queues_takes_load_in_a_swap() -> None:
+    """Seed 43 of the load simulation: the member far below its fair load is at the count
+    bound with idle queues, so no loaded queue could go to it and the one far above kept
+    its work. Now each loaded queue it takes sends one of its idle queues the other way."""
+    loaded = [f"q-hot-{i}" for i in range(9)]
+    idle = [f"q-idle-{i:02d}" for i in range(10)]
+    queues = [*loaded, "q-warm", *idle]
+    loads = {q: QueueLoad(1.0) for q in loaded} | {"q-warm": QueueLoad(2.0)}
+    current = {q: ("m-00",) for q in loaded} | {q: ("m-01",) for q in ["q-warm", *idle]}
+    members = {"m-00": MemberLoad(20, 9 / 20, OLD_S), "m-01": MemberLoad(20, 2 / 20, OLD_S)}
+    assert capacity(queue_count=20, member_count=2, load_factor=1.1) == 11  # m-01 is full
+    result = plan(queues, loads, members, current, {}, now_s=NOW_S)
+    went = [m for m in result.moves if m.after == ("m-01",)]
+    came = [m for m in result.moves if m.after == ("m-00",)]
+    assert len(went) == 3 and all(m.queue in loaded for m in went)
+    assert len(came) == 3 and all(m.queue in idle for m in came)
+    assert all(m.reason.startswith("swap: made room on m-01") for m in came)
+    assert Counter(o for owners in result.owners.values() for o in owners) == {
+        "m-00": 9,
+        "m-01": 11,
+    }
+    per_member = member_loads(result, loads)
+    assert per_member["m-00"] == pytest.approx(6.0) and per_member["m-01"] == pytest.approx(5.0)
+
+
 def test_a_starved_hot_queue_gets_more_owners_than_its_measured_load_asks() -> None:
     """A saturated owner reports no more than its workers could do: with the backlog
     growing, the planner splits the queue further than the measurement alone says."""
