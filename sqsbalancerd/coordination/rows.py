@@ -56,19 +56,28 @@ class OwnershipView:
         versions = self._table.shard_versions()
         changed = [s for s, shard in enumerate(self._shards) if shard.version != versions.get(s, 0)]
         if self._read_concurrency > 1 and len(changed) > 1:
-            # All or none: a failed read leaves every shard to read again next round.
             read = map_bounded(
-                self._table.shard_rows,
-                changed,
-                max_workers=self._read_concurrency,
-                name="sqsb-shards",
+                self._read_shard, changed, max_workers=self._read_concurrency, name="sqsb-shards"
             )
+            # Each shard read stands on its own (its rows are at least as new as the version
+            # read before them), so one that failed does not cost the others: under partial
+            # throttling, all or none could fail round after round and learn nothing.
+            failures = [fresh for fresh in read if isinstance(fresh, Exception)]
             for shard, fresh in zip(changed, read, strict=True):
-                self._apply_shard(shard, fresh, versions.get(shard, 0), now_s)
+                if not isinstance(fresh, Exception):
+                    self._apply_shard(shard, fresh, versions.get(shard, 0), now_s)
+            if failures:
+                raise failures[0]
             return True
         for shard in changed:
             self._apply_shard(shard, self._table.shard_rows(shard), versions.get(shard, 0), now_s)
         return bool(changed)
+
+    def _read_shard(self, shard: int) -> dict[str, OwnershipRecord] | Exception:
+        try:
+            return self._table.shard_rows(shard)
+        except Exception as error:  # handed back: refresh raises it after the others apply
+            return error
 
     def _apply_shard(
         self, shard: int, fresh: dict[str, OwnershipRecord], version: int, now_s: float
