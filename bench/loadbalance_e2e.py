@@ -106,7 +106,7 @@ def _daemon(
         "SQSBALANCERD_APPLICATION_NAME": f"lb-{mode}",
         "SQSBALANCERD_DISCOVERY__QUEUE_PATTERN": "^lb-",
         "SQSBALANCERD_COORDINATION__TABLE_NAME": "bench-loadbalance",
-        "SQSBALANCERD_COORDINATION__BALANCE": mode,  # "count" is the default
+        "SQSBALANCERD_COORDINATION__BALANCE": mode,  # "load" is the default
         "SQSBALANCERD_WORKERS__POOL_SIZE": str(workers),
         "SQSBALANCERD_SQS__WAIT_TIME_SECONDS": "5",
         "SQSBALANCERD_SHUTDOWN__TIMEOUT": "10",

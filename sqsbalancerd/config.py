@@ -82,9 +82,8 @@ class CoordinationSettings(_Section):
     load_factor: float = Field(default=1.10, ge=1.0, le=10.0)
     fence_margin: PositiveSeconds | None = None
     # "load": place queues by measured handler time and share hot ones (README "How
-    # balancing works"); "count": by queue count only. Opt-in while the end-to-end figures
-    # fall short (docs/load-planning.md). Every instance should run the same.
-    balance: Literal["load", "count"] = "count"
+    # balancing works"); "count": by queue count only. Every instance should run the same.
+    balance: Literal["load", "count"] = "load"
     # Length of a planning epoch: load summaries are measured and published once per epoch.
     load_interval: LoopSeconds = 60.0
     # A queue moved for balance stays put at least this long (no flapping on noise).

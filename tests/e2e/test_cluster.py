@@ -42,6 +42,8 @@ table_name = "{TABLE}"
 heartbeat_interval = {INTERVAL_S}
 heartbeat_timeout = {TIMEOUT_S}
 rebalance_delay = {DELAY_S}
+# The settled state checked is the count ring's fixed point (support.is_fixed_point).
+balance = "count"
 [discovery]
 queue_pattern = "^work-"
 interval = 1

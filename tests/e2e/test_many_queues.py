@@ -69,6 +69,8 @@ heartbeat_interval = {INTERVAL_S}
 heartbeat_timeout = 60
 fence_margin = 20
 rebalance_delay = 1
+# The settled state checked is the count ring's fixed point (support.is_fixed_point).
+balance = "count"
 [discovery]
 queue_pattern = "^many-"
 [sqs]

@@ -85,6 +85,7 @@ def daemon_config(
     queue_size: int = 8,
     shutdown_timeout_s: float = 10.0,
     http_port: int = 0,
+    balance: str = "load",
     extra: str = "",
 ) -> str:
     """A daemon's TOML with the suite's fast timings (heartbeat 1 s, timeout 4 s, delay 1 s,
@@ -99,6 +100,7 @@ def daemon_config(
         f"heartbeat_interval = {heartbeat_interval_s}",
         f"heartbeat_timeout = {heartbeat_timeout_s}",
         f"rebalance_delay = {rebalance_delay_s}",
+        f'balance = "{balance}"',
     ]
     if fence_margin_s is not None:
         lines.append(f"fence_margin = {fence_margin_s}")

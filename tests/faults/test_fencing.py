@@ -99,6 +99,10 @@ def receives(proxy: FaultProxy, queues: set[str]) -> list[Record]:
     return [r for r in proxy.records("sqs", "ReceiveMessage") if r.queue in queues]
 
 
+# The settled state checked is the count ring's fixed point (support.is_fixed_point).
+COUNT_RING = "count"
+
+
 class Cluster:
     """n1 and n2, each behind its own proxy, consuming `faults-*` queues fed by a Feeder."""
 
@@ -118,7 +122,7 @@ class Cluster:
         self.proxy = {name: proxies.start(name) for name in ("n1", "n2")}
         self.node = {
             name: daemons.start(
-                config=config(instance_id=name, table=TABLE, **timings),
+                config=config(instance_id=name, table=TABLE, balance=COUNT_RING, **timings),
                 env=self.proxy[name].env(),
                 name=name,
             )

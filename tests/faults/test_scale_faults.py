@@ -235,6 +235,8 @@ heartbeat_interval = {SCALE_INTERVAL_S}
 heartbeat_timeout = 30
 fence_margin = 10
 rebalance_delay = 1
+# The settled state checked is the count ring's fixed point (support.is_fixed_point).
+balance = "count"
 [discovery]
 queue_pattern = "^kq-"
 [sqs]

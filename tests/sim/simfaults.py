@@ -72,6 +72,7 @@ def coordination(**changes: Any) -> CoordinationSettings:
         "heartbeat_timeout": TIMEOUT_S,
         "rebalance_delay": DELAY_S,
         "virtual_nodes": VIRTUAL_NODES,
+        "balance": "count",  # the schedules planning by load run in test_load_wiring.py
         **changes,
     }
     return CoordinationSettings(**values)
