@@ -46,6 +46,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--per-queue", type=int, help="throughput: messages per queue")
     parser.add_argument("--handler-ms", help="throughput: comma-separated handler times, ms")
     parser.add_argument(
+        "--in-flight-per-queue",
+        type=int,
+        help="throughput: handlers at once per queue for every consumer with a pool "
+        "(sqsbalancerd's workers.pool_size, batched's --workers); 0: their defaults",
+    )
+    parser.add_argument(
         "--emulator-http",
         help="comma-separated: keepalive (waitress, the default), close (moto's werkzeug, "
         "Connection: close); throughput runs once per entry",
@@ -89,7 +95,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise SystemExit(f"unknown sections: {', '.join(sorted(unknown))}")
     if args.consumers:
         plan.consumers = tuple(c.strip() for c in args.consumers.split(","))
-    for name in ("queues", "per_queue", "cap_s", "idle_window_s", "discovery_queues"):
+    names = ("queues", "per_queue", "cap_s", "idle_window_s", "discovery_queues")
+    for name in (*names, "in_flight_per_queue"):
         value = getattr(args, name)
         if value is not None:
             setattr(plan, name, value)

@@ -2,6 +2,7 @@
 
     python -m bench.engine_cpu --messages 20000 --handler-ms 0
     python -m bench.engine_cpu --messages 2000 --handler-ms 50
+    python -m bench.engine_cpu --messages 8000 --handler-ms 50 --pool-size 40
     PYTHONPATH=/path/to/base python -m bench.engine_cpu ...   # another checkout's engine
 
 A fake SQS client answers at once after a 1 ms sleep (a call's wait, the GIL released) with
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--handler-ms", type=float, default=0.0)
     parser.add_argument("--queues", type=int, default=4)
+    parser.add_argument("--pool-size", type=int, default=10, help="workers.pool_size")
     args = parser.parse_args(argv)
     total, sleep_s = args.messages, args.handler_ms / 1000
     urls = [f"https://sqs.local/000000000000/work-{i}" for i in range(args.queues)]
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         discovery={"queue_pattern": "^work-"},  # type: ignore[arg-type]
         aws={"region": "us-east-1"},  # type: ignore[arg-type]
         sqs={"wait_time_seconds": 20},  # type: ignore[arg-type]
+        workers={"pool_size": args.pool_size},  # type: ignore[arg-type]
     )
     resolved = ResolvedHandler(path="bench:h", function=handler, is_async=False, is_batch=False)
     engine = Engine(

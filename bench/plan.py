@@ -41,6 +41,11 @@ class Plan:
     queues: int = 4
     per_queue: int = 5000
     handler_ms: tuple[float, ...] = (0.0, 10.0)
+    # Messages a consumer may run at once, the same for every consumer that can be told
+    # (bench/README.md "Equal concurrency"): 10 per queue, what node-batch runs by design
+    # (a batch of ten per queue, all at once). sqsbalancerd gets it as workers.pool_size,
+    # batched as --workers. 0: every consumer with its own default (sqsbalancerd 10).
+    in_flight_per_queue: int = 10
     # The emulator's HTTP for every section (bench/emulator.py --http); throughput runs once
     # per entry, names after the first suffixed ("drain-0ms-close").
     emulator_http: tuple[str, ...] = ("keepalive",)

@@ -38,6 +38,7 @@ class Workload:
     handler_ms: float = 0.0
     rate_per_s: float = 0.0  # steady: messages per second over all queues
     duration_s: float = 0.0  # steady: how long the harness sends
+    in_flight: int = 0  # handlers at once for consumers with a pool (Launch.in_flight)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,6 +72,7 @@ def _prepare(
         handler_ms=workload.handler_ms,
         wait_s=setting.wait_s,
         profile_out=profile_out,
+        in_flight=workload.in_flight,
     )
     return run, launch
 

@@ -53,7 +53,13 @@ def throughput(emulator: EmulatorProcess, plan: Plan, out: Path) -> dict[str, An
         logger.info(
             "throughput: %d queues x %d, handler %g ms", plan.queues, plan.per_queue, handler_ms
         )
-        workload = Workload(name, plan.queues, per_queue=plan.per_queue, handler_ms=handler_ms)
+        workload = Workload(
+            name,
+            plan.queues,
+            per_queue=plan.per_queue,
+            handler_ms=handler_ms,
+            in_flight=plan.in_flight_per_queue * plan.queues,
+        )
         results[name] = _each(plan.consumers, lambda spec, w=workload: run_drain(setting, spec, w))
     return results
 

@@ -129,6 +129,8 @@ def idle_many(setting: Setting, pool: dict[str, Contender], plan: SkewPlan) -> d
     """Scenario 4: thousands of owned idle queues in one process."""
     results: dict[str, Any] = {}
     for key in plan.idle_contenders:
+        if key not in pool:  # left out by --contenders
+            continue
         logger.info("idle: %d queues, %s", plan.idle_queues, key)
         results[key] = run_idle(setting, pool[key], plan.idle_queues, plan.idle_window_s)
         logger.info("  %s", {k: v for k, v in results[key].items() if k != "window_requests"})

@@ -27,7 +27,7 @@ class SkewPlan:
     fanout_each: int = 10
     fanout_cap_s: float = 120.0  # pool 10 x 10 ms: 10,000 messages need 10 s at best
     fanout_contenders: tuple[str, ...] = ("after", "before", "batched")
-    idle_queues: int = 2000  # 5,000 (--idle-queues 5000) is more than moto can serve here
+    idle_queues: int = 2000  # 5,000: --idle-queues 5000 --quiet-emulator (issue 12, 4th pass)
     idle_window_s: float = 20.0
     idle_contenders: tuple[str, ...] = ("after", "before")
     cpu_loads: tuple[tuple[float, int], ...] = ((0.0, 1000), (10.0, 600), (50.0, 200))

@@ -111,6 +111,17 @@ class Launch:
     is_fast_timings: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     profile_out: Path | None = None  # sqsbalancerd under bench.profile_daemon
+    in_flight: int = 0  # handlers at once (workers.pool_size, --workers); 0: defaults
+
+    def concurrency_args(self, spec: ConsumerSpec) -> tuple[list[str], dict[str, str]]:
+        """How `in_flight` is told to a consumer that has a pool (see Plan)."""
+        if not self.in_flight:
+            return [], {}
+        if spec.is_sqsbalancerd:
+            return [], {"SQSBALANCERD_WORKERS__POOL_SIZE": str(self.in_flight)}
+        if spec.module == "bench.consumers.batched":
+            return ["--workers", str(self.in_flight)], {}
+        return [], {}  # pylib: one handler per queue; node: every message of a batch at once
 
     def access_key(self, spec: ConsumerSpec, index: int) -> str:
         return f"{self.run_id}-{spec.key}-{index}"
@@ -148,11 +159,12 @@ def _command(
 ) -> tuple[list[str], dict[str, str]]:
     common = ["--endpoint", launch.endpoint, "--queues-file", str(queues_file)]
     common += ["--wait-s", str(launch.wait_s)]
+    pool_args, pool_env = launch.concurrency_args(spec)
     if spec.kind == "node":
         return ["node", str(NODE_DIR / "consumer.mjs"), *common, *spec.args], {}
     if spec.kind == "python":
-        return [sys.executable, "-m", spec.module, *common, *spec.args], {}
-    env = sqsbalancerd_env(spec, launch, index)
+        return [sys.executable, "-m", spec.module, *common, *pool_args, *spec.args], {}
+    env = {**sqsbalancerd_env(spec, launch, index), **pool_env}
     if launch.profile_out is not None:
         profiler = ["-m", "bench.profile_daemon", str(launch.profile_out)]
         return [sys.executable, *profiler, "run"], env
