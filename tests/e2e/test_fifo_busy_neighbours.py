@@ -90,6 +90,13 @@ def test_fifo_order_holds_beside_busy_queues(sqs, daemons, run):
         return {e["id"] for e in read_events(daemons.events_path) if e.get("outcome") == "ok"}
 
     wait_until(lambda: len(ok_ids()) >= total, timeout_s=150, what=f"{total} messages handled")
+    # A message whose visibility lapsed (see below) comes back and is handled again: every
+    # message handled and deleted means every queue empty, not only every id seen once.
+    wait_until(
+        lambda: all(queue_depth(sqs, url) == (0, 0) for url in urls.values()),
+        timeout_s=60,
+        what="every queue empty",
+    )
     daemon.terminate()
     assert daemon.wait(timeout_s=30) == 0, daemon.log()
 
@@ -105,10 +112,10 @@ def test_fifo_order_holds_beside_busy_queues(sqs, daemons, run):
         # extension went out (logged, and that copy was not run). SQS would still hand the
         # group out in order; moto hands the lapsed message out ahead of its released
         # group-mates (it keeps it "in flight" until a receive reaches it). Order cannot be
-        # judged on the emulator then; exclusivity (above) and nothing lost (below) can.
+        # judged on the emulator then; exclusivity (above) and nothing lost (every queue
+        # drained before the stop) can. moto answers slowly beside 600 queued messages
+        # (0.3-1.4 s a call here), which is what makes a 3 s visibility lapse.
         print("\nvisibility lapsed under load: order not judged on moto this run")
-        for name, url in urls.items():
-            assert queue_depth(sqs, url) == (0, 0), name
         return
     for group in ("g1", "g2"):
         runs = [json.loads(e["body"])["n"] for e in starts if e["group"] == group]
