@@ -45,6 +45,12 @@ ACKS_BEHIND_WAIT_S = 2.0
 WAIT_FOR_ROOM_S = 2.0
 # Longest a poller whose receive budget is spent waits for the renewal that restores it.
 FENCED_WAIT_S = 2.0
+# WaitTimeSeconds of a receive on a queue known to have work. A long poll asks every SQS
+# server (a short one samples a few and may come back short or empty while messages wait),
+# so a standard queue's receive that returns fewer than it asked for means the queue ran
+# dry: its poller goes back to idle long polling without an empty receive to confirm it.
+# One second bounds how long a receive of a queue that just ran dry keeps its claimed room.
+BUSY_WAIT_S = 1
 # Upper bound on how long a receive's answer takes to reach us after SQS hid its messages.
 RECEIVE_LATENCY_MARGIN_S = 1.0
 
@@ -222,11 +228,13 @@ class Poller:
         if granted == 0:
             self.was_full = False  # no room: another receiver would not help
             return 0.0
-        # A receive that claims room from the total must return at once: one that long-
+        # A receive that claims room from the total must return soon: one that long-
         # polled a queue just run dry held its ten for WaitTimeSeconds (20 s), and a Zipf
         # spread's small queues, running dry together, held the whole bound (30 msgs/s).
-        # If it comes back empty the queue is idle, and its next poll waits as usual.
-        wanted_s = self.queue.policy.wait_time_s if is_idle else 0
+        # It waits BUSY_WAIT_S at most; once the queue ran dry, its next poll waits as usual.
+        wanted_s = self.queue.policy.wait_time_s
+        if not is_idle:
+            wanted_s = min(wanted_s, BUSY_WAIT_S)
         wait_s = self._gate.wait_time_s(wanted_s, is_idle=is_idle)
         # The gate may have waited for a renewal, or paused while we waited for room.
         if wait_s is None or self._is_stopping() or self._gate.is_paused:
@@ -245,7 +253,7 @@ class Poller:
             self.was_full = False
             return self._on_error(exc)
         self._failures = 0
-        self._is_idle = not raw
+        self._is_idle = self._ran_dry(len(raw), granted)
         self.was_full = len(raw) >= self.queue.policy.max_messages
         self._stats.note_receive(self.queue.name, is_full=self.was_full)
         if raw:
@@ -257,6 +265,11 @@ class Poller:
         return self.idle.after_receive(
             len(raw), started_s=started_s, now_s=now_s, is_holding=is_holding
         )
+
+    def _ran_dry(self, received: int, asked: int) -> bool:
+        """Whether the next receive should be an idle long poll. A short answer on a FIFO
+        queue does not say it ran dry: the groups of messages in flight are held back."""
+        return received == 0 or (received < asked and not self.queue.info.is_fifo)
 
     def _want(self, is_idle: bool) -> int:
         # While a FIFO message waits to be redriven, receive one at a time so that its

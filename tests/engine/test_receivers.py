@@ -114,7 +114,7 @@ def test_an_extra_receiver_of_a_hot_queue_among_many_idle_ones_receives_full_bat
 
     assert extra.run_once() == 0.0
     [params] = log.of("ReceiveMessage")
-    assert (params["MaxNumberOfMessages"], params["WaitTimeSeconds"]) == (10, 0)
+    assert (params["MaxNumberOfMessages"], params["WaitTimeSeconds"]) == (10, 1)
     assert extra.was_full  # so it stays while the queue is hot
 
 
