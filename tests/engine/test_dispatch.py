@@ -7,7 +7,7 @@ import threading
 from enginekit import body_of, fill, make_item, make_queue
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import FakeClock
+from support import FakeClock, wait_until
 
 from sqsbalancerd.engine.dispatch import TURN_MESSAGES, Dispatcher
 from sqsbalancerd.engine.state import DeliveryState
@@ -115,8 +115,76 @@ def test_queues_with_work_share_the_bound_and_idle_ones_leave_theirs():
     assert received(dispatcher, deep, 10) == 10  # first in line
     assert received(dispatcher, other, 10) == 10  # other has work now: two active queues
     assert received(dispatcher, deep, 10) == 10
-    assert dispatcher.reserve(deep, 10, timeout_s=0) == 0  # its share: ceil(40 / 2) = 20
+    # Nobody else asks for room: deep may take what is free beyond its share of 20.
+    assert received(dispatcher, deep, 10) == 10
+    assert dispatcher.reserve(other, 10, timeout_s=0) == 0  # full: other waits in line
+    for _ in range(10):  # ten of deep's messages finish
+        item = take_now(dispatcher)
+        assert item is not None and item.queue is deep
+        dispatcher.finish(item)
+    # other is waiting: deep is held to its share, ceil(40 / 2) = 20, and the freed room
+    # goes to other.
+    assert dispatcher.reserve(deep, 10, timeout_s=0) == 0
     assert dispatcher.reserve(other, 10, timeout_s=0) == 10
+
+
+def test_a_share_binds_only_while_another_queue_waits_for_room():
+    """Work-conserving: queues that received a moment ago but ask for nothing now (a Zipf
+    spread's small queues, just drained) do not hold the hot one to a share of the bound
+    while workers idle. Before, 15 such queues held it to 10 messages in hand."""
+    clock = FakeClock()
+    dispatcher = new_dispatcher(capacity=150, clock=clock)
+    hot, *small = [make_queue(f"q{i}") for i in range(16)]
+    for queue in (hot, *small):
+        dispatcher.add_queue(queue)
+    for queue in small:  # each received one message, now handled: active for a while
+        assert received(dispatcher, queue, 1) == 1
+    while (item := take_now(dispatcher)) is not None:
+        dispatcher.finish(item)
+    clock.advance(0.5)  # still within the active window
+    assert received(dispatcher, hot, 10) == 10
+    assert received(dispatcher, hot, 10) == 10  # 20 in hand: beyond a 16th of 150
+    assert sum(received(dispatcher, hot, 10) for _ in range(13)) == 130  # the whole bound
+    assert dispatcher.reserve(hot, 10, timeout_s=0) == 0
+
+
+def test_waiters_woken_by_freed_room_are_granted_in_turn():
+    """Room freed while two queues wait: the first gets it and wakes the second. A waiter
+    that had waited a while looked stale by its own entry's age; purged before it found
+    its place, it went to the back, behind the one it should have woken, and both slept
+    out their timeouts (the Zipf bench stalled with every poller blocked and room free)."""
+    clock = FakeClock()
+    dispatcher = new_dispatcher(capacity=20, clock=clock)
+    hot, first, second = make_queue("hot"), make_queue("first"), make_queue("second")
+    for queue in (hot, first, second):
+        dispatcher.add_queue(queue)
+    assert received(dispatcher, hot, 10) + received(dispatcher, hot, 10) == 20  # all of it
+    grants: dict[str, int] = {}
+
+    def wait_for_room(queue) -> None:
+        grants[queue.name] = dispatcher.reserve(queue, 10, timeout_s=30, claims_total=True)
+
+    threads = []
+    try:
+        for queue in (first, second):
+            thread = threading.Thread(target=wait_for_room, args=(queue,), daemon=True)
+            thread.start()
+            threads.append(thread)
+            wait_until(
+                lambda q=queue: getattr(dispatcher._waiting.get(q.name), "waiting", 0) == 1,
+                timeout_s=5,
+                what=f"{queue.name} waiting for room",
+            )
+        clock.advance(1.0)  # both have waited a while
+        while (item := take_now(dispatcher)) is not None:
+            dispatcher.finish(item)
+        for thread in threads:
+            thread.join(timeout=5)
+        assert grants == {"first": 10, "second": 10}
+    finally:
+        dispatcher.stop_receiving()  # never leave a thread blocked
+        for thread in threads:
+            thread.join(timeout=5)
 
 
 def test_one_hot_queue_among_hundreds_of_idle_ones_can_fill_every_worker():
