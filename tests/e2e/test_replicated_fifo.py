@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 HOT = "work-hot.fifo"
 GROUPS = [f"g{index:02d}" for index in range(20)]
-PER_GROUP = 12
+PER_GROUP = 24  # 24 s of handler time for one instance's two workers: time to split
 HANDLER_S = 0.1
 SHALLOW = 30  # messages visible in the queue before the next round is sent
 
@@ -42,8 +42,11 @@ heartbeat_interval = 1
 heartbeat_timeout = 4
 rebalance_delay = 1
 balance = "load"
-load_interval = 2
-load_min_dwell = 4
+# Five rounds an epoch (as bench.loadbalance_e2e): the clock member sees the others' summaries
+# two or three rounds after its epoch turns. At two rounds it never saw an epoch complete,
+# never planned, and never took the replica the other member planned for it (CI, once).
+load_interval = 5
+load_min_dwell = 10
 [discovery]
 queue_pattern = "^work-"
 interval = 1
