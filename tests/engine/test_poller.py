@@ -303,7 +303,7 @@ def test_a_busy_queue_does_not_wait_for_a_renewal_an_idle_one_does(moto_sqs):
     assert renewal_waits == [3.0]
     assert rig.receive() == 1  # the last one returned a message: no wait
     assert renewal_waits == [3.0]
-    # The first cut to the budget; the busy one does not long-poll at all.
+    # The first cut to the budget; the busy one long-polls for one second only.
     assert [c["WaitTimeSeconds"] for c in log.of("ReceiveMessage")] == [2, 1]
     assert rig.receive() == 0  # busy still (the last receive had a message): no wait
     assert renewal_waits == [3.0]

@@ -18,6 +18,7 @@ import pytest
 from support import (
     Feeder,
     concurrent_handlings,
+    json_log,
     ownership_rows,
     queue_depth,
     read_events,
@@ -273,14 +274,12 @@ def test_rolling_restart_of_four_instances_loses_nothing(sqs, dynamodb, daemons,
 
 def shared_queues(logs: list[str]) -> set[str]:
     """Queues some plan gave several owners (replicas), from the planner's move log lines."""
-    shared = set()
-    for log in logs:
-        for line in log.splitlines():
-            record = json.loads(line) if line.startswith("{") else {}
-            is_move = record.get("msg") == "planner moves a queue"
-            if is_move and max(len(record["from"]), len(record["to"])) > 1:
-                shared.add(record["queue"])
-    return shared
+    return {
+        line["queue"]
+        for log in logs
+        for line in json_log(log)
+        if line["msg"] == "planner moves a queue" and max(len(line["from"]), len(line["to"])) > 1
+    }
 
 
 @pytest.mark.timeout(180)
@@ -358,9 +357,9 @@ def test_sigkill_every_few_seconds_loses_nothing_and_never_shares_a_queue(
     duplicated = {i for i, n in ok.items() if n > 1}
     on_killed = {e["id"] for e in events if e["pid"] in killed_at}
     cut = on_killed - {e["id"] for e in events if e["pid"] in killed_at and e["event"] == "end"}
-    checked, overlaps = concurrent_handlings(events, killed_at)
     shared = shared_queues([node.log() for node in nodes.values()])
-    overlaps = [o for o in overlaps if o.split(":", 1)[0] not in shared]
+    exclusive = [e for e in events if e["queue"] not in shared]
+    checked, overlaps = concurrent_handlings(exclusive, killed_at)
     print(
         f"\nSIGKILL chaos ({balance}, {len(shared)} queues shared): {CHAOS_KILLS} kills in "
         f"{elapsed:.1f}s; {len(sent)} sent, "
